@@ -1,0 +1,127 @@
+//! The message bus the roles talk through: RabbitMQ, or an in-process stand-in when one process runs every role.
+//!
+//! Roles see only [`Bus`]: publish to a [`Route`], consume a [`Source`] with explicit
+//! acknowledgement, and (for the gateway) a feed of encoded deliveries for the chats it binds.
+
+pub mod amqp;
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures_util::stream::BoxStream;
+
+/// Where a message is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// An original message, to every translator and the fanout.
+    Posted,
+    /// A translation, to the fanout.
+    Translated,
+    /// A delivery, to the gateways that watch `chat_id`.
+    Deliver { chat_id: &'a str },
+}
+
+/// Where a role consumes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source<'a> {
+    /// The work queue of one language's translators.
+    Translate { language: &'a str },
+    /// The fanout's input.
+    Fanout,
+}
+
+/// Which route a consumed message was published to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Posted,
+    Translated,
+    Unknown,
+}
+
+/// Errors of the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("the broker refused (nacked) a message published to {route}")]
+    Nacked { route: String },
+    #[error("failed to {action}: {source}")]
+    Amqp {
+        action: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(transparent)]
+    Topology(#[from] parley_topology::TopologyError),
+    #[error("the in-process bus {0}")]
+    InProcess(String),
+}
+
+/// Settles one consumed message.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Done: the downstream effect is confirmed.
+    async fn ack(&self) -> Result<(), BusError>;
+    /// Not done: hand the message out again (counts towards the delivery limit).
+    async fn requeue(&self) -> Result<(), BusError>;
+    /// Never doable: send the message to the dead-letter queue.
+    async fn dead_letter(&self) -> Result<(), BusError>;
+}
+
+/// A consumed message that must be settled with exactly one of its methods.
+pub struct Incoming {
+    pub payload: Vec<u8>,
+    pub origin: Origin,
+    pub redelivered: bool,
+    acker: Box<dyn Acker>,
+}
+
+impl Incoming {
+    pub fn new(payload: Vec<u8>, origin: Origin, redelivered: bool, acker: Box<dyn Acker>) -> Self {
+        Self {
+            payload,
+            origin,
+            redelivered,
+            acker,
+        }
+    }
+
+    pub async fn ack(self) -> Result<(), BusError> {
+        self.acker.ack().await
+    }
+
+    pub async fn requeue(self) -> Result<(), BusError> {
+        self.acker.requeue().await
+    }
+
+    pub async fn dead_letter(self) -> Result<(), BusError> {
+        self.acker.dead_letter().await
+    }
+}
+
+/// Consumed messages; the stream ends when the bus can no longer deliver.
+pub type IncomingStream = BoxStream<'static, Result<Incoming, BusError>>;
+
+/// Encoded deliveries for the chats bound through the paired [`ChatBinder`].
+pub type DeliveryStream = BoxStream<'static, Vec<u8>>;
+
+/// Chooses which chats' deliveries reach one gateway process.
+#[async_trait]
+pub trait ChatBinder: Send + Sync {
+    async fn bind(&self, chat_id: &str) -> Result<(), BusError>;
+    async fn unbind(&self, chat_id: &str) -> Result<(), BusError>;
+}
+
+/// The bus as the roles see it.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes and returns once the bus has taken responsibility (a publisher confirm on RabbitMQ).
+    async fn publish(&self, route: Route<'_>, payload: &[u8]) -> Result<(), BusError>;
+    /// Starts consuming `source` with manual acknowledgement.
+    async fn consume(&self, source: Source<'_>) -> Result<IncomingStream, BusError>;
+    /// Opens this process's delivery feed.
+    async fn delivery_feed(&self) -> Result<(Arc<dyn ChatBinder>, DeliveryStream), BusError>;
+    /// Whether the bus can publish right now (drives `/readyz`).
+    fn is_ready(&self) -> bool;
+    /// Closes the connection cleanly.
+    async fn close(&self);
+}

@@ -1,0 +1,148 @@
+//! The gateway's hub: per chat, one broadcast of decoded deliveries shared by every local subscriber.
+//!
+//! The first subscriber of a chat binds it on the bus and the last one to leave unbinds it, so a
+//! gateway process receives one copy of each delivery for the chats its clients watch, decodes it
+//! once, and hands every subscriber the same `Arc`.
+
+use std::{collections::HashMap, sync::Arc};
+
+use futures_util::StreamExt;
+use tokio::sync::{broadcast, Mutex};
+
+use crate::{
+    bus::{BusError, ChatBinder, DeliveryStream},
+    wire::Delivery,
+};
+
+struct Room {
+    tx: broadcast::Sender<Arc<Delivery>>,
+    subscribers: usize,
+}
+
+/// Rooms by chat id, and the binder that routes a chat's deliveries to this process.
+pub struct Hub {
+    rooms: Mutex<HashMap<String, Room>>,
+    binder: Arc<dyn ChatBinder>,
+    capacity: usize,
+}
+
+/// Why a subscription ended early.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Missed {
+    /// The subscriber fell this many deliveries behind and they were dropped for it.
+    Lagged(u64),
+    /// The hub shut down.
+    Closed,
+}
+
+/// One subscriber's view of a chat; leaving the chat happens on drop.
+pub struct RoomSubscription {
+    rx: broadcast::Receiver<Arc<Delivery>>,
+    _leave: Leave,
+}
+
+impl RoomSubscription {
+    pub async fn recv(&mut self) -> Result<Arc<Delivery>, Missed> {
+        self.rx.recv().await.map_err(|err| match err {
+            broadcast::error::RecvError::Lagged(n) => Missed::Lagged(n),
+            broadcast::error::RecvError::Closed => Missed::Closed,
+        })
+    }
+}
+
+struct Leave {
+    hub: Arc<Hub>,
+    chat_id: String,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        let hub = self.hub.clone();
+        let chat_id = std::mem::take(&mut self.chat_id);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { hub.leave(&chat_id).await });
+        }
+    }
+}
+
+impl Hub {
+    /// `capacity` is how many deliveries a subscriber may fall behind before it is dropped.
+    pub fn new(binder: Arc<dyn ChatBinder>, capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            rooms: Mutex::default(),
+            binder,
+            capacity,
+        })
+    }
+
+    /// Joins `chat_id`, binding it on the bus first when this is its first local subscriber.
+    pub async fn subscribe(self: &Arc<Self>, chat_id: &str) -> Result<RoomSubscription, BusError> {
+        let mut rooms = self.rooms.lock().await;
+        let rx = match rooms.get_mut(chat_id) {
+            Some(room) => {
+                room.subscribers += 1;
+                room.tx.subscribe()
+            }
+            None => {
+                // Holding the lock across the bind keeps a concurrent leave from unbinding under us.
+                self.binder.bind(chat_id).await?;
+                let (tx, rx) = broadcast::channel(self.capacity);
+                rooms.insert(chat_id.to_owned(), Room { tx, subscribers: 1 });
+                rx
+            }
+        };
+        Ok(RoomSubscription {
+            rx,
+            _leave: Leave {
+                hub: self.clone(),
+                chat_id: chat_id.to_owned(),
+            },
+        })
+    }
+
+    async fn leave(&self, chat_id: &str) {
+        let mut rooms = self.rooms.lock().await;
+        let Some(room) = rooms.get_mut(chat_id) else {
+            return;
+        };
+        room.subscribers -= 1;
+        if room.subscribers == 0 {
+            rooms.remove(chat_id);
+            if let Err(err) = self.binder.unbind(chat_id).await {
+                tracing::warn!(chat_id, error = %err, "failed to unbind a chat nobody here watches any more");
+            }
+        }
+    }
+
+    /// How many chats have local subscribers.
+    pub async fn chats(&self) -> usize {
+        self.rooms.lock().await.len()
+    }
+
+    /// Hands one delivery to every local subscriber of its chat.
+    pub async fn dispatch(&self, delivery: Arc<Delivery>) {
+        let tx = self
+            .rooms
+            .lock()
+            .await
+            .get(&delivery.chat_id)
+            .map(|room| room.tx.clone());
+        if let Some(tx) = tx {
+            // No receivers left means the last subscriber is leaving right now: nothing to do.
+            let _ = tx.send(delivery);
+        }
+    }
+
+    /// Decodes each encoded delivery of `feed` once and dispatches it, until the feed ends.
+    pub async fn run_feed(self: Arc<Self>, mut feed: DeliveryStream) {
+        while let Some(payload) = feed.next().await {
+            match serde_json::from_slice::<Delivery>(&payload) {
+                Ok(delivery) => self.dispatch(Arc::new(delivery)).await,
+                Err(err) => {
+                    tracing::error!(error = %err, bytes = payload.len(), "dropping an undecodable delivery")
+                }
+            }
+        }
+        tracing::warn!("delivery feed ended");
+    }
+}

@@ -1,0 +1,586 @@
+//! Test harness: real chat-server processes, a real Apertium APY, real RabbitMQ, and WebSocket clients for every wire mode.
+
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::{
+    tungstenite::{client::IntoClientRequest, protocol::CloseFrame, Message},
+    MaybeTlsStream, WebSocketStream,
+};
+
+pub const STARTUP: Duration = Duration::from_secs(30);
+pub const DELIVERY: Duration = Duration::from_secs(20);
+
+pub fn amqp_url() -> String {
+    std::env::var("PARLEY_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A topology prefix no other test uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!("parley.test.{test}.{}", uuid::Uuid::now_v7().simple())
+}
+
+pub fn unique_chat() -> String {
+    format!("chat-{}", uuid::Uuid::now_v7().simple())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn log_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join("parley-test-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn log_file(name: &str) -> (std::fs::File, PathBuf) {
+    let path = log_dir().join(format!("{name}-{}.log", uuid::Uuid::now_v7().simple()));
+    (std::fs::File::create(&path).unwrap(), path)
+}
+
+async fn wait_http_ok(url: &str, child: &mut Child, what: &str, log: &PathBuf) {
+    let deadline = Instant::now() + STARTUP;
+    let client = reqwest::Client::new();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{what} exited with {status} before it was ready; log: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        if let Ok(response) = client.get(url).send().await {
+            if response.status().is_success() {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready at {url} within {STARTUP:?}; log: {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+}
+
+/// A real Apertium APY on a free port, killed on drop.
+pub struct Apertium {
+    child: Child,
+    pub url: String,
+}
+
+impl Apertium {
+    pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Self {
+        let modes = std::env::var("PARLEY_APERTIUM_MODES")
+            .unwrap_or_else(|_| "/usr/share/apertium/modes".into());
+        let (log, path) = log_file("apertium");
+        let mut child = Command::new("apertium-apy")
+            .args(["-p", &port.to_string(), &modes])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("apertium-apy is not installed: run scripts/test, which installs apertium-apy, apertium-eng-spa and apertium-eng-cat");
+        let url = format!("http://127.0.0.1:{port}");
+        wait_http_ok(
+            &format!("{url}/listPairs"),
+            &mut child,
+            "apertium-apy",
+            &path,
+        )
+        .await;
+        Self { child, url }
+    }
+}
+
+impl Drop for Apertium {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One chat-server process (any role), listening on a free port; killed on drop.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `chat-server <args> --listen 127.0.0.1:<free port>` and waits for `/readyz`.
+    pub async fn start(args: &[&str]) -> Self {
+        let server = Self::spawn(args);
+        server.ready().await
+    }
+
+    pub fn spawn(args: &[&str]) -> Self {
+        let port = free_port();
+        let (log, path) = log_file(args.first().copied().unwrap_or("server"));
+        let child = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+            .args(args)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "info,chat_server=debug")
+            .env_remove("PARLEY_AMQP_URL")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            port,
+            log: path,
+        }
+    }
+
+    pub async fn ready(mut self) -> Self {
+        let url = format!("http://127.0.0.1:{}/readyz", self.port);
+        let log = self.log.clone();
+        wait_http_ok(&url, &mut self.child, "chat-server", &log).await;
+        self
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://127.0.0.1:{}/graphql", self.port)
+    }
+
+    pub fn ws(&self) -> String {
+        format!("ws://127.0.0.1:{}/graphql", self.port)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        terminate(&mut self.child);
+        self.child.wait().unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Broker arguments for one isolated deployment.
+pub fn broker_args<'a>(prefix: &'a str, url: &'a str, languages: &'a str) -> Vec<&'a str> {
+    vec![
+        "--amqp-url",
+        url,
+        "--topology-prefix",
+        prefix,
+        "--languages",
+        languages,
+    ]
+}
+
+/// POSTs a GraphQL operation and returns the whole response.
+pub async fn graphql(url: &str, query: &str, variables: Value) -> Value {
+    reqwest::Client::new()
+        .post(url)
+        .json(&json!({"query": query, "variables": variables}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+pub const SEND: &str =
+    "mutation($chatId: ID!, $text: String!) { sendMessage(chatId: $chatId, text: $text) { id } }";
+pub const SUBSCRIBE: &str = "subscription($chatId: ID!, $languages: [String!]) { messages(chatId: $chatId, languages: $languages) { id chatId seq language sourceLanguage original text sentAt } }";
+
+/// Sends `text` to `chat` with `sendMessage` over HTTP and returns the new message id.
+pub async fn send(url: &str, chat: &str, text: &str) -> String {
+    let response = graphql(url, SEND, json!({"chatId": chat, "text": text})).await;
+    response["data"]["sendMessage"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("sendMessage failed: {response}"))
+        .to_owned()
+}
+
+/// The WebSocket wire modes a client can speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    TransportWs,
+    LegacyWs,
+    Plain,
+}
+
+/// What a client received.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    /// A result for operation `id` (`None` on plain frames, which carry no id).
+    Next {
+        id: Option<String>,
+        payload: Value,
+    },
+    /// An operation-level error for `id`.
+    Error {
+        id: Option<String>,
+        payload: Value,
+    },
+    Complete {
+        id: String,
+    },
+    Closed {
+        code: Option<u16>,
+        reason: String,
+    },
+}
+
+pub struct WsClient {
+    ws: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
+    pub wire: Wire,
+}
+
+impl WsClient {
+    /// Connects and, for the GraphQL protocols, completes the connection_init handshake.
+    pub async fn connect(url: &str, wire: Wire) -> Self {
+        let mut client = Self::connect_raw(url, wire).await;
+        if wire != Wire::Plain {
+            client
+                .send_json(json!({"type": "connection_init", "payload": {}}))
+                .await;
+            let ack = client
+                .next_frame(DELIVERY)
+                .await
+                .expect("no connection_ack");
+            assert_eq!(ack["type"], "connection_ack", "{ack}");
+        }
+        client
+    }
+
+    /// Connects without any handshake.
+    pub async fn connect_raw(url: &str, wire: Wire) -> Self {
+        let mut request = url.into_client_request().unwrap();
+        let protocol = match wire {
+            Wire::TransportWs => Some("graphql-transport-ws"),
+            Wire::LegacyWs => Some("graphql-ws"),
+            Wire::Plain => None,
+        };
+        if let Some(protocol) = protocol {
+            request
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+        }
+        let (ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let negotiated = response
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            negotiated.as_deref(),
+            protocol,
+            "server must echo the subprotocol"
+        );
+        Self { ws, wire }
+    }
+
+    pub async fn send_json(&mut self, value: Value) {
+        self.ws
+            .send(Message::Text(value.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// Starts operation `id` (subscription, query or mutation).
+    pub async fn start(&mut self, id: &str, query: &str, variables: Value) {
+        let payload = json!({"query": query, "variables": variables});
+        let frame = match self.wire {
+            Wire::TransportWs => json!({"type": "subscribe", "id": id, "payload": payload}),
+            Wire::LegacyWs => json!({"type": "start", "id": id, "payload": payload}),
+            Wire::Plain => payload,
+        };
+        self.send_json(frame).await;
+    }
+
+    /// Stops operation `id`.
+    pub async fn stop(&mut self, id: &str) {
+        let kind = if self.wire == Wire::TransportWs {
+            "complete"
+        } else {
+            "stop"
+        };
+        self.send_json(json!({"type": kind, "id": id})).await;
+    }
+
+    async fn next_frame(&mut self, within: Duration) -> Option<Value> {
+        match self.next(within).await? {
+            Received::Next { payload, .. } => Some(payload),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// The next meaningful message, skipping keep-alives, or `None` after `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<Received> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            let text = match frame {
+                None => {
+                    return Some(Received::Closed {
+                        code: None,
+                        reason: "stream ended".into(),
+                    })
+                }
+                Some(Err(err)) => {
+                    return Some(Received::Closed {
+                        code: None,
+                        reason: err.to_string(),
+                    })
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .map(|CloseFrame { code, reason }| {
+                            (Some(u16::from(code)), reason.to_string())
+                        })
+                        .unwrap_or((None, String::new()));
+                    return Some(Received::Closed { code, reason });
+                }
+                Some(Ok(Message::Text(text))) => text.to_string(),
+                Some(Ok(_)) => continue,
+            };
+            let value: Value = serde_json::from_str(&text).unwrap();
+            if self.wire == Wire::Plain {
+                let id = None;
+                return Some(if value.get("data").is_some_and(|d| !d.is_null()) {
+                    Received::Next { id, payload: value }
+                } else {
+                    Received::Error { id, payload: value }
+                });
+            }
+            let id = value["id"].as_str().map(str::to_owned);
+            match value["type"].as_str().unwrap_or_default() {
+                "ka" | "ping" | "pong" => continue,
+                "connection_ack" => {
+                    return Some(Received::Next {
+                        id: None,
+                        payload: value,
+                    })
+                }
+                "next" | "data" => {
+                    let payload = value["payload"].clone();
+                    return Some(
+                        if payload["errors"].is_array() && payload["data"].is_null() {
+                            Received::Error { id, payload }
+                        } else {
+                            Received::Next { id, payload }
+                        },
+                    );
+                }
+                "error" => {
+                    return Some(Received::Error {
+                        id,
+                        payload: value["payload"].clone(),
+                    })
+                }
+                "complete" => {
+                    return Some(Received::Complete {
+                        id: id.unwrap_or_default(),
+                    })
+                }
+                other => panic!("unexpected message type {other}: {value}"),
+            }
+        }
+    }
+
+    /// The `messages` payloads received for message `id` until `count` arrived or `within` passed.
+    pub async fn collect_message(
+        &mut self,
+        id: &str,
+        count: usize,
+        within: Duration,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut found = Vec::new();
+        while found.len() < count {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(Received::Next { payload, .. }) => {
+                    let message = payload["data"]["messages"].clone();
+                    if message["id"] == id {
+                        found.push(message);
+                    }
+                }
+                Some(other @ Received::Closed { .. }) => {
+                    panic!("socket closed while waiting: {other:?}")
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        found
+    }
+
+    /// Subscribes to `messages(chatId, languages)` as operation `op` and returns once the gateway
+    /// demonstrably routes this chat to the subscriber (a warm-up message sent over HTTP arrived).
+    pub async fn subscribe_messages(
+        &mut self,
+        op: &str,
+        http: &str,
+        chat: &str,
+        languages: Option<&[&str]>,
+    ) {
+        self.start(
+            op,
+            SUBSCRIBE,
+            json!({"chatId": chat, "languages": languages}),
+        )
+        .await;
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let warmup = send(http, chat, "warm-up").await;
+            if !self
+                .collect_message(&warmup, 1, Duration::from_millis(500))
+                .await
+                .is_empty()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "subscription to {chat} never became live"
+            );
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// Checks the three deliveries of "Good morning, how are you?" in English, Spanish and Catalan.
+pub fn assert_translated_good_morning(messages: &[Value], id: &str) {
+    let by_language = |l: &str| {
+        messages
+            .iter()
+            .find(|m| m["language"] == l)
+            .unwrap_or_else(|| panic!("no {l} delivery for {id} in {messages:?}"))
+    };
+    let en = by_language("en");
+    assert_eq!(en["original"], true);
+    assert_eq!(en["text"], "Good morning, how are you?");
+    let es = by_language("es");
+    assert_eq!(es["original"], false);
+    assert!(es["text"].as_str().unwrap().contains("Buenos días"), "{es}");
+    let ca = by_language("ca");
+    assert!(ca["text"].as_str().unwrap().contains("Bon dia"), "{ca}");
+    for m in messages {
+        assert_eq!(m["id"], id);
+        assert_eq!(m["sourceLanguage"], "en");
+    }
+    let mut seqs: Vec<i64> = messages
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(
+        seqs.len(),
+        messages.len(),
+        "every delivery gets its own sequence number: {messages:?}"
+    );
+}
+
+/// A whole chat deployment over RabbitMQ as separate processes: gateways, a fanout, one translator per language.
+pub struct Deployment {
+    pub prefix: String,
+    pub apertium: Option<Apertium>,
+    pub gateways: Vec<Server>,
+    pub fanout: Server,
+    pub translators: Vec<Server>,
+}
+
+impl Deployment {
+    pub async fn start(test: &str, languages: &[&str], gateways: usize) -> Self {
+        let prefix = unique_prefix(test);
+        let url = amqp_url();
+        let list = languages.join(",");
+        let apertium = if languages.is_empty() {
+            None
+        } else {
+            Some(Apertium::start().await)
+        };
+        let broker = broker_args(&prefix, &url, &list);
+        let spawned_gateways: Vec<Server> = (0..gateways)
+            .map(|_| Server::spawn(&[&["gateway"], broker.as_slice()].concat()))
+            .collect();
+        let fanout = Server::spawn(&[&["fanout"], broker.as_slice()].concat());
+        let mut translators = Vec::new();
+        for language in languages {
+            translators.push(Self::spawn_translator(
+                &prefix,
+                language,
+                apertium.as_ref().unwrap(),
+            ));
+        }
+        let mut ready_gateways = Vec::new();
+        for gateway in spawned_gateways {
+            ready_gateways.push(gateway.ready().await);
+        }
+        let fanout = fanout.ready().await;
+        let mut ready_translators = Vec::new();
+        for translator in translators {
+            ready_translators.push(translator.ready().await);
+        }
+        Self {
+            prefix,
+            apertium,
+            gateways: ready_gateways,
+            fanout,
+            translators: ready_translators,
+        }
+    }
+
+    pub fn spawn_translator(prefix: &str, language: &str, apertium: &Apertium) -> Server {
+        let url = amqp_url();
+        Server::spawn(&[
+            "translator",
+            "--language",
+            language,
+            "--amqp-url",
+            &url,
+            "--topology-prefix",
+            prefix,
+            "--translator",
+            "apertium",
+            "--translator-url",
+            &apertium.url,
+        ])
+    }
+
+    pub fn gateway(&self) -> &Server {
+        &self.gateways[0]
+    }
+}
