@@ -146,3 +146,88 @@ impl Hub {
         tracing::warn!("delivery feed ended");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct RecordingBinder(StdMutex<Vec<String>>);
+
+    #[async_trait]
+    impl ChatBinder for RecordingBinder {
+        async fn bind(&self, chat_id: &str) -> Result<(), BusError> {
+            self.0.lock().unwrap().push(format!("bind {chat_id}"));
+            Ok(())
+        }
+
+        async fn unbind(&self, chat_id: &str) -> Result<(), BusError> {
+            self.0.lock().unwrap().push(format!("unbind {chat_id}"));
+            Ok(())
+        }
+    }
+
+    fn delivery(chat_id: &str) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            v: 1,
+            id: uuid::Uuid::now_v7(),
+            chat_id: chat_id.into(),
+            seq: 1,
+            language: "en".into(),
+            source_language: "en".into(),
+            original: true,
+            text: "hi".into(),
+            sender: None,
+            sent_at: String::new(),
+        })
+    }
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chat_is_bound_for_its_first_subscriber_and_unbound_after_its_last() {
+        let binder = Arc::new(RecordingBinder::default());
+        let hub = Hub::new(binder.clone(), 8);
+        let first = hub.subscribe("c").await.unwrap();
+        let second = hub.subscribe("c").await.unwrap();
+        drop(first);
+        settle().await;
+        assert_eq!(*binder.0.lock().unwrap(), vec!["bind c"]);
+        drop(second);
+        settle().await;
+        assert_eq!(*binder.0.lock().unwrap(), vec!["bind c", "unbind c"]);
+        assert_eq!(hub.chats().await, 0);
+    }
+
+    #[tokio::test]
+    async fn every_subscriber_of_a_chat_shares_one_decoded_delivery() {
+        let hub = Hub::new(Arc::new(RecordingBinder::default()), 8);
+        let mut a = hub.subscribe("c").await.unwrap();
+        let mut b = hub.subscribe("c").await.unwrap();
+        let mut other = hub.subscribe("d").await.unwrap();
+        let sent = delivery("c");
+        hub.dispatch(sent.clone()).await;
+        let (got_a, got_b) = (a.recv().await.unwrap(), b.recv().await.unwrap());
+        assert!(Arc::ptr_eq(&got_a, &sent) && Arc::ptr_eq(&got_b, &sent));
+        hub.dispatch(delivery("d")).await;
+        assert_eq!(other.recv().await.unwrap().chat_id, "d");
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_learns_how_much_it_missed() {
+        let hub = Hub::new(Arc::new(RecordingBinder::default()), 2);
+        let mut slow = hub.subscribe("c").await.unwrap();
+        for _ in 0..5 {
+            hub.dispatch(delivery("c")).await;
+        }
+        assert_eq!(slow.recv().await.unwrap_err(), Missed::Lagged(3));
+    }
+}

@@ -584,3 +584,23 @@ impl Deployment {
         &self.gateways[0]
     }
 }
+
+impl WsClient {
+    /// The first result or error of operation `op` (for plain frames, of any operation), skipping others.
+    pub async fn result_of(&mut self, op: &str, within: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(Received::Next { id, payload } | Received::Error { id, payload })
+                    if id.as_deref().is_none_or(|id| id == op) =>
+                {
+                    return payload
+                }
+                Some(closed @ Received::Closed { .. }) => panic!("socket closed while waiting for {op}: {closed:?}"),
+                Some(_) => {}
+                None => panic!("no result for operation {op} within {within:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! The exact laptop command, on the in-process bus and on RabbitMQ.
+
+mod support;
+
+use support::*;
+
+async fn chat_translates(server: &Server) {
+    let chat = unique_chat();
+    let mut subscriber = WsClient::connect(&server.ws(), Wire::TransportWs).await;
+    subscriber.subscribe_messages("1", &server.http(), &chat, Some(&["es", "ca"])).await;
+    let id = send(&server.http(), &chat, "Good morning, how are you?").await;
+    let messages = subscriber.collect_message(&id, 3, DELIVERY).await;
+    assert_translated_good_morning(&messages, &id);
+}
+
+#[tokio::test]
+async fn standalone_on_the_in_process_bus_gives_a_translated_chat() {
+    let apertium = Apertium::start().await;
+    let server = Server::start(&[
+        "standalone", "--languages", "es,ca", "--translator", "apertium", "--translator-url", &apertium.url,
+    ])
+    .await;
+    chat_translates(&server).await;
+}
+
+#[tokio::test]
+async fn standalone_on_rabbitmq_gives_a_translated_chat() {
+    let apertium = Apertium::start().await;
+    let prefix = unique_prefix("standalone");
+    let url = amqp_url();
+    let server = Server::start(&[
+        "standalone", "--languages", "es,ca", "--translator", "apertium", "--translator-url", &apertium.url,
+        "--amqp-url", &url, "--topology-prefix", &prefix,
+    ])
+    .await;
+    chat_translates(&server).await;
+}

@@ -1,0 +1,64 @@
+# shellcheck shell=bash
+# Installs and starts what Parley's tests and quickstart need, when it is missing. Sourced by scripts/*.
+
+APERTIUM_PACKAGES=(apertium-apy apertium-eng-spa apertium-eng-cat)
+APERTIUM_MODES=${PARLEY_APERTIUM_MODES:-/usr/share/apertium/modes}
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    log "need root to run: $*"; return 1
+  fi
+}
+
+apt_install() {
+  if ! command -v apt-get >/dev/null; then
+    log "apt-get is not available. Install these yourself, then run this again: $*"
+    return 1
+  fi
+  log "installing $*"
+  as_root apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+ensure_apertium() {
+  local missing=()
+  command -v apertium-apy >/dev/null || missing+=(apertium-apy)
+  [ -e "$APERTIUM_MODES/eng-spa.mode" ] || missing+=(apertium-eng-spa)
+  [ -e "$APERTIUM_MODES/eng-cat.mode" ] || missing+=(apertium-eng-cat)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}" || {
+      log "Apertium is needed for translation: install ${APERTIUM_PACKAGES[*]} (Debian/Ubuntu) or see https://wiki.apertium.org/wiki/Apertium-apy"
+      return 1
+    }
+  fi
+}
+
+# Starts an Apertium APY on port $1 unless something already listens there.
+ensure_apy_running() {
+  local port=$1
+  port_open "$port" && return 0
+  log "starting apertium-apy on port $port (log: /tmp/parley-apertium-$port.log)"
+  nohup apertium-apy -p "$port" "$APERTIUM_MODES" >"/tmp/parley-apertium-$port.log" 2>&1 &
+  for _ in $(seq 1 100); do port_open "$port" && return 0; sleep 0.2; done
+  log "apertium-apy did not start; see /tmp/parley-apertium-$port.log"
+  return 1
+}
+
+ensure_rabbitmq() {
+  if port_open 5672 && command -v rabbitmqctl >/dev/null; then return 0; fi
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server || {
+    log "RabbitMQ is needed: install rabbitmq-server and start it on 127.0.0.1:5672"
+    return 1
+  }
+  if ! port_open 5672; then
+    log "starting RabbitMQ"
+    as_root rabbitmq-server -detached
+  fi
+  for _ in $(seq 1 150); do port_open 5672 && as_root rabbitmqctl -q await_startup >/dev/null 2>&1 && return 0; sleep 0.4; done
+  log "RabbitMQ did not come up on 127.0.0.1:5672"
+  return 1
+}
