@@ -1,0 +1,133 @@
+//! The pod template every role shares: restricted security, probes on the health endpoints, config and secrets.
+
+use k8s_openapi::{
+    api::core::v1::{
+        Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+        HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+        SecurityContext, Volume, VolumeMount,
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+use crate::{
+    crd::{RoleOverrides, SecretKeyRef},
+    names::{Role, CONFIG_DIR, CONFIG_FILE, CONFIG_HASH_ANNOTATION, HTTP_PORT},
+    validate::ValidatedChat,
+};
+
+/// UID and GID of the chat-server image's non-root user.
+const RUN_AS: i64 = 65532;
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+}
+
+fn env_from_secret(name: &str, secret: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..Default::default() }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+fn runtime_default() -> Option<SeccompProfile> {
+    Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() })
+}
+
+/// The pod template of one role (and language, for translators) running `chat-server <args>`.
+pub fn template(
+    chat: &ValidatedChat,
+    role: Role,
+    language: Option<&str>,
+    args: Vec<String>,
+    overrides: &RoleOverrides,
+    config_hash: &str,
+) -> PodTemplateSpec {
+    let mut labels = chat.names.labels(role, language);
+    if let Some(extra) = &overrides.labels {
+        // Extra labels never replace the ones selectors and pruning rely on.
+        for (key, value) in extra {
+            labels.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
+    let mut annotations = overrides.annotations.clone().unwrap_or_default();
+    annotations.insert(CONFIG_HASH_ANNOTATION.into(), config_hash.into());
+
+    let mut env_vars = vec![
+        env("PARLEY_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
+        env("PARLEY_LISTEN", &format!("0.0.0.0:{HTTP_PORT}")),
+        env_from_secret("PARLEY_AMQP_URL", &chat.broker),
+    ];
+    if role == Role::Translator {
+        if let Some(key) = &chat.api_key {
+            env_vars.push(env_from_secret("PARLEY_TRANSLATOR_API_KEY", key));
+        }
+    }
+    let container = Container {
+        name: "chat-server".into(),
+        image: Some(chat.image.clone()),
+        args: Some(args),
+        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: HTTP_PORT, ..Default::default() }]),
+        env: Some(env_vars),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        readiness_probe: Some(probe("/readyz", 5, 2)),
+        resources: overrides.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            seccomp_profile: runtime_default(),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount { name: "config".into(), mount_path: CONFIG_DIR.into(), read_only: Some(true), ..Default::default() },
+            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
+        ]),
+        ..Default::default()
+    };
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta { labels: Some(labels), annotations: Some(annotations), ..Default::default() }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            automount_service_account_token: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS),
+                run_as_group: Some(RUN_AS),
+                fs_group: Some(RUN_AS),
+                seccomp_profile: runtime_default(),
+                ..Default::default()
+            }),
+            termination_grace_period_seconds: Some(30),
+            node_selector: overrides.node_selector.clone(),
+            tolerations: overrides.tolerations.clone(),
+            affinity: overrides.affinity.clone(),
+            volumes: Some(vec![
+                Volume {
+                    name: "config".into(),
+                    config_map: Some(ConfigMapVolumeSource { name: chat.names.config_map(), ..Default::default() }),
+                    ..Default::default()
+                },
+                Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+            ]),
+            ..Default::default()
+        }),
+    }
+}

@@ -1,0 +1,228 @@
+//! The `ChatDeployment` custom resource (group `chat.parley.dev`, version `v1alpha1`), from which the CRD is generated.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{Affinity, ResourceRequirements, Toleration},
+    apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The CRD's language code pattern, shared with the broker topology's own check.
+pub const LANGUAGE_PATTERN: &str = "^[a-z]{2,3}(-[A-Za-z0-9]+)?$";
+
+/// A multilingual real-time chat: a GraphQL gateway, one translator Deployment per language,
+/// and fanout workers, wired through RabbitMQ.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "chat.parley.dev",
+    version = "v1alpha1",
+    kind = "ChatDeployment",
+    namespaced,
+    status = "ChatDeploymentStatus",
+    shortname = "chat",
+    category = "parley",
+    printcolumn = r#"{"name":"Languages","type":"string","jsonPath":".spec.languages[*].code"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatDeploymentSpec {
+    /// The RabbitMQ broker every role connects to.
+    pub broker: BrokerSpec,
+    /// ISO 639-1 code of messages sent without a language, or "auto" to let the provider detect it.
+    #[serde(default = "default_source_language")]
+    #[schemars(regex(pattern = r"^([a-z]{2,3}(-[A-Za-z0-9]+)?|auto)$"))]
+    pub source_language: String,
+    /// The machine translation service the translators call.
+    pub translation: TranslationSpec,
+    /// Target languages; each gets its own translator Deployment and queue.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["code"]))]
+    pub languages: Vec<LanguageSpec>,
+    /// The GraphQL gateway that holds the client connections.
+    #[serde(default)]
+    pub gateway: RoleSpec,
+    /// The fanout workers that sequence and route messages (one active at a time, the rest on standby).
+    #[serde(default)]
+    pub fanout: RoleSpec,
+    /// Pod settings shared by every language's translator Deployment.
+    #[serde(default)]
+    pub translator: RoleOverrides,
+    /// The chat-server image; the operator's default when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Seconds a removed language's queue may keep undelivered messages before it is deleted anyway.
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(range(min = 0))]
+    pub drain_timeout_seconds: i64,
+}
+
+fn default_source_language() -> String {
+    "en".into()
+}
+
+fn default_drain_timeout() -> i64 {
+    300
+}
+
+/// A key of a Secret in the ChatDeployment's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key in the Secret's data.
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerSpec {
+    /// The Secret key holding the AMQP URI, e.g. amqp://user:pass@host:5672/vhost.
+    pub secret_ref: SecretKeyRef,
+}
+
+/// Translation providers.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Apertium APY: rule-based, self-hosted.
+    Apertium,
+    /// LibreTranslate: neural, self-hosted.
+    Libretranslate,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Apertium => "apertium",
+            Self::Libretranslate => "libretranslate",
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TranslationSpec {
+    /// Which provider to call.
+    pub provider: Provider,
+    /// Base URL of the provider, e.g. http://libretranslate.translation:5000.
+    #[schemars(length(min = 1))]
+    pub url: String,
+    /// Secret key holding the provider's API key, if it needs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct LanguageSpec {
+    /// ISO 639-1 code of the target language, e.g. "de" or "pt-BR".
+    #[schemars(regex(pattern = r"^[a-z]{2,3}(-[A-Za-z0-9]+)?$"))]
+    pub code: String,
+    /// Translator replicas for this language.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+}
+
+/// Replicas and pod settings of one role.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct RoleSpec {
+    /// Replicas of this role (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+    #[serde(flatten)]
+    pub overrides: RoleOverrides,
+}
+
+/// Pod settings a role may override.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleOverrides {
+    /// Compute resources of the chat-server container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels the pods must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Scheduling constraints of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Extra labels on the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Extra annotations on the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Observed state, written by the operator.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatDeploymentStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pending, Progressing, Ready or Degraded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Ready, BrokerReady, GatewayReady, TranslatorsReady, FanoutReady.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The gateway's replicas and in-cluster endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayStatus>,
+    /// The fanout's replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<RoleStatus>,
+    /// One entry per language, including removed languages whose queue is still draining.
+    #[serde(default)]
+    pub translators: Vec<TranslatorStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Progressing,
+    Ready,
+    Degraded,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleStatus {
+    pub replicas: i32,
+    pub ready_replicas: i32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    /// host:port of the gateway Service inside the cluster.
+    pub endpoint: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TranslatorStatus {
+    pub language: String,
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    /// Messages waiting in the language's queue, when the broker could be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<i64>,
+    /// Set while a removed language's queue drains: when the removal was first seen (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<String>,
+}

@@ -1,0 +1,100 @@
+//! Every name, label and selector the operator gives the objects it owns, in one place.
+
+use std::collections::BTreeMap;
+
+pub const FIELD_MANAGER: &str = "parley-operator";
+pub const FINALIZER: &str = "chat.parley.dev/topology";
+pub const PAUSED_ANNOTATION: &str = "chat.parley.dev/paused";
+pub const CONFIG_HASH_ANNOTATION: &str = "chat.parley.dev/config-hash";
+pub const DEPLOYMENT_LABEL: &str = "chat.parley.dev/deployment";
+pub const ROLE_LABEL: &str = "chat.parley.dev/role";
+pub const LANGUAGE_LABEL: &str = "chat.parley.dev/language";
+pub const MANAGED_BY: &str = "parley-operator";
+pub const CONFIG_FILE: &str = "chat-server.toml";
+pub const CONFIG_DIR: &str = "/etc/parley";
+pub const HTTP_PORT: i32 = 8080;
+pub const SERVICE_PORT: i32 = 80;
+
+/// The roles a ChatDeployment runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Gateway,
+    Fanout,
+    Translator,
+    Config,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway",
+            Self::Fanout => "fanout",
+            Self::Translator => "translator",
+            Self::Config => "config",
+        }
+    }
+}
+
+/// Names of one ChatDeployment's objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub instance: String,
+    pub namespace: String,
+}
+
+impl Names {
+    pub fn new(instance: &str, namespace: &str) -> Self {
+        Self { instance: instance.to_owned(), namespace: namespace.to_owned() }
+    }
+
+    pub fn config_map(&self) -> String {
+        format!("{}-config", self.instance)
+    }
+
+    pub fn gateway(&self) -> String {
+        format!("{}-gateway", self.instance)
+    }
+
+    pub fn fanout(&self) -> String {
+        format!("{}-fanout", self.instance)
+    }
+
+    pub fn translator(&self, language: &str) -> String {
+        format!("{}-translator-{}", self.instance, language.to_ascii_lowercase())
+    }
+
+    /// `host:port` of the gateway Service inside the cluster.
+    pub fn gateway_endpoint(&self) -> String {
+        format!("{}.{}.svc:{SERVICE_PORT}", self.gateway(), self.namespace)
+    }
+
+    /// Labels that select one role's pods (and one language's, for translators).
+    pub fn selector(&self, role: Role, language: Option<&str>) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::from([
+            ("app.kubernetes.io/instance".to_owned(), self.instance.clone()),
+            ("app.kubernetes.io/component".to_owned(), role.as_str().to_owned()),
+        ]);
+        if let Some(language) = language {
+            labels.insert(LANGUAGE_LABEL.to_owned(), language.to_owned());
+        }
+        labels
+    }
+
+    /// The recommended labels plus Parley's own, on every owned object.
+    pub fn labels(&self, role: Role, language: Option<&str>) -> BTreeMap<String, String> {
+        let mut labels = self.selector(role, language);
+        labels.extend([
+            ("app.kubernetes.io/name".to_owned(), "parley".to_owned()),
+            ("app.kubernetes.io/part-of".to_owned(), "parley".to_owned()),
+            ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+            (DEPLOYMENT_LABEL.to_owned(), self.instance.clone()),
+            (ROLE_LABEL.to_owned(), role.as_str().to_owned()),
+        ]);
+        labels
+    }
+
+    /// Label selector of everything this operator owns for this ChatDeployment (for pruning).
+    pub fn owned_selector(&self) -> String {
+        format!("{DEPLOYMENT_LABEL}={},app.kubernetes.io/managed-by={MANAGED_BY}", self.instance)
+    }
+}

@@ -1,0 +1,283 @@
+//! Validate (pure): a `ChatDeployment` spec → a [`ValidatedChat`] with every default resolved, or typed errors.
+//!
+//! The CRD schema rejects most bad specs at admission; this step checks again (objects may predate
+//! the schema) and checks what a schema cannot: name lengths, duplicates, URLs.
+
+use crate::{
+    crd::{ChatDeployment, Provider, RoleOverrides, SecretKeyRef},
+    names::Names,
+};
+
+pub const DEFAULT_GATEWAY_REPLICAS: i32 = 2;
+pub const DEFAULT_FANOUT_REPLICAS: i32 = 2;
+pub const DEFAULT_TRANSLATOR_REPLICAS: i32 = 1;
+
+/// A spec that cannot be reconciled; shown in the Ready condition and an `InvalidSpec` Event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("the ChatDeployment has no {0}")]
+    MissingMetadata(&'static str),
+    #[error("language code {0:?} is not an ISO 639 code like \"de\" or \"pt-BR\"")]
+    InvalidLanguage(String),
+    #[error("language {0:?} is listed more than once")]
+    DuplicateLanguage(String),
+    #[error("language {0:?} is the source language; it needs no translator")]
+    SourceLanguageListed(String),
+    #[error("sourceLanguage {0:?} is neither an ISO 639 code nor \"auto\"")]
+    InvalidSourceLanguage(String),
+    #[error("{field} is {value}; replicas cannot be negative")]
+    NegativeReplicas { field: String, value: i32 },
+    #[error("translation.url {0:?} is not an http(s) URL")]
+    InvalidProviderUrl(String),
+    #[error("the Apertium provider cannot detect languages; set sourceLanguage to a language code")]
+    AutoSourceUnsupported,
+    #[error("drainTimeoutSeconds is {0}; it cannot be negative")]
+    NegativeDrainTimeout(i64),
+    #[error("object name {name:?} would be longer than 63 characters; shorten the ChatDeployment name")]
+    NameTooLong { name: String },
+    #[error("invalid topology: {0}")]
+    Topology(String),
+}
+
+impl SpecError {
+    /// Stable label for metrics and condition reasons.
+    pub fn reason(&self) -> &'static str {
+        "InvalidSpec"
+    }
+}
+
+/// One target language.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Language {
+    pub code: String,
+    pub replicas: i32,
+}
+
+/// A role's replicas and pod settings.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RolePlan {
+    pub replicas: i32,
+    pub overrides: RoleOverrides,
+}
+
+/// Everything the build step needs, with defaults resolved; the raw resource is never read for configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedChat {
+    pub names: Names,
+    pub topology_prefix: String,
+    pub source_language: String,
+    pub languages: Vec<Language>,
+    pub provider: Provider,
+    pub provider_url: String,
+    pub api_key: Option<SecretKeyRef>,
+    pub broker: SecretKeyRef,
+    pub image: String,
+    pub gateway: RolePlan,
+    pub fanout: RolePlan,
+    pub translator: RoleOverrides,
+    pub drain_timeout_seconds: i64,
+}
+
+impl ValidatedChat {
+    pub fn language_codes(&self) -> Vec<String> {
+        self.languages.iter().map(|l| l.code.clone()).collect()
+    }
+}
+
+fn replicas(field: &str, value: Option<i32>, default: i32) -> Result<i32, SpecError> {
+    match value.unwrap_or(default) {
+        n if n < 0 => Err(SpecError::NegativeReplicas { field: field.to_owned(), value: n }),
+        n => Ok(n),
+    }
+}
+
+fn check_name(name: String, errors: &mut Vec<SpecError>) {
+    if name.len() > 63 {
+        errors.push(SpecError::NameTooLong { name });
+    }
+}
+
+/// Validates `chat`, collecting every error rather than stopping at the first.
+pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedChat, Vec<SpecError>> {
+    let mut errors = Vec::new();
+    let name = chat.metadata.name.clone().ok_or_else(|| vec![SpecError::MissingMetadata("name")])?;
+    let namespace = chat.metadata.namespace.clone().ok_or_else(|| vec![SpecError::MissingMetadata("namespace")])?;
+    let names = Names::new(&name, &namespace);
+    let spec = &chat.spec;
+
+    let source = spec.source_language.clone();
+    if source != "auto" && parley_topology::validate_language(&source).is_err() {
+        errors.push(SpecError::InvalidSourceLanguage(source.clone()));
+    }
+    if source == "auto" && spec.translation.provider == Provider::Apertium {
+        errors.push(SpecError::AutoSourceUnsupported);
+    }
+
+    let mut languages: Vec<Language> = Vec::new();
+    for language in &spec.languages {
+        let code = language.code.clone();
+        if parley_topology::validate_language(&code).is_err() {
+            errors.push(SpecError::InvalidLanguage(code));
+            continue;
+        }
+        if languages.iter().any(|l| l.code == code) {
+            errors.push(SpecError::DuplicateLanguage(code));
+            continue;
+        }
+        if code == source {
+            errors.push(SpecError::SourceLanguageListed(code));
+            continue;
+        }
+        match replicas(&format!("languages[{code}].replicas"), language.replicas, DEFAULT_TRANSLATOR_REPLICAS) {
+            Ok(replicas) => {
+                check_name(names.translator(&code), &mut errors);
+                languages.push(Language { code, replicas });
+            }
+            Err(err) => errors.push(err),
+        }
+    }
+
+    let url = spec.translation.url.trim();
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len() {
+        errors.push(SpecError::InvalidProviderUrl(url.to_owned()));
+    }
+    if spec.drain_timeout_seconds < 0 {
+        errors.push(SpecError::NegativeDrainTimeout(spec.drain_timeout_seconds));
+    }
+    let gateway = replicas("gateway.replicas", spec.gateway.replicas, DEFAULT_GATEWAY_REPLICAS);
+    let fanout = replicas("fanout.replicas", spec.fanout.replicas, DEFAULT_FANOUT_REPLICAS);
+    check_name(names.gateway(), &mut errors);
+    check_name(names.fanout(), &mut errors);
+    let topology = parley_topology::Topology::for_chat_deployment(&namespace, &name);
+    if let Err(err) = &topology {
+        errors.push(SpecError::Topology(err.to_string()));
+    }
+
+    match (gateway, fanout, topology) {
+        (Ok(gateway), Ok(fanout), Ok(topology)) if errors.is_empty() => Ok(ValidatedChat {
+            names,
+            topology_prefix: topology.prefix().to_owned(),
+            source_language: source,
+            languages,
+            provider: spec.translation.provider,
+            provider_url: url.to_owned(),
+            api_key: spec.translation.api_key_secret_ref.clone(),
+            broker: spec.broker.secret_ref.clone(),
+            image: spec.image.clone().unwrap_or_else(|| default_image.to_owned()),
+            gateway: RolePlan { replicas: gateway, overrides: spec.gateway.overrides.clone() },
+            fanout: RolePlan { replicas: fanout, overrides: spec.fanout.overrides.clone() },
+            translator: spec.translator.clone(),
+            drain_timeout_seconds: spec.drain_timeout_seconds,
+        }),
+        (gateway, fanout, _) => {
+            errors.extend(gateway.err());
+            errors.extend(fanout.err());
+            Err(errors)
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::crd::{BrokerSpec, ChatDeploymentSpec, LanguageSpec, RoleSpec, TranslationSpec};
+
+    pub fn chat(languages: &[(&str, Option<i32>)]) -> ChatDeployment {
+        let mut chat = ChatDeployment::new(
+            "town-hall",
+            ChatDeploymentSpec {
+                broker: BrokerSpec { secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "uri".into() } },
+                source_language: "en".into(),
+                translation: TranslationSpec {
+                    provider: Provider::Apertium,
+                    url: "http://apertium.translation:2737".into(),
+                    api_key_secret_ref: None,
+                },
+                languages: languages
+                    .iter()
+                    .map(|(code, replicas)| LanguageSpec { code: (*code).into(), replicas: *replicas })
+                    .collect(),
+                gateway: RoleSpec::default(),
+                fanout: RoleSpec::default(),
+                translator: RoleOverrides::default(),
+                image: None,
+                drain_timeout_seconds: 300,
+            },
+        );
+        chat.metadata.namespace = Some("events".into());
+        chat.metadata.uid = Some("4b1c9d2e-0000-4000-8000-000000000001".into());
+        chat.metadata.generation = Some(3);
+        chat
+    }
+
+    fn errors(chat: &ChatDeployment) -> Vec<SpecError> {
+        validate(chat, "parley/chat-server:test").unwrap_err()
+    }
+
+    #[test]
+    fn defaults_are_resolved() {
+        let valid = validate(&chat(&[("de", None), ("fr", Some(3))]), "img:1").unwrap();
+        assert_eq!(valid.gateway.replicas, 2);
+        assert_eq!(valid.fanout.replicas, 2);
+        assert_eq!(valid.languages, vec![
+            Language { code: "de".into(), replicas: 1 },
+            Language { code: "fr".into(), replicas: 3 }
+        ]);
+        assert_eq!(valid.image, "img:1");
+        assert_eq!(valid.topology_prefix, "parley.events.town-hall");
+    }
+
+    #[test]
+    fn a_bad_language_code_is_rejected() {
+        assert_eq!(errors(&chat(&[("German", None)])), vec![SpecError::InvalidLanguage("German".into())]);
+    }
+
+    #[test]
+    fn a_duplicate_language_is_rejected() {
+        assert_eq!(errors(&chat(&[("de", None), ("de", Some(2))])), vec![SpecError::DuplicateLanguage("de".into())]);
+    }
+
+    #[test]
+    fn the_source_language_as_a_target_is_rejected() {
+        assert_eq!(errors(&chat(&[("en", None)])), vec![SpecError::SourceLanguageListed("en".into())]);
+    }
+
+    #[test]
+    fn negative_replicas_are_rejected() {
+        let mut c = chat(&[("de", Some(-1))]);
+        c.spec.gateway.replicas = Some(-2);
+        let errs = errors(&c);
+        assert!(errs.contains(&SpecError::NegativeReplicas { field: "languages[de].replicas".into(), value: -1 }));
+        assert!(errs.contains(&SpecError::NegativeReplicas { field: "gateway.replicas".into(), value: -2 }));
+    }
+
+    #[test]
+    fn a_provider_url_without_a_scheme_is_rejected() {
+        let mut c = chat(&[]);
+        c.spec.translation.url = "libretranslate:5000".into();
+        assert_eq!(errors(&c), vec![SpecError::InvalidProviderUrl("libretranslate:5000".into())]);
+    }
+
+    #[test]
+    fn auto_detection_with_apertium_is_rejected() {
+        let mut c = chat(&[]);
+        c.spec.source_language = "auto".into();
+        assert_eq!(errors(&c), vec![SpecError::AutoSourceUnsupported]);
+        c.spec.translation.provider = Provider::Libretranslate;
+        assert!(validate(&c, "img").is_ok());
+    }
+
+    #[test]
+    fn a_name_too_long_for_its_objects_is_rejected() {
+        let mut c = chat(&[("de", None)]);
+        c.metadata.name = Some("a".repeat(60));
+        assert!(errors(&c).iter().any(|e| matches!(e, SpecError::NameTooLong { .. })));
+    }
+
+    #[test]
+    fn a_negative_drain_timeout_is_rejected() {
+        let mut c = chat(&[]);
+        c.spec.drain_timeout_seconds = -1;
+        assert_eq!(errors(&c), vec![SpecError::NegativeDrainTimeout(-1)]);
+    }
+}
