@@ -7,7 +7,9 @@ use support::*;
 async fn chat_translates(server: &Server) {
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&server.ws(), Wire::TransportWs).await;
-    subscriber.subscribe_messages("1", &server.http(), &chat, Some(&["es", "ca"])).await;
+    subscriber
+        .subscribe_messages("1", &server.http(), &chat, Some(&["es", "ca"]))
+        .await;
     let id = send(&server.http(), &chat, "Good morning, how are you?").await;
     let messages = subscriber.collect_message(&id, 3, DELIVERY).await;
     assert_translated_good_morning(&messages, &id);
@@ -17,7 +19,13 @@ async fn chat_translates(server: &Server) {
 async fn standalone_on_the_in_process_bus_gives_a_translated_chat() {
     let apertium = Apertium::start().await;
     let server = Server::start(&[
-        "standalone", "--languages", "es,ca", "--translator", "apertium", "--translator-url", &apertium.url,
+        "standalone",
+        "--languages",
+        "es,ca",
+        "--translator",
+        "apertium",
+        "--translator-url",
+        &apertium.url,
     ])
     .await;
     chat_translates(&server).await;
@@ -29,8 +37,17 @@ async fn standalone_on_rabbitmq_gives_a_translated_chat() {
     let prefix = unique_prefix("standalone");
     let url = amqp_url();
     let server = Server::start(&[
-        "standalone", "--languages", "es,ca", "--translator", "apertium", "--translator-url", &apertium.url,
-        "--amqp-url", &url, "--topology-prefix", &prefix,
+        "standalone",
+        "--languages",
+        "es,ca",
+        "--translator",
+        "apertium",
+        "--translator-url",
+        &apertium.url,
+        "--amqp-url",
+        &url,
+        "--topology-prefix",
+        &prefix,
     ])
     .await;
     chat_translates(&server).await;

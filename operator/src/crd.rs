@@ -10,12 +10,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The CRD's language code pattern, shared with the broker topology's own check.
-pub const LANGUAGE_PATTERN: &str = "^[a-z]{2,3}(-[A-Za-z0-9]+)?$";
-
 /// A multilingual real-time chat: a GraphQL gateway, one translator Deployment per language,
 /// and fanout workers, wired through RabbitMQ.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "chat.parley.dev",
     version = "v1alpha1",
@@ -23,6 +20,8 @@ pub const LANGUAGE_PATTERN: &str = "^[a-z]{2,3}(-[A-Za-z0-9]+)?$";
     namespaced,
     status = "ChatDeploymentStatus",
     shortname = "chat",
+    derive = "Default",
+    derive = "PartialEq",
     category = "parley",
     printcolumn = r#"{"name":"Languages","type":"string","jsonPath":".spec.languages[*].code"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
@@ -70,7 +69,7 @@ fn default_drain_timeout() -> i64 {
 }
 
 /// A key of a Secret in the ChatDeployment's namespace.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct SecretKeyRef {
     /// Name of the Secret.
     #[schemars(length(min = 1))]
@@ -80,7 +79,7 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BrokerSpec {
     /// The Secret key holding the AMQP URI, e.g. amqp://user:pass@host:5672/vhost.
@@ -88,10 +87,11 @@ pub struct BrokerSpec {
 }
 
 /// Translation providers.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     /// Apertium APY: rule-based, self-hosted.
+    #[default]
     Apertium,
     /// LibreTranslate: neural, self-hosted.
     Libretranslate,
@@ -106,7 +106,7 @@ impl Provider {
     }
 }
 
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TranslationSpec {
     /// Which provider to call.
@@ -200,14 +200,18 @@ pub enum Phase {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoleStatus {
+    /// Pods of the role's Deployment.
     pub replicas: i32,
+    /// Pods passing their readiness probe.
     pub ready_replicas: i32,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayStatus {
+    /// Pods of the gateway Deployment.
     pub replicas: i32,
+    /// Pods passing their readiness probe.
     pub ready_replicas: i32,
     /// host:port of the gateway Service inside the cluster.
     pub endpoint: String,
@@ -216,8 +220,11 @@ pub struct GatewayStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TranslatorStatus {
+    /// The target language.
     pub language: String,
+    /// Pods of the language's translator Deployment.
     pub replicas: i32,
+    /// Pods passing their readiness probe.
     pub ready_replicas: i32,
     /// Messages waiting in the language's queue, when the broker could be asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -2,7 +2,21 @@
 
 #![forbid(unsafe_code)]
 
+pub mod apply;
+pub mod broker;
 pub mod build;
+pub mod controller;
 pub mod crd;
+pub mod leader;
+pub mod metrics;
 pub mod names;
+pub mod run;
+pub mod status;
 pub mod validate;
+
+use kube::CustomResourceExt;
+
+/// The CRD as YAML, exactly as checked in under `crds/`.
+pub fn crd_yaml() -> String {
+    serde_yaml::to_string(&crd::ChatDeployment::crd()).expect("the CRD always serializes")
+}

@@ -29,11 +29,15 @@ pub enum SpecError {
     NegativeReplicas { field: String, value: i32 },
     #[error("translation.url {0:?} is not an http(s) URL")]
     InvalidProviderUrl(String),
-    #[error("the Apertium provider cannot detect languages; set sourceLanguage to a language code")]
+    #[error(
+        "the Apertium provider cannot detect languages; set sourceLanguage to a language code"
+    )]
     AutoSourceUnsupported,
     #[error("drainTimeoutSeconds is {0}; it cannot be negative")]
     NegativeDrainTimeout(i64),
-    #[error("object name {name:?} would be longer than 63 characters; shorten the ChatDeployment name")]
+    #[error(
+        "object name {name:?} would be longer than 63 characters; shorten the ChatDeployment name"
+    )]
     NameTooLong { name: String },
     #[error("invalid topology: {0}")]
     Topology(String),
@@ -86,7 +90,10 @@ impl ValidatedChat {
 
 fn replicas(field: &str, value: Option<i32>, default: i32) -> Result<i32, SpecError> {
     match value.unwrap_or(default) {
-        n if n < 0 => Err(SpecError::NegativeReplicas { field: field.to_owned(), value: n }),
+        n if n < 0 => Err(SpecError::NegativeReplicas {
+            field: field.to_owned(),
+            value: n,
+        }),
         n => Ok(n),
     }
 }
@@ -98,10 +105,21 @@ fn check_name(name: String, errors: &mut Vec<SpecError>) {
 }
 
 /// Validates `chat`, collecting every error rather than stopping at the first.
-pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedChat, Vec<SpecError>> {
+pub fn validate(
+    chat: &ChatDeployment,
+    default_image: &str,
+) -> Result<ValidatedChat, Vec<SpecError>> {
     let mut errors = Vec::new();
-    let name = chat.metadata.name.clone().ok_or_else(|| vec![SpecError::MissingMetadata("name")])?;
-    let namespace = chat.metadata.namespace.clone().ok_or_else(|| vec![SpecError::MissingMetadata("namespace")])?;
+    let name = chat
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| vec![SpecError::MissingMetadata("name")])?;
+    let namespace = chat
+        .metadata
+        .namespace
+        .clone()
+        .ok_or_else(|| vec![SpecError::MissingMetadata("namespace")])?;
     let names = Names::new(&name, &namespace);
     let spec = &chat.spec;
 
@@ -128,7 +146,11 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
             errors.push(SpecError::SourceLanguageListed(code));
             continue;
         }
-        match replicas(&format!("languages[{code}].replicas"), language.replicas, DEFAULT_TRANSLATOR_REPLICAS) {
+        match replicas(
+            &format!("languages[{code}].replicas"),
+            language.replicas,
+            DEFAULT_TRANSLATOR_REPLICAS,
+        ) {
             Ok(replicas) => {
                 check_name(names.translator(&code), &mut errors);
                 languages.push(Language { code, replicas });
@@ -138,14 +160,23 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     }
 
     let url = spec.translation.url.trim();
-    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len() {
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len()
+    {
         errors.push(SpecError::InvalidProviderUrl(url.to_owned()));
     }
     if spec.drain_timeout_seconds < 0 {
         errors.push(SpecError::NegativeDrainTimeout(spec.drain_timeout_seconds));
     }
-    let gateway = replicas("gateway.replicas", spec.gateway.replicas, DEFAULT_GATEWAY_REPLICAS);
-    let fanout = replicas("fanout.replicas", spec.fanout.replicas, DEFAULT_FANOUT_REPLICAS);
+    let gateway = replicas(
+        "gateway.replicas",
+        spec.gateway.replicas,
+        DEFAULT_GATEWAY_REPLICAS,
+    );
+    let fanout = replicas(
+        "fanout.replicas",
+        spec.fanout.replicas,
+        DEFAULT_FANOUT_REPLICAS,
+    );
     check_name(names.gateway(), &mut errors);
     check_name(names.fanout(), &mut errors);
     let topology = parley_topology::Topology::for_chat_deployment(&namespace, &name);
@@ -163,9 +194,18 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
             provider_url: url.to_owned(),
             api_key: spec.translation.api_key_secret_ref.clone(),
             broker: spec.broker.secret_ref.clone(),
-            image: spec.image.clone().unwrap_or_else(|| default_image.to_owned()),
-            gateway: RolePlan { replicas: gateway, overrides: spec.gateway.overrides.clone() },
-            fanout: RolePlan { replicas: fanout, overrides: spec.fanout.overrides.clone() },
+            image: spec
+                .image
+                .clone()
+                .unwrap_or_else(|| default_image.to_owned()),
+            gateway: RolePlan {
+                replicas: gateway,
+                overrides: spec.gateway.overrides.clone(),
+            },
+            fanout: RolePlan {
+                replicas: fanout,
+                overrides: spec.fanout.overrides.clone(),
+            },
             translator: spec.translator.clone(),
             drain_timeout_seconds: spec.drain_timeout_seconds,
         }),
@@ -186,7 +226,12 @@ pub(crate) mod tests {
         let mut chat = ChatDeployment::new(
             "town-hall",
             ChatDeploymentSpec {
-                broker: BrokerSpec { secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "uri".into() } },
+                broker: BrokerSpec {
+                    secret_ref: SecretKeyRef {
+                        name: "rabbitmq".into(),
+                        key: "uri".into(),
+                    },
+                },
                 source_language: "en".into(),
                 translation: TranslationSpec {
                     provider: Provider::Apertium,
@@ -195,7 +240,10 @@ pub(crate) mod tests {
                 },
                 languages: languages
                     .iter()
-                    .map(|(code, replicas)| LanguageSpec { code: (*code).into(), replicas: *replicas })
+                    .map(|(code, replicas)| LanguageSpec {
+                        code: (*code).into(),
+                        replicas: *replicas,
+                    })
                     .collect(),
                 gateway: RoleSpec::default(),
                 fanout: RoleSpec::default(),
@@ -219,27 +267,45 @@ pub(crate) mod tests {
         let valid = validate(&chat(&[("de", None), ("fr", Some(3))]), "img:1").unwrap();
         assert_eq!(valid.gateway.replicas, 2);
         assert_eq!(valid.fanout.replicas, 2);
-        assert_eq!(valid.languages, vec![
-            Language { code: "de".into(), replicas: 1 },
-            Language { code: "fr".into(), replicas: 3 }
-        ]);
+        assert_eq!(
+            valid.languages,
+            vec![
+                Language {
+                    code: "de".into(),
+                    replicas: 1
+                },
+                Language {
+                    code: "fr".into(),
+                    replicas: 3
+                }
+            ]
+        );
         assert_eq!(valid.image, "img:1");
         assert_eq!(valid.topology_prefix, "parley.events.town-hall");
     }
 
     #[test]
     fn a_bad_language_code_is_rejected() {
-        assert_eq!(errors(&chat(&[("German", None)])), vec![SpecError::InvalidLanguage("German".into())]);
+        assert_eq!(
+            errors(&chat(&[("German", None)])),
+            vec![SpecError::InvalidLanguage("German".into())]
+        );
     }
 
     #[test]
     fn a_duplicate_language_is_rejected() {
-        assert_eq!(errors(&chat(&[("de", None), ("de", Some(2))])), vec![SpecError::DuplicateLanguage("de".into())]);
+        assert_eq!(
+            errors(&chat(&[("de", None), ("de", Some(2))])),
+            vec![SpecError::DuplicateLanguage("de".into())]
+        );
     }
 
     #[test]
     fn the_source_language_as_a_target_is_rejected() {
-        assert_eq!(errors(&chat(&[("en", None)])), vec![SpecError::SourceLanguageListed("en".into())]);
+        assert_eq!(
+            errors(&chat(&[("en", None)])),
+            vec![SpecError::SourceLanguageListed("en".into())]
+        );
     }
 
     #[test]
@@ -247,15 +313,24 @@ pub(crate) mod tests {
         let mut c = chat(&[("de", Some(-1))]);
         c.spec.gateway.replicas = Some(-2);
         let errs = errors(&c);
-        assert!(errs.contains(&SpecError::NegativeReplicas { field: "languages[de].replicas".into(), value: -1 }));
-        assert!(errs.contains(&SpecError::NegativeReplicas { field: "gateway.replicas".into(), value: -2 }));
+        assert!(errs.contains(&SpecError::NegativeReplicas {
+            field: "languages[de].replicas".into(),
+            value: -1
+        }));
+        assert!(errs.contains(&SpecError::NegativeReplicas {
+            field: "gateway.replicas".into(),
+            value: -2
+        }));
     }
 
     #[test]
     fn a_provider_url_without_a_scheme_is_rejected() {
         let mut c = chat(&[]);
         c.spec.translation.url = "libretranslate:5000".into();
-        assert_eq!(errors(&c), vec![SpecError::InvalidProviderUrl("libretranslate:5000".into())]);
+        assert_eq!(
+            errors(&c),
+            vec![SpecError::InvalidProviderUrl("libretranslate:5000".into())]
+        );
     }
 
     #[test]
@@ -271,7 +346,9 @@ pub(crate) mod tests {
     fn a_name_too_long_for_its_objects_is_rejected() {
         let mut c = chat(&[("de", None)]);
         c.metadata.name = Some("a".repeat(60));
-        assert!(errors(&c).iter().any(|e| matches!(e, SpecError::NameTooLong { .. })));
+        assert!(errors(&c)
+            .iter()
+            .any(|e| matches!(e, SpecError::NameTooLong { .. })));
     }
 
     #[test]

@@ -597,7 +597,9 @@ impl WsClient {
                 {
                     return payload
                 }
-                Some(closed @ Received::Closed { .. }) => panic!("socket closed while waiting for {op}: {closed:?}"),
+                Some(closed @ Received::Closed { .. }) => {
+                    panic!("socket closed while waiting for {op}: {closed:?}")
+                }
                 Some(_) => {}
                 None => panic!("no result for operation {op} within {within:?}"),
             }

@@ -14,8 +14,18 @@ pub fn deployment(chat: &ValidatedChat, inputs: &Inputs, config_hash: &str) -> D
         metadata: metadata(names, names.fanout(), Role::Fanout, None, inputs),
         spec: Some(DeploymentSpec {
             replicas: Some(chat.fanout.replicas),
-            selector: LabelSelector { match_labels: Some(names.selector(Role::Fanout, None)), ..Default::default() },
-            template: pod::template(chat, Role::Fanout, None, vec!["fanout".into()], &chat.fanout.overrides, config_hash),
+            selector: LabelSelector {
+                match_labels: Some(names.selector(Role::Fanout, None)),
+                ..Default::default()
+            },
+            template: pod::template(
+                chat,
+                Role::Fanout,
+                None,
+                vec!["fanout".into()],
+                &chat.fanout.overrides,
+                config_hash,
+            ),
             ..Default::default()
         }),
         ..Default::default()

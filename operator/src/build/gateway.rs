@@ -21,8 +21,18 @@ pub fn deployment(chat: &ValidatedChat, inputs: &Inputs, config_hash: &str) -> D
         metadata: metadata(names, names.gateway(), Role::Gateway, None, inputs),
         spec: Some(DeploymentSpec {
             replicas: Some(chat.gateway.replicas),
-            selector: LabelSelector { match_labels: Some(names.selector(Role::Gateway, None)), ..Default::default() },
-            template: pod::template(chat, Role::Gateway, None, vec!["gateway".into()], &chat.gateway.overrides, config_hash),
+            selector: LabelSelector {
+                match_labels: Some(names.selector(Role::Gateway, None)),
+                ..Default::default()
+            },
+            template: pod::template(
+                chat,
+                Role::Gateway,
+                None,
+                vec!["gateway".into()],
+                &chat.gateway.overrides,
+                config_hash,
+            ),
             ..Default::default()
         }),
         ..Default::default()
@@ -54,7 +64,10 @@ pub fn disruption_budget(chat: &ValidatedChat, inputs: &Inputs) -> PodDisruption
         metadata: metadata(names, names.gateway(), Role::Gateway, None, inputs),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector { match_labels: Some(names.selector(Role::Gateway, None)), ..Default::default() }),
+            selector: Some(LabelSelector {
+                match_labels: Some(names.selector(Role::Gateway, None)),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()

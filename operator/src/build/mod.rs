@@ -7,7 +7,11 @@ mod pod;
 mod translator;
 
 use k8s_openapi::{
-    api::{apps::v1::Deployment, core::v1::{ConfigMap, Service}, policy::v1::PodDisruptionBudget},
+    api::{
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Service},
+        policy::v1::PodDisruptionBudget,
+    },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 
@@ -37,15 +41,25 @@ pub struct Desired {
 impl Desired {
     /// Names of the Deployments, to prune the rest.
     pub fn deployment_names(&self) -> Vec<String> {
-        self.deployments.iter().filter_map(|d| d.metadata.name.clone()).collect()
+        self.deployments
+            .iter()
+            .filter_map(|d| d.metadata.name.clone())
+            .collect()
     }
 }
 
 pub fn build(chat: &ValidatedChat, inputs: &Inputs) -> Desired {
     let config_map = config::config_map(chat, inputs);
     let config_hash = config::config_hash(&config_map, &inputs.secrets_digest);
-    let mut deployments = vec![gateway::deployment(chat, inputs, &config_hash), fanout::deployment(chat, inputs, &config_hash)];
-    deployments.extend(chat.languages.iter().map(|l| translator::deployment(chat, l, inputs, &config_hash)));
+    let mut deployments = vec![
+        gateway::deployment(chat, inputs, &config_hash),
+        fanout::deployment(chat, inputs, &config_hash),
+    ];
+    deployments.extend(
+        chat.languages
+            .iter()
+            .map(|l| translator::deployment(chat, l, inputs, &config_hash)),
+    );
     Desired {
         config_map,
         deployments,
@@ -55,7 +69,13 @@ pub fn build(chat: &ValidatedChat, inputs: &Inputs) -> Desired {
 }
 
 /// Metadata of an owned object.
-fn metadata(names: &Names, name: String, role: Role, language: Option<&str>, inputs: &Inputs) -> ObjectMeta {
+fn metadata(
+    names: &Names,
+    name: String,
+    role: Role,
+    language: Option<&str>,
+    inputs: &Inputs,
+) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: Some(names.namespace.clone()),
@@ -85,7 +105,11 @@ mod tests {
     }
 
     fn desired() -> Desired {
-        let valid = validate(&chat(&[("de", Some(2)), ("fr", None)]), "ghcr.io/parley/chat-server:0.1.0").unwrap();
+        let valid = validate(
+            &chat(&[("de", Some(2)), ("fr", None)]),
+            "ghcr.io/parley/chat-server:0.1.0",
+        )
+        .unwrap();
         build(&valid, &inputs())
     }
 
@@ -119,7 +143,12 @@ mod tests {
     fn one_translator_deployment_per_language_named_after_it() {
         assert_eq!(
             desired().deployment_names(),
-            vec!["town-hall-gateway", "town-hall-fanout", "town-hall-translator-de", "town-hall-translator-fr"]
+            vec![
+                "town-hall-gateway",
+                "town-hall-fanout",
+                "town-hall-translator-de",
+                "town-hall-translator-fr"
+            ]
         );
     }
 
@@ -135,7 +164,10 @@ mod tests {
             assert_eq!(labels["chat.parley.dev/deployment"], "town-hall");
             assert_eq!(labels["app.kubernetes.io/managed-by"], "parley-operator");
             assert!(labels.contains_key("chat.parley.dev/role"));
-            assert_eq!(meta.owner_references.as_ref().unwrap()[0].uid, inputs().owner.uid);
+            assert_eq!(
+                meta.owner_references.as_ref().unwrap()[0].uid,
+                inputs().owner.uid
+            );
         }
     }
 
@@ -143,9 +175,24 @@ mod tests {
     fn pods_roll_when_a_referenced_secret_changes() {
         let valid = validate(&chat(&[]), "img").unwrap();
         let hash = |digest: &str| {
-            let d = build(&valid, &Inputs { secrets_digest: digest.into(), ..inputs() });
-            d.deployments[0].spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
-                ["chat.parley.dev/config-hash"]
+            let d = build(
+                &valid,
+                &Inputs {
+                    secrets_digest: digest.into(),
+                    ..inputs()
+                },
+            );
+            d.deployments[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()["chat.parley.dev/config-hash"]
                 .clone()
         };
         assert_ne!(hash("a"), hash("b"));
@@ -156,24 +203,53 @@ mod tests {
     fn pods_roll_when_the_config_changes() {
         let hash = |languages: &[(&str, Option<i32>)]| {
             let d = build(&validate(&chat(languages), "img").unwrap(), &inputs());
-            d.deployments[0].spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
-                ["chat.parley.dev/config-hash"]
+            d.deployments[0]
+                .spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()["chat.parley.dev/config-hash"]
                 .clone()
         };
         assert_ne!(hash(&[("de", None)]), hash(&[("de", None), ("fr", None)]));
-        assert_eq!(hash(&[("de", None)]), hash(&[("de", Some(5))]), "replicas are not configuration");
+        assert_eq!(
+            hash(&[("de", None)]),
+            hash(&[("de", Some(5))]),
+            "replicas are not configuration"
+        );
     }
 
     #[test]
     fn role_overrides_reach_the_pods() {
         let mut c = chat(&[]);
-        c.spec.gateway.overrides.node_selector = Some([("pool".to_owned(), "edge".to_owned())].into());
+        c.spec.gateway.overrides.node_selector =
+            Some([("pool".to_owned(), "edge".to_owned())].into());
         c.spec.gateway.overrides.labels = Some([("team".to_owned(), "chat".to_owned())].into());
         let d = build(&validate(&c, "img").unwrap(), &inputs());
         let template = &d.deployments[0].spec.as_ref().unwrap().template;
-        assert_eq!(template.spec.as_ref().unwrap().node_selector.as_ref().unwrap()["pool"], "edge");
-        assert_eq!(template.metadata.as_ref().unwrap().labels.as_ref().unwrap()["team"], "chat");
+        assert_eq!(
+            template
+                .spec
+                .as_ref()
+                .unwrap()
+                .node_selector
+                .as_ref()
+                .unwrap()["pool"],
+            "edge"
+        );
+        assert_eq!(
+            template.metadata.as_ref().unwrap().labels.as_ref().unwrap()["team"],
+            "chat"
+        );
         let fanout = &d.deployments[1].spec.as_ref().unwrap().template;
-        assert!(fanout.spec.as_ref().unwrap().node_selector.is_none(), "overrides are per role");
+        assert!(
+            fanout.spec.as_ref().unwrap().node_selector.is_none(),
+            "overrides are per role"
+        );
     }
 }

@@ -1,0 +1,135 @@
+//! Apply: server-side apply of the desired objects with one field manager, then prune what is owned but no longer desired.
+
+use std::{collections::HashSet, fmt::Debug};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Service},
+        policy::v1::PodDisruptionBudget,
+    },
+    NamespaceResourceScope,
+};
+use kube::{
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    Api, Client, Resource, ResourceExt,
+};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{
+    build::Desired,
+    names::{Names, FIELD_MANAGER},
+};
+
+async fn apply_one<K>(client: &Client, namespace: &str, object: &K) -> Result<K, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(&object.name_any(), &params, &Patch::Apply(object))
+        .await
+}
+
+/// Deletes the objects of kind `K` that carry this ChatDeployment's ownership labels but are not in `keep`.
+async fn prune_kind<K>(
+    client: &Client,
+    names: &Names,
+    keep: &HashSet<String>,
+) -> Result<Vec<String>, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &names.namespace);
+    let owned = api
+        .list(&ListParams::default().labels(&names.owned_selector()))
+        .await?;
+    let mut deleted = Vec::new();
+    for object in owned.items {
+        let name = object.name_any();
+        if !keep.contains(&name) {
+            api.delete(&name, &DeleteParams::background()).await?;
+            deleted.push(format!("{}/{name}", K::kind(&())));
+        }
+    }
+    Ok(deleted)
+}
+
+/// Applies everything in `desired` and returns the Deployments as the API server now has them.
+pub async fn apply(
+    client: &Client,
+    namespace: &str,
+    desired: &Desired,
+) -> Result<Vec<Deployment>, kube::Error> {
+    apply_one(client, namespace, &desired.config_map).await?;
+    for service in &desired.services {
+        apply_one(client, namespace, service).await?;
+    }
+    for budget in &desired.disruption_budgets {
+        apply_one(client, namespace, budget).await?;
+    }
+    let mut deployments = Vec::new();
+    for deployment in &desired.deployments {
+        deployments.push(apply_one(client, namespace, deployment).await?);
+    }
+    Ok(deployments)
+}
+
+/// Deletes owned objects that are no longer desired (a removed language's Deployment); returns `Kind/name` of each.
+pub async fn prune(
+    client: &Client,
+    names: &Names,
+    desired: &Desired,
+) -> Result<Vec<String>, kube::Error> {
+    let set = |names: Vec<Option<String>>| names.into_iter().flatten().collect::<HashSet<_>>();
+    let mut deleted = prune_kind::<Deployment>(
+        client,
+        names,
+        &set(desired
+            .deployments
+            .iter()
+            .map(|o| o.metadata.name.clone())
+            .collect()),
+    )
+    .await?;
+    deleted.extend(
+        prune_kind::<Service>(
+            client,
+            names,
+            &set(desired
+                .services
+                .iter()
+                .map(|o| o.metadata.name.clone())
+                .collect()),
+        )
+        .await?,
+    );
+    deleted.extend(
+        prune_kind::<PodDisruptionBudget>(
+            client,
+            names,
+            &set(desired
+                .disruption_budgets
+                .iter()
+                .map(|o| o.metadata.name.clone())
+                .collect()),
+        )
+        .await?,
+    );
+    deleted.extend(
+        prune_kind::<ConfigMap>(
+            client,
+            names,
+            &set(vec![desired.config_map.metadata.name.clone()]),
+        )
+        .await?,
+    );
+    Ok(deleted)
+}

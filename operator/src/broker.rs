@@ -1,0 +1,151 @@
+//! The broker step: declare this ChatDeployment's topology, measure its queues, drain removed languages.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use lapin::{Connection, ConnectionProperties};
+use parley_topology::Topology;
+
+use crate::status::{BrokerReport, Draining};
+
+/// How long one broker step may take before the broker counts as unreachable.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the broker step failed; the variant name is the BrokerReady condition reason.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker Secret {0} not found")]
+    SecretNotFound(String),
+    #[error("broker Secret {secret} has no key {key}")]
+    SecretKeyMissing { secret: String, key: String },
+    #[error("broker unreachable: {0}")]
+    Unreachable(String),
+    #[error("failed to declare the topology: {0}")]
+    Topology(#[from] parley_topology::TopologyError),
+    #[error("failed to open a channel: {0}")]
+    Channel(lapin::Error),
+}
+
+impl BrokerError {
+    /// The PascalCase reason for conditions and Events, also the metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::SecretNotFound(_) => "BrokerSecretNotFound",
+            Self::SecretKeyMissing { .. } => "BrokerSecretKeyMissing",
+            Self::Unreachable(_) => "BrokerUnreachable",
+            Self::Topology(_) => "TopologyFailed",
+            Self::Channel(_) => "BrokerUnreachable",
+        }
+    }
+
+    pub fn report(&self) -> BrokerReport {
+        BrokerReport::Failed {
+            reason: self.reason().into(),
+            message: self.to_string(),
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<Connection, BrokerError> {
+    let props = ConnectionProperties::default().with_connection_name("parley-operator".into());
+    match tokio::time::timeout(BROKER_TIMEOUT, Connection::connect(url, props)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(err)) => Err(BrokerError::Unreachable(err.to_string())),
+        Err(_) => Err(BrokerError::Unreachable(format!(
+            "no answer within {BROKER_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// What one sync did besides reporting.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SyncOutcome {
+    pub backlogs: BTreeMap<String, i64>,
+    /// Removed languages whose queue was deleted this time, with the messages it still held (lost after a timeout).
+    pub deleted: Vec<(String, i64)>,
+    /// Removed languages still draining.
+    pub draining: Vec<Draining>,
+}
+
+/// Declares the topology for `languages`, reads every language queue's backlog, and deletes the
+/// queues of removed languages once empty or once `drain_timeout` has passed since `since`.
+pub async fn sync(
+    url: &str,
+    topology: &Topology,
+    languages: &[String],
+    draining: Vec<Draining>,
+    drain_timeout: Duration,
+    elapsed: impl Fn(&str) -> Duration,
+) -> Result<SyncOutcome, BrokerError> {
+    let connection = connect(url).await?;
+    let result = async {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(BrokerError::Channel)?;
+        parley_topology::declare(&channel, topology, languages).await?;
+        let mut outcome = SyncOutcome::default();
+        for language in languages {
+            // A missing queue closes the channel, so each look gets its own.
+            let look = connection
+                .create_channel()
+                .await
+                .map_err(BrokerError::Channel)?;
+            let depth =
+                parley_topology::queue_depth(&look, &topology.translate_queue(language)).await?;
+            outcome
+                .backlogs
+                .insert(language.clone(), depth.map_or(0, |d| i64::from(d.messages)));
+        }
+        for removed in draining {
+            let look = connection
+                .create_channel()
+                .await
+                .map_err(BrokerError::Channel)?;
+            let backlog =
+                parley_topology::queue_depth(&look, &topology.translate_queue(&removed.language))
+                    .await?
+                    .map(|d| i64::from(d.messages));
+            let timed_out = elapsed(&removed.since) >= drain_timeout;
+            match backlog {
+                None => {}
+                Some(left) if left == 0 || timed_out => {
+                    let delete = connection
+                        .create_channel()
+                        .await
+                        .map_err(BrokerError::Channel)?;
+                    parley_topology::delete_language(&delete, topology, &removed.language, false)
+                        .await?;
+                    outcome.deleted.push((removed.language.clone(), left));
+                }
+                Some(left) => {
+                    outcome.backlogs.insert(removed.language.clone(), left);
+                    outcome.draining.push(removed);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+    .await;
+    let _ = connection.close(200, "reconciled".into()).await;
+    result
+}
+
+/// Deletes every exchange and queue of the topology (the finalizer's work).
+pub async fn remove(
+    url: &str,
+    topology: &Topology,
+    languages: &[String],
+) -> Result<(), BrokerError> {
+    let connection = connect(url).await?;
+    let result = async {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(BrokerError::Channel)?;
+        parley_topology::delete_all(&channel, topology, languages).await?;
+        Ok(())
+    }
+    .await;
+    let _ = connection.close(200, "removed".into()).await;
+    result
+}

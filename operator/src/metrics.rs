@@ -1,0 +1,110 @@
+//! Prometheus metrics of the reconciler: counts, errors and durations by result.
+
+use std::{sync::Mutex, time::Instant};
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub error: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub duration: Family<ResultLabels, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let duration = Family::<ResultLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+        });
+        let mut registry = Registry::with_prefix("parley_operator");
+        registry.register(
+            "reconciles",
+            "Reconciliations by result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciliation errors by kind",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconciliation duration by result",
+            duration.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            reconciles,
+            errors,
+            duration,
+        }
+    }
+}
+
+impl Metrics {
+    /// Starts timing a reconcile; the timer records when dropped (as "error" unless marked ok).
+    pub fn timer(&self) -> ReconcileTimer<'_> {
+        ReconcileTimer {
+            metrics: self,
+            start: Instant::now(),
+            result: "error",
+        }
+    }
+
+    pub fn error(&self, label: &str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                error: label.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry.lock().expect("registry lock"))
+            .expect("metrics always encode");
+        out
+    }
+}
+
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    start: Instant,
+    result: &'static str,
+}
+
+impl ReconcileTimer<'_> {
+    pub fn succeeded(&mut self) {
+        self.result = "ok";
+    }
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        let labels = ResultLabels {
+            result: self.result.to_owned(),
+        };
+        self.metrics.reconciles.get_or_create(&labels).inc();
+        self.metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}

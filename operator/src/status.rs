@@ -1,0 +1,587 @@
+//! Status (pure): what the API server and the broker reported → conditions, phase and per-role status.
+//!
+//! `lastTransitionTime` is carried over from the previous status unless the condition flipped.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::apps::v1::Deployment,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+
+use crate::{
+    crd::{ChatDeploymentStatus, GatewayStatus, Phase, RoleStatus, TranslatorStatus},
+    validate::{SpecError, ValidatedChat},
+};
+
+pub const READY: &str = "Ready";
+pub const BROKER_READY: &str = "BrokerReady";
+pub const GATEWAY_READY: &str = "GatewayReady";
+pub const TRANSLATORS_READY: &str = "TranslatorsReady";
+pub const FANOUT_READY: &str = "FanoutReady";
+
+/// What the broker step found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BrokerReport {
+    /// Topology declared; ready messages per language queue (including draining ones).
+    Ready { backlogs: BTreeMap<String, i64> },
+    /// The broker step failed; `reason` is a PascalCase condition reason.
+    Failed { reason: String, message: String },
+}
+
+/// A removed language whose queue still drains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draining {
+    pub language: String,
+    pub since: String,
+}
+
+/// Languages the previous status listed that the spec no longer has, with when their removal was first seen.
+pub fn draining(
+    previous: Option<&ChatDeploymentStatus>,
+    languages: &[String],
+    now: &str,
+) -> Vec<Draining> {
+    previous
+        .map(|s| s.translators.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| !languages.contains(&t.language))
+        .map(|t| Draining {
+            language: t.language.clone(),
+            since: t.draining_since.clone().unwrap_or_else(|| now.to_owned()),
+        })
+        .collect()
+}
+
+struct Observed {
+    replicas: i32,
+    ready: i32,
+    desired: i32,
+    exists: bool,
+    rolled_out: bool,
+}
+
+fn observe(deployments: &[Deployment], name: &str) -> Observed {
+    match deployments
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some(name))
+    {
+        None => Observed {
+            replicas: 0,
+            ready: 0,
+            desired: 0,
+            exists: false,
+            rolled_out: false,
+        },
+        Some(d) => {
+            let status = d.status.clone().unwrap_or_default();
+            let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            let rolled_out = status.observed_generation.unwrap_or(0)
+                >= d.metadata.generation.unwrap_or(0)
+                && status.updated_replicas.unwrap_or(0) >= desired;
+            Observed {
+                replicas: status.replicas.unwrap_or(0),
+                ready: status.ready_replicas.unwrap_or(0),
+                desired,
+                exists: true,
+                rolled_out,
+            }
+        }
+    }
+}
+
+impl Observed {
+    fn ready(&self) -> bool {
+        self.exists && self.rolled_out && self.ready >= self.desired
+    }
+}
+
+fn condition(
+    kind: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    Condition {
+        type_: kind.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    }
+}
+
+/// Keeps each condition's previous `lastTransitionTime` when its status did not change.
+fn carry_transitions(mut conditions: Vec<Condition>, previous: &[Condition]) -> Vec<Condition> {
+    for c in &mut conditions {
+        if let Some(p) = previous
+            .iter()
+            .find(|p| p.type_ == c.type_ && p.status == c.status)
+        {
+            c.last_transition_time = p.last_transition_time.clone();
+        }
+    }
+    conditions
+}
+
+fn role_condition(
+    kind: &str,
+    what: &str,
+    o: &Observed,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let (ok, reason, message) = if !o.exists {
+        (
+            false,
+            "NotCreated",
+            format!("the {what} Deployment does not exist yet"),
+        )
+    } else if o.desired == 0 {
+        (false, "ScaledToZero", format!("the {what} has 0 replicas"))
+    } else if o.ready() {
+        (
+            true,
+            "AllReplicasReady",
+            format!("{}/{} {what} replicas ready", o.ready, o.desired),
+        )
+    } else {
+        (
+            false,
+            "ReplicasNotReady",
+            format!("{}/{} {what} replicas ready", o.ready, o.desired),
+        )
+    };
+    condition(kind, ok, reason, message, generation, now)
+}
+
+/// The status of a valid ChatDeployment.
+pub fn compute(
+    chat: &ValidatedChat,
+    generation: Option<i64>,
+    deployments: &[Deployment],
+    broker: &BrokerReport,
+    draining: &[Draining],
+    previous: &[Condition],
+    now: &Time,
+) -> ChatDeploymentStatus {
+    let names = &chat.names;
+    let gateway = observe(deployments, &names.gateway());
+    let fanout = observe(deployments, &names.fanout());
+    let backlog = |language: &str| match broker {
+        BrokerReport::Ready { backlogs } => backlogs.get(language).copied(),
+        BrokerReport::Failed { .. } => None,
+    };
+    let mut translators = Vec::new();
+    let mut not_ready = Vec::new();
+    let mut any_exists = gateway.exists || fanout.exists;
+    for language in &chat.languages {
+        let o = observe(deployments, &names.translator(&language.code));
+        any_exists |= o.exists;
+        if !(o.exists && o.rolled_out && o.ready >= o.desired) {
+            not_ready.push(format!("{} ({}/{})", language.code, o.ready, o.desired));
+        }
+        translators.push(TranslatorStatus {
+            language: language.code.clone(),
+            replicas: o.replicas,
+            ready_replicas: o.ready,
+            backlog: backlog(&language.code),
+            draining_since: None,
+        });
+    }
+    translators.extend(draining.iter().map(|d| TranslatorStatus {
+        language: d.language.clone(),
+        replicas: 0,
+        ready_replicas: 0,
+        backlog: backlog(&d.language),
+        draining_since: Some(d.since.clone()),
+    }));
+
+    let translators_ready = not_ready.is_empty();
+    let translators_condition = if translators_ready {
+        condition(
+            TRANSLATORS_READY,
+            true,
+            "AllReplicasReady",
+            format!("{} languages ready", chat.languages.len()),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            TRANSLATORS_READY,
+            false,
+            "ReplicasNotReady",
+            format!("not ready: {}", not_ready.join(", ")),
+            generation,
+            now,
+        )
+    };
+    let broker_condition = match broker {
+        BrokerReport::Ready { .. } => condition(
+            BROKER_READY,
+            true,
+            "TopologyDeclared",
+            "exchanges and queues declared".into(),
+            generation,
+            now,
+        ),
+        BrokerReport::Failed { reason, message } => condition(
+            BROKER_READY,
+            false,
+            reason,
+            message.clone(),
+            generation,
+            now,
+        ),
+    };
+    let parts = vec![
+        broker_condition,
+        role_condition(GATEWAY_READY, "gateway", &gateway, generation, now),
+        translators_condition,
+        role_condition(FANOUT_READY, "fanout", &fanout, generation, now),
+    ];
+    let failing: Vec<&str> = parts
+        .iter()
+        .filter(|c| c.status != "True")
+        .map(|c| c.type_.as_str())
+        .collect();
+    let ready = if failing.is_empty() {
+        condition(
+            READY,
+            true,
+            "AllComponentsReady",
+            "the chat is serving".into(),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            READY,
+            false,
+            "ComponentsNotReady",
+            format!("not ready: {}", failing.join(", ")),
+            generation,
+            now,
+        )
+    };
+    let phase = if matches!(broker, BrokerReport::Failed { .. }) {
+        Phase::Degraded
+    } else if failing.is_empty() {
+        Phase::Ready
+    } else if !any_exists {
+        Phase::Pending
+    } else {
+        Phase::Progressing
+    };
+    let mut conditions = vec![ready];
+    conditions.extend(parts);
+    ChatDeploymentStatus {
+        observed_generation: generation,
+        phase: Some(phase),
+        conditions: carry_transitions(conditions, previous),
+        gateway: Some(GatewayStatus {
+            replicas: gateway.replicas,
+            ready_replicas: gateway.ready,
+            endpoint: names.gateway_endpoint(),
+        }),
+        fanout: Some(RoleStatus {
+            replicas: fanout.replicas,
+            ready_replicas: fanout.ready,
+        }),
+        translators,
+    }
+}
+
+/// The status of a ChatDeployment whose spec is invalid: nothing else is touched.
+pub fn invalid(
+    previous: Option<&ChatDeploymentStatus>,
+    errors: &[SpecError],
+    generation: Option<i64>,
+    now: &Time,
+) -> ChatDeploymentStatus {
+    let message = errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut status = previous.cloned().unwrap_or_default();
+    let previous_conditions = std::mem::take(&mut status.conditions);
+    let mut conditions: Vec<Condition> = previous_conditions
+        .iter()
+        .filter(|c| c.type_ != READY)
+        .cloned()
+        .collect();
+    conditions.insert(
+        0,
+        condition(READY, false, "InvalidSpec", message, generation, now),
+    );
+    status.conditions = carry_transitions(conditions, &previous_conditions);
+    status.phase = Some(Phase::Degraded);
+    status.observed_generation = generation;
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+    use kube::api::ObjectMeta;
+
+    use super::*;
+    use crate::validate::{tests::chat, validate};
+
+    fn time(s: &str) -> Time {
+        Time(s.parse().unwrap())
+    }
+
+    fn deployment(name: &str, desired: i32, ready: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                generation: Some(1),
+                ..Default::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(desired),
+                ..Default::default()
+            }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(1),
+                replicas: Some(desired),
+                ready_replicas: Some(ready),
+                updated_replicas: Some(desired),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn valid() -> ValidatedChat {
+        validate(&chat(&[("de", Some(1))]), "img").unwrap()
+    }
+
+    fn ok_broker() -> BrokerReport {
+        BrokerReport::Ready {
+            backlogs: [("de".to_owned(), 4)].into(),
+        }
+    }
+
+    fn all_ready() -> Vec<Deployment> {
+        vec![
+            deployment("town-hall-gateway", 2, 2),
+            deployment("town-hall-fanout", 2, 2),
+            deployment("town-hall-translator-de", 1, 1),
+        ]
+    }
+
+    fn get<'a>(s: &'a ChatDeploymentStatus, kind: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == kind).unwrap()
+    }
+
+    #[test]
+    fn all_deployments_ready_makes_the_chat_ready() {
+        let s = compute(
+            &valid(),
+            Some(3),
+            &all_ready(),
+            &ok_broker(),
+            &[],
+            &[],
+            &time("2026-01-01T00:00:00Z"),
+        );
+        assert_eq!(s.phase, Some(Phase::Ready));
+        for kind in [
+            READY,
+            BROKER_READY,
+            GATEWAY_READY,
+            TRANSLATORS_READY,
+            FANOUT_READY,
+        ] {
+            assert_eq!(get(&s, kind).status, "True", "{kind}");
+        }
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.translators[0].backlog, Some(4));
+        assert_eq!(
+            s.gateway.as_ref().unwrap().endpoint,
+            "town-hall-gateway.events.svc:80"
+        );
+    }
+
+    #[test]
+    fn a_translator_not_ready_makes_the_chat_progressing() {
+        let mut d = all_ready();
+        d[2] = deployment("town-hall-translator-de", 1, 0);
+        let s = compute(
+            &valid(),
+            Some(3),
+            &d,
+            &ok_broker(),
+            &[],
+            &[],
+            &time("2026-01-01T00:00:00Z"),
+        );
+        assert_eq!(s.phase, Some(Phase::Progressing));
+        assert_eq!(get(&s, TRANSLATORS_READY).status, "False");
+        assert!(get(&s, TRANSLATORS_READY).message.contains("de (0/1)"));
+        assert_eq!(get(&s, READY).status, "False");
+    }
+
+    #[test]
+    fn nothing_created_yet_is_pending() {
+        let s = compute(
+            &valid(),
+            Some(1),
+            &[],
+            &ok_broker(),
+            &[],
+            &[],
+            &time("2026-01-01T00:00:00Z"),
+        );
+        assert_eq!(s.phase, Some(Phase::Pending));
+        assert_eq!(get(&s, GATEWAY_READY).reason, "NotCreated");
+    }
+
+    #[test]
+    fn a_broker_failure_degrades_the_chat_with_its_reason() {
+        let broker = BrokerReport::Failed {
+            reason: "BrokerUnreachable".into(),
+            message: "connection refused".into(),
+        };
+        let s = compute(
+            &valid(),
+            Some(1),
+            &all_ready(),
+            &broker,
+            &[],
+            &[],
+            &time("2026-01-01T00:00:00Z"),
+        );
+        assert_eq!(s.phase, Some(Phase::Degraded));
+        let c = get(&s, BROKER_READY);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "BrokerUnreachable")
+        );
+        assert_eq!(s.translators[0].backlog, None);
+    }
+
+    #[test]
+    fn transition_time_changes_only_when_a_condition_flips() {
+        let first = compute(
+            &valid(),
+            Some(1),
+            &all_ready(),
+            &ok_broker(),
+            &[],
+            &[],
+            &time("2026-01-01T00:00:00Z"),
+        );
+        let same = compute(
+            &valid(),
+            Some(1),
+            &all_ready(),
+            &ok_broker(),
+            &[],
+            &first.conditions,
+            &time("2026-01-01T01:00:00Z"),
+        );
+        assert_eq!(
+            get(&same, READY).last_transition_time,
+            time("2026-01-01T00:00:00Z")
+        );
+        let mut d = all_ready();
+        d[0] = deployment("town-hall-gateway", 2, 1);
+        let flipped = compute(
+            &valid(),
+            Some(1),
+            &d,
+            &ok_broker(),
+            &[],
+            &same.conditions,
+            &time("2026-01-01T02:00:00Z"),
+        );
+        assert_eq!(
+            get(&flipped, GATEWAY_READY).last_transition_time,
+            time("2026-01-01T02:00:00Z")
+        );
+        assert_eq!(
+            get(&flipped, BROKER_READY).last_transition_time,
+            time("2026-01-01T00:00:00Z")
+        );
+    }
+
+    #[test]
+    fn a_removed_language_drains_from_when_it_was_first_seen_gone() {
+        let previous = ChatDeploymentStatus {
+            translators: vec![
+                TranslatorStatus {
+                    language: "de".into(),
+                    ..Default::default()
+                },
+                TranslatorStatus {
+                    language: "fr".into(),
+                    ..Default::default()
+                },
+                TranslatorStatus {
+                    language: "it".into(),
+                    draining_since: Some("T0".into()),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let d = draining(Some(&previous), &["de".to_owned()], "T1");
+        assert_eq!(
+            d,
+            vec![
+                Draining {
+                    language: "fr".into(),
+                    since: "T1".into()
+                },
+                Draining {
+                    language: "it".into(),
+                    since: "T0".into()
+                }
+            ]
+        );
+        assert!(
+            draining(
+                Some(&previous),
+                &["de".into(), "fr".into(), "it".into()],
+                "T1"
+            )
+            .is_empty(),
+            "re-added"
+        );
+    }
+
+    #[test]
+    fn an_invalid_spec_sets_ready_false_and_keeps_other_conditions() {
+        let before = compute(
+            &valid(),
+            Some(1),
+            &all_ready(),
+            &ok_broker(),
+            &[],
+            &[],
+            &time("2026-01-01T00:00:00Z"),
+        );
+        let s = invalid(
+            Some(&before),
+            &[SpecError::DuplicateLanguage("de".into())],
+            Some(2),
+            &time("2026-01-01T01:00:00Z"),
+        );
+        let ready = get(&s, READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert!(ready.message.contains("more than once"));
+        assert_eq!(get(&s, BROKER_READY).status, "True");
+        assert_eq!(s.phase, Some(Phase::Degraded));
+    }
+}

@@ -1,0 +1,575 @@
+//! The reconcile pipeline against an in-memory API server (kube-fake-client) and the real RabbitMQ.
+
+use std::{
+    sync::atomic::{AtomicU32, Ordering},
+    sync::Arc,
+};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentStatus},
+        core::v1::{ConfigMap, Secret, Service},
+        events::v1::Event,
+        policy::v1::PodDisruptionBudget,
+    },
+    apimachinery::pkg::apis::meta::v1::Time,
+    ByteString,
+};
+use kube::{
+    api::{ListParams, ObjectMeta, Patch, PatchParams},
+    runtime::{controller::Action, events::Reporter},
+    Api, Client, Resource, ResourceExt,
+};
+use lapin::{Connection, ConnectionProperties};
+use parley_operator::{
+    controller::{reconcile, Context, Error, Settings},
+    crd::{
+        BrokerSpec, ChatDeployment, ChatDeploymentSpec, LanguageSpec, Phase, Provider,
+        RoleOverrides, RoleSpec, SecretKeyRef, TranslationSpec,
+    },
+    metrics::Metrics,
+    names::FINALIZER,
+};
+use parley_topology::Topology;
+
+const NAME: &str = "town-hall";
+
+fn amqp_url() -> String {
+    std::env::var("PARLEY_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A namespace no other test (or earlier run) uses, so broker topologies never collide.
+fn unique_namespace() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("t{nanos:x}{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn chat(namespace: &str, languages: &[(&str, i32)]) -> ChatDeployment {
+    let mut chat = ChatDeployment::new(
+        NAME,
+        ChatDeploymentSpec {
+            broker: BrokerSpec {
+                secret_ref: SecretKeyRef {
+                    name: "rabbitmq".into(),
+                    key: "uri".into(),
+                },
+            },
+            source_language: "en".into(),
+            translation: TranslationSpec {
+                provider: Provider::Apertium,
+                url: "http://apertium:2737".into(),
+                api_key_secret_ref: None,
+            },
+            languages: languages
+                .iter()
+                .map(|(c, r)| LanguageSpec {
+                    code: (*c).into(),
+                    replicas: Some(*r),
+                })
+                .collect(),
+            gateway: RoleSpec::default(),
+            fanout: RoleSpec::default(),
+            translator: RoleOverrides::default(),
+            image: None,
+            drain_timeout_seconds: 300,
+        },
+    );
+    chat.metadata.namespace = Some(namespace.into());
+    // kube-fake-client 0.3 rejects a JSON-patch `test` of an absent /metadata/finalizers, which a real
+    // API server treats as null; a second finalizer keeps the path present so the real code path runs.
+    chat.metadata.finalizers = Some(vec![HOLD.into()]);
+    chat
+}
+
+const HOLD: &str = "test.parley.dev/hold";
+
+fn ours(chat: &ChatDeployment) -> bool {
+    chat.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+fn secret(namespace: &str, uri: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some("rabbitmq".into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        data: Some([("uri".to_owned(), ByteString(uri.as_bytes().to_vec()))].into()),
+        ..Default::default()
+    }
+}
+
+struct Harness {
+    client: Client,
+    ctx: Arc<Context>,
+    namespace: String,
+}
+
+impl Harness {
+    async fn new(chat: ChatDeployment, broker_uri: &str) -> Self {
+        let namespace = chat.namespace().unwrap();
+        let client = kube_fake_client::ClientBuilder::new()
+            .with_resource::<ChatDeployment>()
+            .with_status_subresource::<ChatDeployment>()
+            .with_status_subresource::<Deployment>()
+            .with_object(secret(&namespace, broker_uri))
+            .with_object(chat)
+            .build()
+            .await
+            .unwrap();
+        let reporter = Reporter {
+            controller: "parley-operator".into(),
+            instance: Some("test".into()),
+        };
+        let settings = Settings {
+            default_image: "ghcr.io/parley/chat-server:test".into(),
+        };
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            reporter,
+            Arc::new(Metrics::default()),
+            settings,
+        ));
+        Self {
+            client,
+            ctx,
+            namespace,
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    async fn chat(&self) -> ChatDeployment {
+        self.api::<ChatDeployment>().get(NAME).await.unwrap()
+    }
+
+    /// Reconciles the stored object until the finalizer is in place and the steps ran once.
+    async fn reconcile(&self) -> Result<Action, Error> {
+        let first = reconcile(Arc::new(self.chat().await), self.ctx.clone()).await;
+        let chat = self.api::<ChatDeployment>().get_opt(NAME).await.unwrap();
+        match chat {
+            Some(chat)
+                if first.is_ok()
+                    && chat.meta().deletion_timestamp.is_none()
+                    && chat.status.is_none()
+                    && ours(&chat) =>
+            {
+                reconcile(Arc::new(chat), self.ctx.clone()).await
+            }
+            _ => first,
+        }
+    }
+
+    async fn deployments(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .api::<Deployment>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(ResourceExt::name_any)
+            .collect();
+        names.sort();
+        names
+    }
+
+    async fn edit(&self, change: impl FnOnce(&mut ChatDeployment)) {
+        let mut chat = self.chat().await;
+        change(&mut chat);
+        self.api::<ChatDeployment>()
+            .replace(NAME, &Default::default(), &chat)
+            .await
+            .unwrap();
+    }
+
+    async fn event_reasons(&self) -> Vec<String> {
+        self.api::<Event>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
+    fn topology(&self) -> Topology {
+        Topology::for_chat_deployment(&self.namespace, NAME).unwrap()
+    }
+
+    async fn mark_ready(&self, name: &str) {
+        let deployment = self.api::<Deployment>().get(name).await.unwrap();
+        let desired = deployment.spec.as_ref().unwrap().replicas.unwrap();
+        let status = DeploymentStatus {
+            // The fake bumps generation on every apply, even one that changes nothing (a real API server
+            // does not), so the simulated Deployment controller reports itself well ahead.
+            observed_generation: deployment.metadata.generation.map(|g| g + 1000),
+            replicas: Some(desired),
+            ready_replicas: Some(desired),
+            updated_replicas: Some(desired),
+            ..Default::default()
+        };
+        let patch = serde_json::json!({"status": status});
+        self.api::<Deployment>()
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+}
+
+async fn queue_exists(queue: &str) -> bool {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    parley_topology::queue_depth(&channel, queue)
+        .await
+        .unwrap()
+        .is_some()
+}
+
+fn condition(chat: &ChatDeployment, kind: &str) -> (String, String) {
+    let c = chat
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .unwrap();
+    (c.status.clone(), c.reason.clone())
+}
+
+#[tokio::test]
+async fn create_applies_owned_labelled_objects_declares_the_topology_and_adds_the_finalizer() {
+    let h = Harness::new(
+        chat(&unique_namespace(), &[("de", 1), ("fr", 2)]),
+        &amqp_url(),
+    )
+    .await;
+
+    h.reconcile().await.unwrap();
+
+    assert_eq!(
+        h.deployments().await,
+        vec![
+            "town-hall-fanout",
+            "town-hall-gateway",
+            "town-hall-translator-de",
+            "town-hall-translator-fr"
+        ]
+    );
+    let chat = h.chat().await;
+    assert!(ours(&chat));
+    for deployment in h
+        .api::<Deployment>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        let owner = &deployment.owner_references()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("ChatDeployment", chat.uid().unwrap().as_str())
+        );
+        assert_eq!(deployment.labels()["chat.parley.dev/deployment"], NAME);
+    }
+    assert!(h
+        .api::<Service>()
+        .get_opt("town-hall-gateway")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(h
+        .api::<PodDisruptionBudget>()
+        .get_opt("town-hall-gateway")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(h
+        .api::<ConfigMap>()
+        .get_opt("town-hall-config")
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(condition(&chat, "BrokerReady").0, "True");
+    assert_eq!(
+        chat.status.as_ref().unwrap().phase,
+        Some(Phase::Progressing)
+    );
+    assert!(queue_exists(&h.topology().translate_queue("fr")).await);
+    assert!(queue_exists(&h.topology().fanout_queue()).await);
+}
+
+#[tokio::test]
+async fn a_removed_language_has_its_deployment_pruned_and_its_empty_queue_deleted() {
+    let h = Harness::new(
+        chat(&unique_namespace(), &[("de", 1), ("fr", 1)]),
+        &amqp_url(),
+    )
+    .await;
+    h.reconcile().await.unwrap();
+
+    h.edit(|c| c.spec.languages.retain(|l| l.code == "de"))
+        .await;
+    h.reconcile().await.unwrap();
+
+    assert!(!h
+        .deployments()
+        .await
+        .contains(&"town-hall-translator-fr".to_owned()));
+    assert!(
+        !queue_exists(&h.topology().translate_queue("fr")).await,
+        "an empty queue is deleted at once"
+    );
+    assert!(queue_exists(&h.topology().translate_queue("de")).await);
+    assert!(h.event_reasons().await.contains(&"Pruned".to_owned()));
+}
+
+#[tokio::test]
+async fn changed_replicas_are_applied_in_one_reconcile() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+
+    h.edit(|c| {
+        c.spec.languages[0].replicas = Some(4);
+        c.spec.gateway.replicas = Some(3);
+    })
+    .await;
+    h.reconcile().await.unwrap();
+
+    let deployments = h.api::<Deployment>();
+    let replicas = |d: Deployment| d.spec.unwrap().replicas;
+    assert_eq!(
+        replicas(deployments.get("town-hall-translator-de").await.unwrap()),
+        Some(4)
+    );
+    assert_eq!(
+        replicas(deployments.get("town-hall-gateway").await.unwrap()),
+        Some(3)
+    );
+}
+
+#[tokio::test]
+async fn conditions_follow_deployment_readiness() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    assert_eq!(condition(&h.chat().await, "Ready").0, "False");
+
+    for name in [
+        "town-hall-gateway",
+        "town-hall-fanout",
+        "town-hall-translator-de",
+    ] {
+        h.mark_ready(name).await;
+    }
+    h.reconcile().await.unwrap();
+
+    let chat = h.chat().await;
+    assert_eq!(
+        condition(&chat, "Ready"),
+        ("True".into(), "AllComponentsReady".into())
+    );
+    assert_eq!(chat.status.as_ref().unwrap().phase, Some(Phase::Ready));
+    assert_eq!(
+        chat.status.as_ref().unwrap().translators[0].backlog,
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn delete_removes_the_topology_and_then_the_finalizer() {
+    let namespace = unique_namespace();
+    let h = Harness::new(chat(&namespace, &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    assert!(queue_exists(&h.topology().translate_queue("de")).await);
+
+    // kube-fake-client 0.3 removes objects on delete even with finalizers, so the object in deletion
+    // (deletionTimestamp set, finalizers still present) is seeded into a fresh API server.
+    let mut deleting = h.chat().await;
+    deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    deleting.metadata.resource_version = None;
+    let h = Harness::new(deleting, &amqp_url()).await;
+    reconcile(Arc::new(h.chat().await), h.ctx.clone())
+        .await
+        .unwrap();
+
+    assert!(!queue_exists(&h.topology().translate_queue("de")).await);
+    assert!(!queue_exists(&h.topology().fanout_queue()).await);
+    let remaining = h.api::<ChatDeployment>().get_opt(NAME).await.unwrap();
+    assert!(
+        remaining.is_none_or(|chat| !ours(&chat)),
+        "our finalizer is removed once the topology is gone"
+    );
+    assert!(h
+        .event_reasons()
+        .await
+        .contains(&"TopologyRemoved".to_owned()));
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_sets_broker_ready_false_while_every_other_object_is_applied() {
+    let h = Harness::new(
+        chat(&unique_namespace(), &[("de", 1)]),
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+    )
+    .await;
+
+    let result = h.reconcile().await;
+
+    assert!(
+        matches!(result, Err(Error::Broker(_))),
+        "requeued with backoff: {result:?}"
+    );
+    assert_eq!(h.deployments().await.len(), 3);
+    let chat = h.chat().await;
+    assert_eq!(
+        condition(&chat, "BrokerReady"),
+        ("False".into(), "BrokerUnreachable".into())
+    );
+    assert_eq!(chat.status.as_ref().unwrap().phase, Some(Phase::Degraded));
+    assert!(h
+        .event_reasons()
+        .await
+        .contains(&"BrokerUnreachable".to_owned()));
+}
+
+#[tokio::test]
+async fn a_paused_chat_deployment_is_left_unchanged() {
+    let mut paused = chat(&unique_namespace(), &[("de", 1)]);
+    paused.metadata.annotations =
+        Some([("chat.parley.dev/paused".to_owned(), "true".to_owned())].into());
+    let h = Harness::new(paused, &amqp_url()).await;
+
+    let action = h.reconcile().await.unwrap();
+
+    assert_eq!(action, Action::await_change());
+    assert!(h.deployments().await.is_empty());
+    let chat = h.chat().await;
+    assert!(!ours(&chat) && chat.status.is_none());
+}
+
+#[tokio::test]
+async fn an_invalid_spec_gets_a_condition_and_an_event_and_is_not_retried() {
+    let mut bad = chat(&unique_namespace(), &[("de", 1)]);
+    bad.spec.translation.url = "apertium:2737".into();
+    let h = Harness::new(bad, &amqp_url()).await;
+
+    let action = h.reconcile().await.unwrap();
+
+    assert_eq!(action, Action::await_change());
+    assert!(h.deployments().await.is_empty());
+    assert_eq!(
+        condition(&h.chat().await, "Ready"),
+        ("False".into(), "InvalidSpec".into())
+    );
+    assert!(h.event_reasons().await.contains(&"InvalidSpec".to_owned()));
+}
+
+#[tokio::test]
+async fn a_changed_broker_secret_rolls_the_pods() {
+    let h = Harness::new(chat(&unique_namespace(), &[]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    let hash = || async {
+        let d = h
+            .api::<Deployment>()
+            .get("town-hall-gateway")
+            .await
+            .unwrap();
+        d.spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()["chat.parley.dev/config-hash"]
+            .clone()
+    };
+    let before = hash().await;
+
+    let mut changed = secret(&h.namespace, &amqp_url());
+    changed.data.as_mut().unwrap().insert(
+        "uri".into(),
+        ByteString(format!("{} ", amqp_url()).into_bytes()),
+    );
+    h.api::<Secret>()
+        .replace("rabbitmq", &Default::default(), &changed)
+        .await
+        .unwrap();
+    h.reconcile().await.unwrap();
+
+    assert_ne!(hash().await, before);
+}
+
+#[tokio::test]
+async fn a_removed_language_with_a_backlog_keeps_its_queue_until_the_drain_timeout() {
+    let h = Harness::new(
+        chat(&unique_namespace(), &[("de", 1), ("fr", 1)]),
+        &amqp_url(),
+    )
+    .await;
+    h.reconcile().await.unwrap();
+    // One accepted message waits for the French translator.
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            h.topology().posted_exchange().as_str().into(),
+            "".into(),
+            Default::default(),
+            b"{}",
+            Default::default(),
+        )
+        .await
+        .unwrap();
+
+    h.edit(|c| c.spec.languages.retain(|l| l.code == "de"))
+        .await;
+    h.reconcile().await.unwrap();
+
+    assert!(
+        queue_exists(&h.topology().translate_queue("fr")).await,
+        "accepted messages are not thrown away"
+    );
+    let status = h.chat().await.status.unwrap();
+    let fr = status
+        .translators
+        .iter()
+        .find(|t| t.language == "fr")
+        .expect("the draining language is reported");
+    assert!(fr.draining_since.is_some());
+    assert_eq!(fr.backlog, Some(1));
+
+    h.edit(|c| c.spec.drain_timeout_seconds = 0).await;
+    h.reconcile().await.unwrap();
+
+    assert!(
+        !queue_exists(&h.topology().translate_queue("fr")).await,
+        "deleted once the drain timeout passed"
+    );
+    assert!(h
+        .chat()
+        .await
+        .status
+        .unwrap()
+        .translators
+        .iter()
+        .all(|t| t.language != "fr"));
+    assert!(h
+        .event_reasons()
+        .await
+        .contains(&"LanguageQueueDeleted".to_owned()));
+}
