@@ -8,11 +8,7 @@ use serde::Deserialize;
 use crate::translator::provider::ProviderKind;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "chat-server",
-    version,
-    about = "Parley chat server: GraphQL gateway, translators and fanout"
-)]
+#[command(name = "chat-server", version, about = "Parley chat server: GraphQL gateway, translators and fanout")]
 pub struct Cli {
     #[command(flatten)]
     pub options: Options,
@@ -73,12 +69,7 @@ pub struct Options {
     #[arg(long, env = "PARLEY_TRANSLATOR_URL", global = true)]
     pub translator_url: Option<String>,
     /// API key of the translation provider, if it needs one.
-    #[arg(
-        long,
-        env = "PARLEY_TRANSLATOR_API_KEY",
-        global = true,
-        hide_env_values = true
-    )]
+    #[arg(long, env = "PARLEY_TRANSLATOR_API_KEY", global = true, hide_env_values = true)]
     pub translator_api_key: Option<String>,
     /// Seconds one provider call may take. [default: 30]
     #[arg(long, env = "PARLEY_TRANSLATOR_TIMEOUT_SECS", global = true)]
@@ -110,20 +101,11 @@ pub struct Options {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("failed to read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    Parse { path: PathBuf, source: toml::de::Error },
     #[error("invalid {setting}: {reason}")]
-    Invalid {
-        setting: &'static str,
-        reason: String,
-    },
+    Invalid { setting: &'static str, reason: String },
 }
 
 /// Resolved settings with defaults applied.
@@ -159,12 +141,8 @@ impl Options {
         let Some(path) = self.config.clone() else {
             return Ok(self);
         };
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let file: Options =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let file: Options = toml::from_str(&text).map_err(|source| ConfigError::Parse { path, source })?;
         Ok(layer!(
             self,
             file,
@@ -189,18 +167,14 @@ impl Options {
 }
 
 fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        setting,
-        reason: reason.into(),
-    }
+    ConfigError::Invalid { setting, reason: reason.into() }
 }
 
 /// Parses "es, ca" into validated codes; "" is no languages.
 pub fn parse_languages(list: &str) -> Result<Vec<String>, ConfigError> {
     let mut languages: Vec<String> = Vec::new();
     for code in list.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-        parley_topology::validate_language(code)
-            .map_err(|e| invalid("languages", e.to_string()))?;
+        parley_topology::validate_language(code).map_err(|e| invalid("languages", e.to_string()))?;
         if !languages.iter().any(|l| l == code) {
             languages.push(code.to_owned());
         }
@@ -216,9 +190,7 @@ impl Settings {
             parley_topology::validate_language(&source_language)
                 .map_err(|e| invalid("source-language", e.to_string()))?;
         }
-        let topology_prefix = o
-            .topology_prefix
-            .unwrap_or_else(|| parley_topology::STANDALONE_PREFIX.into());
+        let topology_prefix = o.topology_prefix.unwrap_or_else(|| parley_topology::STANDALONE_PREFIX.into());
         parley_topology::Topology::new(topology_prefix.as_str())
             .map_err(|e| invalid("topology-prefix", e.to_string()))?;
         let positive = |setting, value: Option<usize>, default| match value.unwrap_or(default) {
@@ -226,9 +198,7 @@ impl Settings {
             n => Ok(n),
         };
         Ok(Self {
-            listen: o
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            listen: o.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
             amqp_url: o.amqp_url.filter(|u| !u.is_empty()),
             topology_prefix,
             source_language,
@@ -245,9 +215,7 @@ impl Settings {
                 o.max_subscriptions_per_connection,
                 100,
             )?,
-            connection_init_timeout: Duration::from_secs(
-                o.connection_init_timeout_secs.unwrap_or(10),
-            ),
+            connection_init_timeout: Duration::from_secs(o.connection_init_timeout_secs.unwrap_or(10)),
             subscriber_buffer: positive("subscriber-buffer", o.subscriber_buffer, 1024)?,
             log_format: o.log_format.unwrap_or(LogFormat::Text),
         })
@@ -256,10 +224,16 @@ impl Settings {
     /// The provider settings, or the error a translator must fail with when there are none.
     pub fn provider(&self) -> Result<(ProviderKind, &str), ConfigError> {
         let kind = self.translator.ok_or_else(|| {
-            invalid("translator", "translating needs a provider: pass --translator apertium|libretranslate (PARLEY_TRANSLATOR)")
+            invalid(
+                "translator",
+                "translating needs a provider: pass --translator apertium|libretranslate (PARLEY_TRANSLATOR)",
+            )
         })?;
         let url = self.translator_url.as_deref().ok_or_else(|| {
-            invalid("translator-url", "translating needs the provider's URL: pass --translator-url (PARLEY_TRANSLATOR_URL)")
+            invalid(
+                "translator-url",
+                "translating needs the provider's URL: pass --translator-url (PARLEY_TRANSLATOR_URL)",
+            )
         })?;
         Ok((kind, url))
     }
@@ -281,16 +255,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("parley-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("chat.toml");
-        std::fs::write(
-            &path,
-            "languages = \"de,fr\"\nmax-text-bytes = 100\ntranslator = \"apertium\"\n",
-        )
-        .unwrap();
-        let options = Options {
-            config: Some(path),
-            max_text_bytes: Some(200),
-            ..Default::default()
-        };
+        std::fs::write(&path, "languages = \"de,fr\"\nmax-text-bytes = 100\ntranslator = \"apertium\"\n").unwrap();
+        let options = Options { config: Some(path), max_text_bytes: Some(200), ..Default::default() };
         let settings = Settings::resolve(options).unwrap();
         assert_eq!(settings.languages, vec!["de", "fr"]);
         assert_eq!(settings.max_text_bytes, 200);
@@ -304,11 +270,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("chat.toml");
         std::fs::write(&path, "langauges = \"de\"\n").unwrap();
-        let err = Settings::resolve(Options {
-            config: Some(path),
-            ..Default::default()
-        })
-        .unwrap_err();
+        let err = Settings::resolve(Options { config: Some(path), ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("langauges"), "{err}");
     }
 

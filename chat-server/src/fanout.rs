@@ -28,12 +28,7 @@ pub struct Sequencer {
 impl Sequencer {
     /// Remembers the last `capacity` deliveries for duplicate detection.
     pub fn new(capacity: usize) -> Self {
-        Self {
-            next: HashMap::new(),
-            seen: HashSet::new(),
-            order: VecDeque::new(),
-            capacity,
-        }
+        Self { next: HashMap::new(), seen: HashSet::new(), order: VecDeque::new(), capacity }
     }
 
     /// The number the next delivery of `chat_id` gets, or `None` if (`id`, `language`) was delivered already.
@@ -67,10 +62,7 @@ pub struct Fanout {
 
 impl Fanout {
     pub fn new(bus: Arc<dyn Bus>) -> Self {
-        Self {
-            bus,
-            sequencer: Sequencer::new(1 << 20),
-        }
+        Self { bus, sequencer: Sequencer::new(1 << 20) }
     }
 
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), BusError> {
@@ -92,24 +84,10 @@ impl Fanout {
 
     async fn handle(&mut self, incoming: Incoming) -> Result<(), BusError> {
         let decoded = match incoming.origin {
-            Origin::Posted => serde_json::from_slice::<MessagePosted>(&incoming.payload).map(|m| {
-                (
-                    m.chat_id.clone(),
-                    m.id,
-                    m.source_language.clone(),
-                    Either::Posted(m),
-                )
-            }),
-            Origin::Translated | Origin::Unknown => {
-                serde_json::from_slice::<MessageTranslated>(&incoming.payload).map(|m| {
-                    (
-                        m.chat_id.clone(),
-                        m.id,
-                        m.language.clone(),
-                        Either::Translated(m),
-                    )
-                })
-            }
+            Origin::Posted => serde_json::from_slice::<MessagePosted>(&incoming.payload)
+                .map(|m| (m.chat_id.clone(), m.id, m.source_language.clone(), Either::Posted(m))),
+            Origin::Translated | Origin::Unknown => serde_json::from_slice::<MessageTranslated>(&incoming.payload)
+                .map(|m| (m.chat_id.clone(), m.id, m.language.clone(), Either::Translated(m))),
         };
         let (chat_id, id, language, message) = match decoded {
             Ok(decoded) => decoded,
@@ -127,11 +105,7 @@ impl Fanout {
             Either::Translated(m) => Delivery::of_translation(m, seq),
         };
         let payload = serde_json::to_vec(&delivery).expect("a delivery always encodes");
-        match self
-            .bus
-            .publish(Route::Deliver { chat_id: &chat_id }, &payload)
-            .await
-        {
+        match self.bus.publish(Route::Deliver { chat_id: &chat_id }, &payload).await {
             Ok(()) => {
                 self.sequencer.commit(&chat_id, id, &language);
                 incoming.ack().await

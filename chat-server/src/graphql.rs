@@ -8,9 +8,7 @@ use std::{
     },
 };
 
-use async_graphql::{
-    Context, ErrorExtensions, Object, Result, Schema, SimpleObject, Subscription, ID,
-};
+use async_graphql::{Context, ErrorExtensions, Object, Result, Schema, SimpleObject, Subscription, ID};
 use futures_util::{stream::BoxStream, Stream, StreamExt};
 use uuid::Uuid;
 
@@ -39,6 +37,7 @@ pub struct ChatSettings {
     pub languages: Vec<String>,
     pub max_text_bytes: usize,
     pub max_chat_id_bytes: usize,
+    pub max_sender_bytes: usize,
 }
 
 impl ChatSettings {
@@ -81,10 +80,7 @@ impl Drop for BudgetPermit {
 
 impl SubscriptionBudget {
     pub fn new(max: usize) -> Self {
-        Self {
-            active: Arc::default(),
-            max,
-        }
+        Self { active: Arc::default(), max }
     }
 
     fn acquire(&self) -> Result<BudgetPermit> {
@@ -199,10 +195,7 @@ pub struct QueryRoot;
 impl QueryRoot {
     /// Target languages this deployment serves.
     async fn languages(&self, ctx: &Context<'_>) -> Vec<String> {
-        ctx.data_unchecked::<Arc<ChatContext>>()
-            .settings
-            .languages
-            .clone()
+        ctx.data_unchecked::<Arc<ChatContext>>().settings.languages.clone()
     }
 }
 
@@ -211,10 +204,7 @@ fn check_chat_id(settings: &ChatSettings, chat_id: &str) -> Result<()> {
         return Err(bad_input("chatId must not be empty"));
     }
     if chat_id.len() > settings.max_chat_id_bytes {
-        return Err(bad_input(format!(
-            "chatId is longer than {} bytes",
-            settings.max_chat_id_bytes
-        )));
+        return Err(bad_input(format!("chatId is longer than {} bytes", settings.max_chat_id_bytes)));
     }
     Ok(())
 }
@@ -239,10 +229,11 @@ async fn post(
             settings.max_text_bytes
         )));
     }
+    if sender.as_ref().is_some_and(|s| s.len() > settings.max_sender_bytes) {
+        return Err(bad_input(format!("sender is longer than {} bytes", settings.max_sender_bytes)));
+    }
     let source_language = match language {
-        Some(language) if !settings.known(&language) => {
-            return Err(settings.unknown_language(&language))
-        }
+        Some(language) if !settings.known(&language) => return Err(settings.unknown_language(&language)),
         Some(language) => language,
         None => settings.source_language.clone(),
     };
@@ -256,13 +247,10 @@ async fn post(
         sent_at: now_rfc3339(),
     };
     let payload = serde_json::to_vec(&posted)?;
-    chat.bus
-        .publish(Route::Posted, &payload)
-        .await
-        .map_err(|err| {
-            tracing::error!(id = %posted.id, error = %err, "failed to publish a message");
-            unavailable(format!("message {} was not accepted: {err}", posted.id))
-        })?;
+    chat.bus.publish(Route::Posted, &payload).await.map_err(|err| {
+        tracing::error!(id = %posted.id, error = %err, "failed to publish a message");
+        unavailable(format!("message {} was not accepted: {err}", posted.id))
+    })?;
     Ok(Arc::new(posted))
 }
 
@@ -276,40 +264,26 @@ impl MutationRoot {
         ctx: &Context<'_>,
         chat_id: ID,
         text: String,
-        #[graphql(
-            desc = "ISO 639-1 code of `text`; the deployment's source language when omitted"
-        )]
-        language: Option<String>,
+        #[graphql(desc = "ISO 639-1 code of `text`; the deployment's source language when omitted")] language: Option<
+            String,
+        >,
         sender: Option<String>,
     ) -> Result<ChatMessage> {
         let chat = ctx.data_unchecked::<Arc<ChatContext>>();
-        post(chat, chat_id.0, text, language, sender)
-            .await
-            .map(ChatMessage::Accepted)
+        post(chat, chat_id.0, text, language, sender).await.map(ChatMessage::Accepted)
     }
 
     /// The seed's mutation: sends `message` to `chatId` in the source language.
-    async fn put_event(
-        &self,
-        ctx: &Context<'_>,
-        message: String,
-        chat_id: String,
-    ) -> Result<PutEventResult> {
+    async fn put_event(&self, ctx: &Context<'_>, message: String, chat_id: String) -> Result<PutEventResult> {
         let chat = ctx.data_unchecked::<Arc<ChatContext>>();
         let entry = match post(chat, chat_id, message, None, None).await {
-            Ok(posted) => EventDetails {
-                event_id: Some(posted.id.to_string()),
-                error_message: None,
-                error_code: None,
-            },
+            Ok(posted) => EventDetails { event_id: Some(posted.id.to_string()), error_message: None, error_code: None },
             Err(err)
                 if err
                     .extensions
                     .as_ref()
                     .and_then(|e| e.get("code"))
-                    .is_some_and(
-                        |c| matches!(c, async_graphql::Value::String(s) if s == "UNAVAILABLE"),
-                    ) =>
+                    .is_some_and(|c| matches!(c, async_graphql::Value::String(s) if s == "UNAVAILABLE")) =>
             {
                 EventDetails {
                     event_id: None,
@@ -320,21 +294,14 @@ impl MutationRoot {
             Err(err) => return Err(err),
         };
         let failed = i32::from(entry.event_id.is_none());
-        Ok(PutEventResult {
-            entries: Some(vec![Some(entry)]),
-            failed_entries: Some(failed),
-        })
+        Ok(PutEventResult { entries: Some(vec![Some(entry)]), failed_entries: Some(failed) })
     }
 }
 
 pub struct SubscriptionRoot;
 
 /// The deliveries of one chat that pass `keep`, ending with an error if the subscriber falls behind.
-async fn deliveries<T, F>(
-    ctx: &Context<'_>,
-    chat_id: &str,
-    keep: F,
-) -> Result<BoxStream<'static, Result<T>>>
+async fn deliveries<T, F>(ctx: &Context<'_>, chat_id: &str, keep: F) -> Result<BoxStream<'static, Result<T>>>
 where
     T: Send + 'static,
     F: Fn(&Arc<Delivery>) -> Option<T> + Send + 'static,
@@ -345,34 +312,29 @@ where
     };
     let chat = ctx.data_unchecked::<Arc<ChatContext>>();
     check_chat_id(&chat.settings, chat_id)?;
-    let subscription = chat
-        .hub
-        .subscribe(chat_id)
-        .await
-        .map_err(|err| unavailable(format!("cannot watch chat {chat_id}: {err}")))?;
-    Ok(
-        futures_util::stream::unfold(Some((subscription, permit, keep)), |state| async move {
-            let (mut subscription, permit, keep) = state?;
-            loop {
-                match subscription.recv().await {
-                    Ok(delivery) => {
-                        if let Some(item) = keep(&delivery) {
-                            return Some((Ok(item), Some((subscription, permit, keep))));
-                        }
+    let subscription =
+        chat.hub.subscribe(chat_id).await.map_err(|err| unavailable(format!("cannot watch chat {chat_id}: {err}")))?;
+    Ok(futures_util::stream::unfold(Some((subscription, permit, keep)), |state| async move {
+        let (mut subscription, permit, keep) = state?;
+        loop {
+            match subscription.recv().await {
+                Ok(delivery) => {
+                    if let Some(item) = keep(&delivery) {
+                        return Some((Ok(item), Some((subscription, permit, keep))));
                     }
-                    Err(Missed::Lagged(n)) => {
-                        let err = async_graphql::Error::new(format!(
+                }
+                Err(Missed::Lagged(n)) => {
+                    let err = async_graphql::Error::new(format!(
                         "this subscriber fell {n} messages behind and was dropped; subscribe again"
                     ))
-                        .extend_with(|_, e| e.set("code", "SLOW_CONSUMER"));
-                        return Some((Err(err), None));
-                    }
-                    Err(Missed::Closed) => return None,
+                    .extend_with(|_, e| e.set("code", "SLOW_CONSUMER"));
+                    return Some((Err(err), None));
                 }
+                Err(Missed::Closed) => return None,
             }
-        })
-        .boxed(),
-    )
+        }
+    })
+    .boxed())
 }
 
 #[Subscription]
@@ -397,11 +359,7 @@ impl SubscriptionRoot {
     }
 
     /// The seed's subscription: the text of every original and translation of a chat.
-    async fn chat(
-        &self,
-        ctx: &Context<'_>,
-        chat_id: String,
-    ) -> Result<impl Stream<Item = Result<String>>> {
+    async fn chat(&self, ctx: &Context<'_>, chat_id: String) -> Result<impl Stream<Item = Result<String>>> {
         deliveries(ctx, &chat_id, |d| Some(d.text.clone())).await
     }
 }

@@ -6,11 +6,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use async_graphql::http::{
-    GraphiQLSource, WebSocket as GraphQLWebSocket, WebSocketProtocols, WsMessage,
-};
-use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
+use async_graphql::http::{GraphiQLSource, WebSocket as GraphQLWebSocket, WebSocketProtocols, WsMessage};
+use async_graphql_axum::GraphQLResponse;
 use axum::{
+    body::Bytes,
     extract::{
         ws::rejection::WebSocketUpgradeRejection,
         ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade},
@@ -59,40 +58,46 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(graphiql))
         .route("/graphql", get(graphql_get).post(graphql_post))
-        .merge(health_routes(state.bus.clone()))
+        .merge(health_routes({
+            let bus = state.bus.clone();
+            move || bus.is_ready()
+        }))
+        .layer(axum::extract::DefaultBodyLimit::max(state.limits.max_message_bytes))
         .with_state(state)
 }
 
 /// `/healthz` (the process is alive) and `/readyz` (the broker connection is up), for every role.
-pub fn health_routes<S: Clone + Send + Sync + 'static>(bus: Arc<dyn Bus>) -> Router<S> {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = bus.is_ready();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "broker connection is down")
-                    }
+pub fn health_routes<S: Clone + Send + Sync + 'static>(
+    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+) -> Router<S> {
+    Router::new().route("/healthz", get(|| async { "ok" })).route(
+        "/readyz",
+        get(move || {
+            let ready = ready();
+            async move {
+                if ready {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "broker connection is down")
                 }
-            }),
-        )
-}
-
-async fn graphiql() -> Html<String> {
-    Html(
-        GraphiQLSource::build()
-            .endpoint("/graphql")
-            .subscription_endpoint("/graphql")
-            .finish(),
+            }
+        }),
     )
 }
 
-async fn graphql_post(State(state): State<AppState>, request: GraphQLRequest) -> GraphQLResponse {
-    state.schema.execute(request.into_inner()).await.into()
+async fn graphiql() -> Html<String> {
+    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql").finish())
+}
+
+/// JSON bodies only, read under the router's body limit.
+async fn graphql_post(State(state): State<AppState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<async_graphql::BatchRequest>(&body) {
+        Ok(batch) => GraphQLResponse::from(state.schema.execute_batch(batch).await).into_response(),
+        Err(err) => {
+            let error = serde_json::json!({"errors": [{"message": format!("invalid GraphQL request body: {err}")}]});
+            (StatusCode::BAD_REQUEST, axum::Json(error)).into_response()
+        }
+    }
 }
 
 async fn graphql_get(
@@ -105,11 +110,7 @@ async fn graphql_get(
     }
     match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
         Ok(request) => GraphQLResponse::from(state.schema.execute(request).await).into_response(),
-        Err(err) => (
-            StatusCode::BAD_REQUEST,
-            format!("invalid GraphQL GET request: {err}"),
-        )
-            .into_response(),
+        Err(err) => (StatusCode::BAD_REQUEST, format!("invalid GraphQL GET request: {err}")).into_response(),
     }
 }
 
@@ -142,19 +143,14 @@ fn upgrade_socket(state: AppState, upgrade: WebSocketUpgrade) -> Response {
 }
 
 fn close(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }))
+    Message::Close(Some(CloseFrame { code, reason: reason.into() }))
 }
 
 /// graphql-transport-ws and legacy graphql-ws, driven by async-graphql's protocol state machine.
 async fn serve_graphql_ws(socket: WebSocket, protocol: WebSocketProtocols, state: AppState) {
     let (mut sink, source) = socket.split();
     let input = source
-        .take_while(|frame| {
-            futures_util::future::ready(!matches!(frame, Ok(Message::Close(_)) | Err(_)))
-        })
+        .take_while(|frame| futures_util::future::ready(!matches!(frame, Ok(Message::Close(_)) | Err(_))))
         .filter_map(|frame| {
             futures_util::future::ready(match frame {
                 Ok(Message::Text(text)) => Some(text.as_bytes().to_vec()),
@@ -163,11 +159,8 @@ async fn serve_graphql_ws(socket: WebSocket, protocol: WebSocketProtocols, state
             })
         });
     let mut data = async_graphql::Data::default();
-    data.insert(SubscriptionBudget::new(
-        state.limits.max_subscriptions_per_connection,
-    ));
-    let mut protocol_stream =
-        GraphQLWebSocket::new(state.schema.clone(), input, protocol).connection_data(data);
+    data.insert(SubscriptionBudget::new(state.limits.max_subscriptions_per_connection));
+    let mut protocol_stream = GraphQLWebSocket::new(state.schema.clone(), input, protocol).connection_data(data);
     let init_deadline = tokio::time::sleep(state.limits.connection_init_timeout);
     tokio::pin!(init_deadline);
     let mut initialised = false;
@@ -182,9 +175,9 @@ async fn serve_graphql_ws(socket: WebSocket, protocol: WebSocketProtocols, state
                 break;
             }
             message = protocol_stream.next() => match message {
-                // The first message out is the answer to connection_init: the handshake is over.
                 Some(WsMessage::Text(text)) => {
-                    initialised = true;
+                    // Only the acknowledgement ends the handshake; a pong before it does not.
+                    initialised |= text.contains(r#""type":"connection_ack""#);
                     if sink.send(Message::Text(text.into())).await.is_err() {
                         break;
                     }
@@ -204,6 +197,8 @@ async fn serve_graphql_ws(socket: WebSocket, protocol: WebSocketProtocols, state
 async fn serve_plain(socket: WebSocket, state: AppState) {
     let (mut sink, mut source) = socket.split();
     let budget = SubscriptionBudget::new(state.limits.max_subscriptions_per_connection);
+    // Subscriptions are capped by the budget; this caps queries and mutations in flight too.
+    let max_operations = state.limits.max_subscriptions_per_connection * 2;
     let (out_tx, mut out_rx) = mpsc::channel::<String>(256);
     let mut operations = tokio::task::JoinSet::new();
     loop {
@@ -217,9 +212,19 @@ async fn serve_plain(socket: WebSocket, state: AppState) {
                     break;
                 }
             }
+            Some(_) = operations.join_next(), if !operations.is_empty() => {}
             frame = source.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    match serde_json::from_str::<async_graphql::Request>(text.as_str()) {
+                    let request = serde_json::from_str::<async_graphql::Request>(text.as_str())
+                        .map_err(|err| format!("invalid request frame: {err}"))
+                        .and_then(|request| {
+                            if operations.len() >= max_operations {
+                                Err(format!("too many operations in flight on this connection (at most {max_operations})"))
+                            } else {
+                                Ok(request)
+                            }
+                        });
+                    match request {
                         Ok(request) => {
                             let stream = state.schema.execute_stream(request.data(budget.clone()));
                             let out = out_tx.clone();
@@ -233,8 +238,8 @@ async fn serve_plain(socket: WebSocket, state: AppState) {
                                 }
                             });
                         }
-                        Err(err) => {
-                            let error = serde_json::json!({"errors": [{"message": format!("invalid request frame: {err}")}]});
+                        Err(message) => {
+                            let error = serde_json::json!({"errors": [{"message": message}]});
                             if sink.send(Message::Text(error.to_string().into())).await.is_err() {
                                 break;
                             }

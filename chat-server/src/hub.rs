@@ -4,7 +4,11 @@
 //! gateway process receives one copy of each delivery for the chats its clients watch, decodes it
 //! once, and hands every subscriber the same `Arc`.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, Mutex};
@@ -19,9 +23,15 @@ struct Room {
     subscribers: usize,
 }
 
+/// How long binding a chat on the bus may take before the subscription fails.
+const BIND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Rooms by chat id, and the binder that routes a chat's deliveries to this process.
 pub struct Hub {
+    /// Membership; held across bind and unbind so they stay in order for a chat.
     rooms: Mutex<HashMap<String, Room>>,
+    /// What delivery needs, readable without waiting for a bind in progress.
+    senders: RwLock<HashMap<String, broadcast::Sender<Arc<Delivery>>>>,
     binder: Arc<dyn ChatBinder>,
     capacity: usize,
 }
@@ -68,11 +78,7 @@ impl Drop for Leave {
 impl Hub {
     /// `capacity` is how many deliveries a subscriber may fall behind before it is dropped.
     pub fn new(binder: Arc<dyn ChatBinder>, capacity: usize) -> Arc<Self> {
-        Arc::new(Self {
-            rooms: Mutex::default(),
-            binder,
-            capacity,
-        })
+        Arc::new(Self { rooms: Mutex::default(), senders: RwLock::default(), binder, capacity })
     }
 
     /// Joins `chat_id`, binding it on the bus first when this is its first local subscriber.
@@ -85,19 +91,16 @@ impl Hub {
             }
             None => {
                 // Holding the lock across the bind keeps a concurrent leave from unbinding under us.
-                self.binder.bind(chat_id).await?;
+                tokio::time::timeout(BIND_TIMEOUT, self.binder.bind(chat_id))
+                    .await
+                    .map_err(|_| BusError::Timeout(format!("binding chat {chat_id}")))??;
                 let (tx, rx) = broadcast::channel(self.capacity);
+                self.senders.write().expect("senders lock").insert(chat_id.to_owned(), tx.clone());
                 rooms.insert(chat_id.to_owned(), Room { tx, subscribers: 1 });
                 rx
             }
         };
-        Ok(RoomSubscription {
-            rx,
-            _leave: Leave {
-                hub: self.clone(),
-                chat_id: chat_id.to_owned(),
-            },
-        })
+        Ok(RoomSubscription { rx, _leave: Leave { hub: self.clone(), chat_id: chat_id.to_owned() } })
     }
 
     async fn leave(&self, chat_id: &str) {
@@ -108,6 +111,7 @@ impl Hub {
         room.subscribers -= 1;
         if room.subscribers == 0 {
             rooms.remove(chat_id);
+            self.senders.write().expect("senders lock").remove(chat_id);
             if let Err(err) = self.binder.unbind(chat_id).await {
                 tracing::warn!(chat_id, error = %err, "failed to unbind a chat nobody here watches any more");
             }
@@ -121,12 +125,7 @@ impl Hub {
 
     /// Hands one delivery to every local subscriber of its chat.
     pub async fn dispatch(&self, delivery: Arc<Delivery>) {
-        let tx = self
-            .rooms
-            .lock()
-            .await
-            .get(&delivery.chat_id)
-            .map(|room| room.tx.clone());
+        let tx = self.senders.read().expect("senders lock").get(&delivery.chat_id).cloned();
         if let Some(tx) = tx {
             // No receivers left means the last subscriber is leaving right now: nothing to do.
             let _ = tx.send(delivery);

@@ -1,6 +1,10 @@
 //! Starting each role: connect the bus, wire the pieces, run until SIGTERM, then drain.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -22,24 +26,39 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
     match role {
         Role::Gateway => {
             let bus = connect(&settings, &settings.languages, "gateway", &cancel).await?;
-            serve_gateway(bus, &settings, cancel).await
+            let served = serve_gateway(bus.clone(), &settings, cancel).await;
+            bus.close().await;
+            served
         }
         Role::Translator { language } => {
-            let language = crate::config::parse_languages(&language)?
-                .pop()
-                .context("--language needs one language code")?;
-            let translator = translator(&settings, &language, None, &cancel).await?;
-            with_health(
-                &settings,
-                translator.bus.clone(),
-                translator.run(cancel.clone()),
-            )
+            let language =
+                crate::config::parse_languages(&language)?.pop().context("--language needs one language code")?;
+            // Fail fast on configuration, before any broker work.
+            settings.provider()?;
+            supervised(&settings, &format!("translator-{language}"), &cancel, |current| {
+                let (settings, language, cancel) = (settings.clone(), language.clone(), cancel.clone());
+                async move {
+                    let translator = translator(&settings, &language, None, &cancel).await?;
+                    current.set(translator.bus.clone());
+                    let result = translator.run(cancel).await;
+                    translator.bus.close().await;
+                    result.map_err(anyhow::Error::from)
+                }
+            })
             .await
         }
         Role::Fanout => {
-            let bus = connect(&settings, &settings.languages, "fanout", &cancel).await?;
-            let fanout = Fanout::new(bus.clone());
-            with_health(&settings, bus, fanout.run(cancel.clone())).await
+            supervised(&settings, "fanout", &cancel, |current| {
+                let (settings, cancel) = (settings.clone(), cancel.clone());
+                async move {
+                    let bus = connect(&settings, &settings.languages, "fanout", &cancel).await?;
+                    current.set(bus.clone());
+                    let result = Fanout::new(bus.clone()).run(cancel).await;
+                    bus.close().await;
+                    result.map_err(anyhow::Error::from)
+                }
+            })
+            .await
         }
         Role::Standalone => standalone(settings, cancel).await,
     }
@@ -51,10 +70,7 @@ async fn connect(
     role: &str,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Arc<dyn Bus>> {
-    let url = settings
-        .amqp_url
-        .as_deref()
-        .context("the broker URL is missing: pass --amqp-url (PARLEY_AMQP_URL)")?;
+    let url = settings.amqp_url.as_deref().context("the broker URL is missing: pass --amqp-url (PARLEY_AMQP_URL)")?;
     let topology = parley_topology::Topology::new(settings.topology_prefix.as_str())?;
     let bus = AmqpBus::connect(url, topology, languages, &format!("parley-{role}"), cancel).await?;
     Ok(Arc::new(bus))
@@ -67,58 +83,96 @@ async fn translator(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Translator> {
     let (kind, url) = settings.provider()?;
-    let provider = provider::build(
-        kind,
-        url,
-        settings.translator_api_key.clone(),
-        settings.translator_timeout,
-    )?;
+    let provider = provider::build(kind, url, settings.translator_api_key.clone(), settings.translator_timeout)?;
     let bus = match bus {
         Some(bus) => bus,
-        None => {
-            connect(
-                settings,
-                &[language.to_owned()],
-                &format!("translator-{language}"),
-                cancel,
-            )
-            .await?
-        }
+        None => connect(settings, &[language.to_owned()], &format!("translator-{language}"), cancel).await?,
     };
-    Ok(Translator {
-        language: language.to_owned(),
-        bus,
-        provider: provider.into(),
-        retry: RetryPolicy::default(),
-    })
+    Ok(Translator { language: language.to_owned(), bus, provider: provider.into(), retry: RetryPolicy::default() })
 }
 
-/// Runs a worker role beside a health server on `--listen`; stops when the worker does.
-async fn with_health(
+/// The bus a supervised worker currently runs on, for `/readyz`.
+#[derive(Clone, Default)]
+pub struct CurrentBus(Arc<RwLock<Option<Arc<dyn Bus>>>>);
+
+impl CurrentBus {
+    fn set(&self, bus: Arc<dyn Bus>) {
+        *self.0.write().expect("bus lock") = Some(bus);
+    }
+
+    fn clear(&self) {
+        *self.0.write().expect("bus lock") = None;
+    }
+
+    fn is_ready(&self) -> bool {
+        self.0.read().expect("bus lock").as_ref().is_some_and(|bus| bus.is_ready())
+    }
+}
+
+/// Runs a worker role beside a health server on `--listen`, starting it again on a fresh connection
+/// (with backoff) whenever it fails, until SIGTERM. Brokers refuse work in passing states too: a
+/// quorum queue another process is still declaring fails a consume with INTERNAL_ERROR.
+async fn supervised<F, Fut>(
     settings: &Settings,
-    bus: Arc<dyn Bus>,
-    work: impl std::future::Future<Output = Result<(), crate::bus::BusError>>,
-) -> anyhow::Result<()> {
+    role: &str,
+    cancel: &CancellationToken,
+    mut attempt: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(CurrentBus) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;
-    let health = axum::serve(listener, health_routes::<()>(bus.clone()));
-    let result = tokio::select! {
-        result = work => result.map_err(anyhow::Error::from),
-        result = health => result.context("health server failed"),
+    let current = CurrentBus::default();
+    let health = axum::serve(
+        listener,
+        health_routes::<()>({
+            let current = current.clone();
+            move || current.is_ready()
+        }),
+    )
+    .with_graceful_shutdown(cancel.clone().cancelled_owned());
+    let health = tokio::spawn(async move { health.await });
+    let mut delay = Duration::from_millis(500);
+    let result = loop {
+        let outcome = attempt(current.clone()).await;
+        current.clear();
+        if cancel.is_cancelled() {
+            break outcome;
+        }
+        match outcome {
+            Ok(()) => tracing::warn!(role, retry_in = ?delay, "consumer ended; reconnecting"),
+            Err(err) => {
+                tracing::error!(role, error = format!("{err:#}"), retry_in = ?delay, "role failed; reconnecting")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
     };
-    bus.close().await;
+    let _ = health.await;
     result
 }
 
-async fn serve_gateway(
-    bus: Arc<dyn Bus>,
-    settings: &Settings,
-    cancel: CancellationToken,
-) -> anyhow::Result<()> {
+/// Serves until `cancel` fires or the delivery feed is lost for good (then it fails, so the pod restarts).
+/// The caller closes the bus, after whatever else still uses it has stopped.
+async fn serve_gateway(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     let (binder, feed) = bus.delivery_feed().await?;
     let hub = Hub::new(binder, settings.subscriber_buffer);
-    let feed_task = tokio::spawn(hub.clone().run_feed(feed));
+    let serving = cancel.child_token();
+    let feed_lost = CancellationToken::new();
+    let feed_task = tokio::spawn({
+        let (hub, serving, feed_lost) = (hub.clone(), serving.clone(), feed_lost.clone());
+        async move {
+            hub.run_feed(feed).await;
+            feed_lost.cancel();
+            serving.cancel();
+        }
+    });
     let chat = ChatContext {
         bus: bus.clone(),
         hub,
@@ -127,12 +181,10 @@ async fn serve_gateway(
             languages: settings.languages.clone(),
             max_text_bytes: settings.max_text_bytes,
             max_chat_id_bytes: 200,
+            max_sender_bytes: 256,
         },
     };
-    let limits = QueryLimits {
-        max_depth: settings.max_query_depth,
-        max_complexity: settings.max_query_complexity,
-    };
+    let limits = QueryLimits { max_depth: settings.max_query_depth, max_complexity: settings.max_query_complexity };
     let state = AppState {
         schema: build_schema(Arc::new(chat), limits),
         bus: bus.clone(),
@@ -141,7 +193,7 @@ async fn serve_gateway(
             connection_init_timeout: settings.connection_init_timeout,
             max_message_bytes: settings.max_text_bytes * 4 + 16 * 1024,
         },
-        shutdown: cancel.clone(),
+        shutdown: serving.clone(),
         sockets: TaskTracker::new(),
     };
     let sockets = state.sockets.clone();
@@ -149,27 +201,23 @@ async fn serve_gateway(
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;
     tracing::info!(address = %listener.local_addr()?, "gateway serving GraphQL on /graphql");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await?;
+    axum::serve(listener, router(state)).with_graceful_shutdown(serving.cancelled_owned()).await?;
     sockets.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, sockets.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(DRAIN_TIMEOUT, sockets.wait()).await.is_err() {
         tracing::warn!("some sockets did not close in time");
     }
     feed_task.abort();
-    bus.close().await;
+    anyhow::ensure!(
+        cancel.is_cancelled() || !feed_lost.is_cancelled(),
+        "the broker delivery feed was lost and could not be recovered"
+    );
     tracing::info!("gateway stopped");
     Ok(())
 }
 
 async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     if !settings.languages.is_empty() {
-        settings
-            .provider()
-            .context("standalone mode translates into the given --languages")?;
+        settings.provider().context("standalone mode translates into the given --languages")?;
     }
     let bus: Arc<dyn Bus> = match settings.amqp_url {
         Some(_) => connect(&settings, &settings.languages, "standalone", &cancel).await?,
@@ -180,21 +228,12 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
     };
     let workers = TaskTracker::new();
     let failed = CancellationToken::new();
-    let mut roles: Vec<(
-        String,
-        std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>,
-    )> = Vec::new();
-    roles.push((
-        "fanout".into(),
-        Box::pin(Fanout::new(bus.clone()).run(cancel.clone())),
-    ));
+    let mut roles: Vec<(String, std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>)> = Vec::new();
+    roles.push(("fanout".into(), Box::pin(Fanout::new(bus.clone()).run(cancel.clone()))));
     for language in &settings.languages {
         let translator = translator(&settings, language, Some(bus.clone()), &cancel).await?;
         let stop = cancel.clone();
-        roles.push((
-            format!("translator-{language}"),
-            Box::pin(async move { translator.run(stop).await }),
-        ));
+        roles.push((format!("translator-{language}"), Box::pin(async move { translator.run(stop).await })));
     }
     for (name, role) in roles {
         let failed = failed.clone();
@@ -213,9 +252,10 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
         failed_watch.cancelled().await;
         stop_gateway.cancel();
     });
-    let served = serve_gateway(bus, &settings, gateway_cancel).await;
+    let served = serve_gateway(bus.clone(), &settings, gateway_cancel).await;
     cancel.cancel();
     workers.wait().await;
+    bus.close().await;
     served?;
     anyhow::ensure!(!failed.is_cancelled(), "a role failed; see the log above");
     Ok(())

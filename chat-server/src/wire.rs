@@ -122,10 +122,7 @@ mod tests {
             serde_json::json!({"v":1,"id":"00000000-0000-0000-0000-000000000000","chatId":"c",
                 "text":"hi","sourceLanguage":"en","sentAt":"2026-01-01T00:00:00.000Z"})
         );
-        assert_eq!(
-            serde_json::from_value::<MessagePosted>(json).unwrap(),
-            posted
-        );
+        assert_eq!(serde_json::from_value::<MessagePosted>(json).unwrap(), posted);
     }
 
     #[test]
@@ -143,9 +140,6 @@ mod tests {
         };
         let d = Delivery::of_translation(t.clone(), 7);
         assert_eq!((d.id, d.seq, d.original), (t.id, 7, false));
-        assert_eq!(
-            (d.language.as_str(), d.source_language.as_str()),
-            ("es", "en")
-        );
+        assert_eq!((d.language.as_str(), d.source_language.as_str()), ("es", "en"));
     }
 }

@@ -12,9 +12,7 @@ async fn graphql_transport_ws_subscriber_receives_the_original_and_apertium_tran
     let d = Deployment::start("transport-ws", &["es", "ca"], 1).await;
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
-    subscriber
-        .subscribe_messages("1", &d.gateway().http(), &chat, Some(&["es", "ca"]))
-        .await;
+    subscriber.subscribe_messages("1", &d.gateway().http(), &chat, Some(&["es", "ca"])).await;
 
     let id = send(&d.gateway().http(), &chat, "Good morning, how are you?").await;
     let messages = subscriber.collect_message(&id, 3, DELIVERY).await;
@@ -27,9 +25,7 @@ async fn legacy_graphql_ws_subscriber_receives_the_original_and_apertium_transla
     let d = Deployment::start("legacy-ws", &["es", "ca"], 1).await;
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&d.gateway().ws(), Wire::LegacyWs).await;
-    subscriber
-        .subscribe_messages("1", &d.gateway().http(), &chat, None)
-        .await;
+    subscriber.subscribe_messages("1", &d.gateway().http(), &chat, None).await;
 
     let id = send(&d.gateway().http(), &chat, "Good morning, how are you?").await;
     let messages = subscriber.collect_message(&id, 3, DELIVERY).await;
@@ -42,20 +38,13 @@ async fn subscriber_asking_for_one_language_gets_the_original_and_only_that_tran
     let d = Deployment::start("one-language", &["es", "ca"], 1).await;
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
-    subscriber
-        .subscribe_messages("1", &d.gateway().http(), &chat, Some(&["ca"]))
-        .await;
+    subscriber.subscribe_messages("1", &d.gateway().http(), &chat, Some(&["ca"])).await;
 
     let id = send(&d.gateway().http(), &chat, "Good morning, how are you?").await;
-    let mut messages = subscriber
-        .collect_message(&id, 3, Duration::from_secs(5))
-        .await;
+    let mut messages = subscriber.collect_message(&id, 3, Duration::from_secs(5)).await;
     messages.sort_by_key(|m| m["language"].as_str().unwrap().to_owned());
 
-    let languages: Vec<_> = messages
-        .iter()
-        .map(|m| m["language"].as_str().unwrap())
-        .collect();
+    let languages: Vec<_> = messages.iter().map(|m| m["language"].as_str().unwrap()).collect();
     assert_eq!(languages, vec!["ca", "en"]);
 }
 
@@ -64,19 +53,12 @@ async fn plain_frames_carry_the_seed_put_event_and_chat_subscription() {
     let d = Deployment::start("plain", &["es", "ca"], 1).await;
     let chat = unique_chat();
     let mut client = WsClient::connect(&d.gateway().ws(), Wire::Plain).await;
-    client
-        .start(
-            "",
-            &format!("subscription {{ chat(chatId: \"{chat}\") }}"),
-            json!({}),
-        )
-        .await;
+    client.start("", &format!("subscription {{ chat(chatId: \"{chat}\") }}"), json!({})).await;
     // Wait until the chat is routed here: a warm-up sent over HTTP comes back as a string.
     let mut live = false;
     for _ in 0..40 {
         send(&d.gateway().http(), &chat, "warm-up").await;
-        if let Some(Received::Next { payload, .. }) = client.next(Duration::from_millis(500)).await
-        {
+        if let Some(Received::Next { payload, .. }) = client.next(Duration::from_millis(500)).await {
             live = payload["data"]["chat"].is_string();
             if live {
                 break;
@@ -123,15 +105,11 @@ async fn two_gateways_deliver_each_message_exactly_once_to_every_subscriber_of_t
     let mut watchers = Vec::new();
     for gateway in [a, a, b, b] {
         let mut client = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
-        client
-            .subscribe_messages("1", &gateway.http(), &chat, None)
-            .await;
+        client.subscribe_messages("1", &gateway.http(), &chat, None).await;
         watchers.push(client);
     }
     let mut bystander = WsClient::connect(&b.ws(), Wire::TransportWs).await;
-    bystander
-        .subscribe_messages("1", &b.http(), &other_chat, None)
-        .await;
+    bystander.subscribe_messages("1", &b.http(), &other_chat, None).await;
 
     let id = send(&a.http(), &chat, "hello everyone").await;
 
@@ -141,18 +119,11 @@ async fn two_gateways_deliver_each_message_exactly_once_to_every_subscriber_of_t
         assert_eq!(got[0]["text"], "hello everyone");
     }
     for watcher in &mut watchers {
-        let again = watcher
-            .collect_message(&id, 1, Duration::from_millis(1500))
-            .await;
+        let again = watcher.collect_message(&id, 1, Duration::from_millis(1500)).await;
         assert!(again.is_empty(), "no subscriber gets it twice: {again:?}");
     }
-    let leaked = bystander
-        .collect_message(&id, 1, Duration::from_millis(500))
-        .await;
-    assert!(
-        leaked.is_empty(),
-        "a subscriber of another chat got {leaked:?}"
-    );
+    let leaked = bystander.collect_message(&id, 1, Duration::from_millis(500)).await;
+    assert!(leaked.is_empty(), "a subscriber of another chat got {leaked:?}");
 }
 
 #[tokio::test]
@@ -162,33 +133,15 @@ async fn messages_posted_while_no_translator_runs_are_translated_once_it_starts(
     drop(stopped);
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
-    subscriber
-        .subscribe_messages("1", &d.gateway().http(), &chat, None)
-        .await;
+    subscriber.subscribe_messages("1", &d.gateway().http(), &chat, None).await;
 
     let id = send(&d.gateway().http(), &chat, "Good morning, how are you?").await;
-    let early = subscriber
-        .collect_message(&id, 2, Duration::from_secs(2))
-        .await;
-    assert_eq!(
-        early.len(),
-        1,
-        "only the original while no translator runs: {early:?}"
-    );
+    let early = subscriber.collect_message(&id, 2, Duration::from_secs(2)).await;
+    assert_eq!(early.len(), 1, "only the original while no translator runs: {early:?}");
 
-    let translator = Deployment::spawn_translator(&d.prefix, "es", d.apertium.as_ref().unwrap())
-        .ready()
-        .await;
+    let translator = Deployment::spawn_translator(&d.prefix, "es", d.apertium.as_ref().unwrap()).ready().await;
     let late = subscriber.collect_message(&id, 1, DELIVERY).await;
-    assert_eq!(
-        late.len(),
-        1,
-        "the translation arrives once a translator runs"
-    );
-    assert!(
-        late[0]["text"].as_str().unwrap().contains("Buenos días"),
-        "{}",
-        late[0]
-    );
+    assert_eq!(late.len(), 1, "the translation arrives once a translator runs");
+    assert!(late[0]["text"].as_str().unwrap().contains("Buenos días"), "{}", late[0]);
     drop(translator);
 }

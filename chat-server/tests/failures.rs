@@ -8,15 +8,10 @@ use lapin::{Connection, ConnectionProperties};
 use support::*;
 
 async fn dead_letters(prefix: &str) -> Option<u32> {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     let topology = parley_topology::Topology::new(prefix).unwrap();
-    parley_topology::queue_depth(&channel, &topology.dead_letters())
-        .await
-        .unwrap()
-        .map(|d| d.messages)
+    parley_topology::queue_depth(&channel, &topology.dead_letters()).await.unwrap().map(|d| d.messages)
 }
 
 fn translator(prefix: &str, language: &str, provider_url: &str) -> Server {
@@ -48,30 +43,18 @@ async fn a_message_the_provider_cannot_translate_is_dead_lettered_not_dropped() 
     let german = translator(&prefix, "de", &apertium.url).ready().await;
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
-    subscriber
-        .subscribe_messages("1", &gateway.http(), &chat, None)
-        .await;
+    subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
     let before = dead_letters(&prefix).await.unwrap();
 
     let id = send(&gateway.http(), &chat, "Good morning").await;
 
-    assert_eq!(
-        subscriber.collect_message(&id, 1, DELIVERY).await.len(),
-        1,
-        "the original is delivered"
-    );
+    assert_eq!(subscriber.collect_message(&id, 1, DELIVERY).await.len(), 1, "the original is delivered");
     let deadline = std::time::Instant::now() + DELIVERY;
     while dead_letters(&prefix).await.unwrap() == before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the untranslatable message never reached {prefix}.dead"
-        );
+        assert!(std::time::Instant::now() < deadline, "the untranslatable message never reached {prefix}.dead");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(
-        german.log_text().contains("dead-lettering"),
-        "the translator says why"
-    );
+    assert!(german.log_text().contains("dead-lettering"), "the translator says why");
 }
 
 #[tokio::test]
@@ -86,37 +69,15 @@ async fn a_translator_retries_a_provider_that_is_down_and_translates_once_it_is_
     let _spanish = translator(&prefix, "es", &provider_url).ready().await;
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
-    subscriber
-        .subscribe_messages("1", &gateway.http(), &chat, None)
-        .await;
+    subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
 
     let id = send(&gateway.http(), &chat, "Good morning, how are you?").await;
-    let early = subscriber
-        .collect_message(&id, 2, Duration::from_secs(2))
-        .await;
-    assert_eq!(
-        early.len(),
-        1,
-        "only the original while the provider is down"
-    );
+    let early = subscriber.collect_message(&id, 2, Duration::from_secs(2)).await;
+    assert_eq!(early.len(), 1, "only the original while the provider is down");
 
     let _apertium = Apertium::start_on(provider_port).await;
-    let late = subscriber
-        .collect_message(&id, 1, Duration::from_secs(60))
-        .await;
-    assert_eq!(
-        late.len(),
-        1,
-        "the translation arrives once the provider is back"
-    );
-    assert!(
-        late[0]["text"].as_str().unwrap().contains("Buenos días"),
-        "{}",
-        late[0]
-    );
-    assert_eq!(
-        dead_letters(&prefix).await,
-        Some(0),
-        "nothing was dead-lettered"
-    );
+    let late = subscriber.collect_message(&id, 1, Duration::from_secs(60)).await;
+    assert_eq!(late.len(), 1, "the translation arrives once the provider is back");
+    assert!(late[0]["text"].as_str().unwrap().contains("Buenos días"), "{}", late[0]);
+    assert_eq!(dead_letters(&prefix).await, Some(0), "nothing was dead-lettered");
 }

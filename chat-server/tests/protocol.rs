@@ -20,25 +20,11 @@ async fn mutations_and_queries_work_over_post_and_get() {
 
     let client = reqwest::Client::new();
     let query = "mutation { putEvent(message: \"hi\", chatId: \"c\") { Entries { EventId } FailedEntries } }";
-    let got: serde_json::Value = client
-        .get(server.http())
-        .query(&[("query", query)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: serde_json::Value =
+        client.get(server.http()).query(&[("query", query)]).send().await.unwrap().json().await.unwrap();
     assert_eq!(got["data"]["putEvent"]["FailedEntries"], 0, "{got}");
-    let languages: serde_json::Value = client
-        .get(server.http())
-        .query(&[("query", "{ languages }")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let languages: serde_json::Value =
+        client.get(server.http()).query(&[("query", "{ languages }")]).send().await.unwrap().json().await.unwrap();
     assert_eq!(languages, json!({"data": {"languages": []}}));
 }
 
@@ -46,27 +32,10 @@ async fn mutations_and_queries_work_over_post_and_get() {
 async fn graphiql_health_and_readiness_are_served() {
     let server = originals_only(&[]).await;
     let base = format!("http://127.0.0.1:{}", server.port);
-    let page = reqwest::get(format!("{base}/"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = reqwest::get(format!("{base}/")).await.unwrap().text().await.unwrap();
     assert!(page.contains("graphiql"), "GraphiQL at /");
-    assert_eq!(
-        reqwest::get(format!("{base}/healthz"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        reqwest::get(format!("{base}/readyz"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(reqwest::get(format!("{base}/healthz")).await.unwrap().status(), 200);
+    assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
 }
 
 #[tokio::test]
@@ -74,43 +43,20 @@ async fn bad_operations_get_graphql_errors_and_the_socket_serves_the_next_one() 
     let server = originals_only(&["--max-text-bytes", "64"]).await;
     let mut client = WsClient::connect(&server.ws(), Wire::TransportWs).await;
 
-    client
-        .start("syntax", "subscription { messages(chatId: ", json!({}))
-        .await;
+    client.start("syntax", "subscription { messages(chatId: ", json!({})).await;
     let error = client.result_of("syntax", DELIVERY).await;
-    assert!(
-        error.to_string().contains("expected"),
-        "a parse error: {error}"
-    );
+    assert!(error.to_string().contains("expected"), "a parse error: {error}");
 
-    client
-        .start(
-            "lang",
-            SUBSCRIBE,
-            json!({"chatId": "c", "languages": ["xx"]}),
-        )
-        .await;
+    client.start("lang", SUBSCRIBE, json!({"chatId": "c", "languages": ["xx"]})).await;
     let error = client.result_of("lang", DELIVERY).await;
-    assert!(
-        error.to_string().contains("unknown language \\\"xx\\\""),
-        "{error}"
-    );
+    assert!(error.to_string().contains("unknown language \\\"xx\\\""), "{error}");
 
-    client
-        .start("long", SEND, json!({"chatId": "c", "text": "x".repeat(65)}))
-        .await;
+    client.start("long", SEND, json!({"chatId": "c", "text": "x".repeat(65)})).await;
     let error = client.result_of("long", DELIVERY).await;
-    assert!(
-        error
-            .to_string()
-            .contains("more than the limit of 64 bytes"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("more than the limit of 64 bytes"), "{error}");
 
     let chat = unique_chat();
-    client
-        .subscribe_messages("ok", &server.http(), &chat, None)
-        .await;
+    client.subscribe_messages("ok", &server.http(), &chat, None).await;
     let id = send(&server.http(), &chat, "still here").await;
     assert_eq!(client.collect_message(&id, 1, DELIVERY).await.len(), 1);
 }
@@ -119,19 +65,10 @@ async fn bad_operations_get_graphql_errors_and_the_socket_serves_the_next_one() 
 async fn invalid_graphql_over_http_is_a_graphql_error() {
     let server = originals_only(&[]).await;
     let response = graphql(&server.http(), "{ nope }", json!({})).await;
-    assert!(
-        response["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("nope"),
-        "{response}"
-    );
+    assert!(response["errors"][0]["message"].as_str().unwrap().contains("nope"), "{response}");
     let too_deep = "{ __schema { types { fields { type { fields { type { fields { type { fields { type { name } } } } } } } } } } }";
     let response = graphql(&server.http(), too_deep, json!({})).await;
-    assert!(
-        response["errors"].to_string().contains("nested too deep"),
-        "{response}"
-    );
+    assert!(response["errors"].to_string().contains("nested too deep"), "{response}");
 }
 
 #[tokio::test]
@@ -159,18 +96,11 @@ async fn subscriptions_beyond_the_per_connection_limit_are_refused_and_the_first
     let server = originals_only(&["--max-subscriptions-per-connection", "1"]).await;
     let chat = unique_chat();
     let mut client = WsClient::connect(&server.ws(), Wire::TransportWs).await;
-    client
-        .subscribe_messages("first", &server.http(), &chat, None)
-        .await;
+    client.subscribe_messages("first", &server.http(), &chat, None).await;
 
-    client
-        .start("second", SUBSCRIBE, json!({"chatId": chat}))
-        .await;
+    client.start("second", SUBSCRIBE, json!({"chatId": chat})).await;
     let error = client.result_of("second", DELIVERY).await;
-    assert!(
-        error.to_string().contains("too many subscriptions"),
-        "{error}"
-    );
+    assert!(error.to_string().contains("too many subscriptions"), "{error}");
 
     let id = send(&server.http(), &chat, "one more").await;
     assert_eq!(client.collect_message(&id, 1, DELIVERY).await.len(), 1);
@@ -190,9 +120,7 @@ async fn a_client_that_never_sends_connection_init_is_closed_with_4408() {
 async fn sigterm_closes_open_sockets_with_a_going_away_frame_and_exits_cleanly() {
     let mut server = originals_only(&[]).await;
     let mut graphql_ws = WsClient::connect(&server.ws(), Wire::TransportWs).await;
-    graphql_ws
-        .subscribe_messages("1", &server.http(), &unique_chat(), None)
-        .await;
+    graphql_ws.subscribe_messages("1", &server.http(), &unique_chat(), None).await;
     let mut plain = WsClient::connect(&server.ws(), Wire::Plain).await;
 
     let status = server.terminate();

@@ -7,9 +7,7 @@ use support::*;
 async fn chat_translates(server: &Server) {
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&server.ws(), Wire::TransportWs).await;
-    subscriber
-        .subscribe_messages("1", &server.http(), &chat, Some(&["es", "ca"]))
-        .await;
+    subscriber.subscribe_messages("1", &server.http(), &chat, Some(&["es", "ca"])).await;
     let id = send(&server.http(), &chat, "Good morning, how are you?").await;
     let messages = subscriber.collect_message(&id, 3, DELIVERY).await;
     assert_translated_good_morning(&messages, &id);

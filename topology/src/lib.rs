@@ -9,8 +9,7 @@
 
 use lapin::{
     options::{
-        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
     types::{AMQPValue, FieldTable, ShortString},
     Channel, ExchangeKind,
@@ -26,10 +25,7 @@ pub const STANDALONE_PREFIX: &str = "parley.local";
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
     #[error("invalid topology prefix {prefix:?}: {reason}")]
-    InvalidPrefix {
-        prefix: String,
-        reason: &'static str,
-    },
+    InvalidPrefix { prefix: String, reason: &'static str },
     #[error("invalid language code {code:?}: expected ISO 639 like \"es\" or \"pt-BR\"")]
     InvalidLanguage { code: String },
     #[error("failed to {action} {name}: {source}")]
@@ -48,14 +44,11 @@ pub fn validate_language(code: &str) -> Result<(), TopologyError> {
         None => (code, None),
     };
     let base_ok = (2..=3).contains(&base.len()) && base.bytes().all(|b| b.is_ascii_lowercase());
-    let region_ok =
-        region.is_none_or(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric()));
+    let region_ok = region.is_none_or(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric()));
     if base_ok && region_ok {
         Ok(())
     } else {
-        Err(TopologyError::InvalidLanguage {
-            code: code.to_owned(),
-        })
+        Err(TopologyError::InvalidLanguage { code: code.to_owned() })
     }
 }
 
@@ -89,19 +82,10 @@ impl QueueSpec {
     /// The `x-*` arguments of this quorum queue, exactly as declared on the broker.
     pub fn arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
         if let Some(dlx) = &self.dead_letter_exchange {
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(DELIVERY_LIMIT),
-            );
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(dlx.as_str().into()),
-            );
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
         }
         if self.single_active_consumer {
             args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
@@ -124,10 +108,7 @@ impl Topology {
             Some("must not be empty")
         } else if prefix.len() > 150 {
             Some("must be at most 150 bytes, so queue names stay under AMQP's 255")
-        } else if !prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        {
+        } else if !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
             Some("may only contain letters, digits, '.', '_' and '-'")
         } else {
             None
@@ -185,22 +166,10 @@ impl Topology {
     /// Every exchange of the topology.
     pub fn exchanges(&self) -> Vec<ExchangeSpec> {
         vec![
-            ExchangeSpec {
-                name: self.posted_exchange(),
-                kind: ExchangeType::Fanout,
-            },
-            ExchangeSpec {
-                name: self.translated_exchange(),
-                kind: ExchangeType::Fanout,
-            },
-            ExchangeSpec {
-                name: self.deliver_exchange(),
-                kind: ExchangeType::Direct,
-            },
-            ExchangeSpec {
-                name: self.dead_letters(),
-                kind: ExchangeType::Fanout,
-            },
+            ExchangeSpec { name: self.posted_exchange(), kind: ExchangeType::Fanout },
+            ExchangeSpec { name: self.translated_exchange(), kind: ExchangeType::Fanout },
+            ExchangeSpec { name: self.deliver_exchange(), kind: ExchangeType::Direct },
+            ExchangeSpec { name: self.dead_letters(), kind: ExchangeType::Fanout },
         ]
     }
 
@@ -230,33 +199,18 @@ impl Topology {
                 bound_to: vec![self.dead_letters()],
             },
         ];
-        queues.extend(
-            languages
-                .iter()
-                .map(|l| self.translate_queue_spec(l.as_ref())),
-        );
+        queues.extend(languages.iter().map(|l| self.translate_queue_spec(l.as_ref())));
         queues
     }
 }
 
-fn broker_error<'a>(
-    action: &'static str,
-    name: &'a str,
-) -> impl FnOnce(lapin::Error) -> TopologyError + 'a {
-    move |source| TopologyError::Broker {
-        action,
-        name: name.to_owned(),
-        source,
-    }
+fn broker_error<'a>(action: &'static str, name: &'a str) -> impl FnOnce(lapin::Error) -> TopologyError + 'a {
+    move |source| TopologyError::Broker { action, name: name.to_owned(), source }
 }
 
 async fn declare_queue(channel: &Channel, queue: &QueueSpec) -> Result<(), TopologyError> {
     channel
-        .queue_declare(
-            queue.name.as_str().into(),
-            QueueDeclareOptions::durable(),
-            queue.arguments(),
-        )
+        .queue_declare(queue.name.as_str().into(), QueueDeclareOptions::durable(), queue.arguments())
         .await
         .map_err(broker_error("declare queue", &queue.name))?;
     for exchange in &queue.bound_to {
@@ -288,17 +242,9 @@ pub async fn declare<S: AsRef<str>>(
             ExchangeType::Fanout => ExchangeKind::Fanout,
             ExchangeType::Direct => ExchangeKind::Direct,
         };
-        let options = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        let options = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel
-            .exchange_declare(
-                exchange.name.as_str().into(),
-                kind,
-                options,
-                FieldTable::default(),
-            )
+            .exchange_declare(exchange.name.as_str().into(), kind, options, FieldTable::default())
             .await
             .map_err(broker_error("declare exchange", &exchange.name))?;
     }
@@ -318,34 +264,36 @@ pub struct QueueDepth {
 /// Reads a queue's depth with a passive declare; `None` when the queue does not exist.
 ///
 /// A passive declare of a missing queue closes the channel (404), so pass a channel that may be lost.
-pub async fn queue_depth(
-    channel: &Channel,
-    queue: &str,
-) -> Result<Option<QueueDepth>, TopologyError> {
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    match channel
-        .queue_declare(queue.into(), options, FieldTable::default())
-        .await
-    {
-        Ok(q) => Ok(Some(QueueDepth {
-            messages: q.message_count(),
-            consumers: q.consumer_count(),
-        })),
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<Option<QueueDepth>, TopologyError> {
+    let options = QueueDeclareOptions { passive: true, ..Default::default() };
+    match channel.queue_declare(queue.into(), options, FieldTable::default()).await {
+        Ok(q) => Ok(Some(QueueDepth { messages: q.message_count(), consumers: q.consumer_count() })),
         Err(err) if is_not_found(&err) => Ok(None),
-        Err(source) => Err(TopologyError::Broker {
-            action: "inspect queue",
-            name: queue.to_owned(),
-            source,
-        }),
+        Err(source) => Err(TopologyError::Broker { action: "inspect queue", name: queue.to_owned(), source }),
     }
 }
 
 fn is_not_found(err: &lapin::Error) -> bool {
     // lapin does not expose the reply code as a stable type here; the broker's text is stable.
     err.to_string().contains("NOT_FOUND")
+}
+
+/// Unbinds one language's queue from the posted exchange, so a removed language takes no new messages
+/// while its backlog drains. Idempotent (a missing queue or binding is not an error).
+pub async fn unbind_language(channel: &Channel, topology: &Topology, language: &str) -> Result<(), TopologyError> {
+    let name = topology.translate_queue(language);
+    if queue_depth(channel, &name).await?.is_none() {
+        return Ok(());
+    }
+    channel
+        .queue_unbind(
+            name.as_str().into(),
+            topology.posted_exchange().as_str().into(),
+            "".into(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker_error("unbind queue", &name))
 }
 
 /// Deletes one language's queue. With `only_if_empty`, a queue still holding messages is kept
@@ -385,10 +333,7 @@ pub async fn delete_all<S: AsRef<str>>(
     }
     for exchange in topology.exchanges() {
         channel
-            .exchange_delete(
-                exchange.name.as_str().into(),
-                ExchangeDeleteOptions::default(),
-            )
+            .exchange_delete(exchange.name.as_str().into(), ExchangeDeleteOptions::default())
             .await
             .map_err(broker_error("delete exchange", &exchange.name))?;
     }
@@ -403,10 +348,7 @@ mod tests {
     fn names_share_the_prefix_of_the_chat_deployment() {
         let t = Topology::for_chat_deployment("events", "town-hall").unwrap();
         assert_eq!(t.posted_exchange(), "parley.events.town-hall.posted");
-        assert_eq!(
-            t.translate_queue("de"),
-            "parley.events.town-hall.translate.de"
-        );
+        assert_eq!(t.translate_queue("de"), "parley.events.town-hall.translate.de");
         assert_eq!(t.fanout_queue(), "parley.events.town-hall.fanout");
         assert_eq!(t.deliver_exchange(), "parley.events.town-hall.deliver");
         assert_eq!(t.dead_letters(), "parley.events.town-hall.dead");
@@ -429,18 +371,9 @@ mod tests {
         assert_eq!(fanout.bound_to, vec!["p.posted", "p.translated"]);
         let args = fanout.arguments();
         let args = args.inner();
-        assert_eq!(
-            args.get("x-queue-type"),
-            Some(&AMQPValue::LongString("quorum".into()))
-        );
-        assert_eq!(
-            args.get("x-delivery-limit"),
-            Some(&AMQPValue::LongLongInt(DELIVERY_LIMIT))
-        );
-        assert_eq!(
-            args.get("x-dead-letter-exchange"),
-            Some(&AMQPValue::LongString("p.dead".into()))
-        );
+        assert_eq!(args.get("x-queue-type"), Some(&AMQPValue::LongString("quorum".into())));
+        assert_eq!(args.get("x-delivery-limit"), Some(&AMQPValue::LongLongInt(DELIVERY_LIMIT)));
+        assert_eq!(args.get("x-dead-letter-exchange"), Some(&AMQPValue::LongString("p.dead".into())));
     }
 
     #[test]
@@ -448,10 +381,7 @@ mod tests {
         let t = Topology::new("p").unwrap();
         let queues = t.queues(&["es", "ca"]);
         let names: Vec<_> = queues.iter().map(|q| q.name.as_str()).collect();
-        assert_eq!(
-            names,
-            vec!["p.fanout", "p.dead", "p.translate.es", "p.translate.ca"]
-        );
+        assert_eq!(names, vec!["p.fanout", "p.dead", "p.translate.es", "p.translate.ca"]);
         let es = &queues[2];
         assert_eq!(es.bound_to, vec!["p.posted"]);
         assert!(!es.single_active_consumer);
@@ -461,11 +391,7 @@ mod tests {
     #[test]
     fn dead_letter_queue_does_not_dead_letter_again() {
         let t = Topology::new("p").unwrap();
-        let dead = t
-            .queues::<&str>(&[])
-            .into_iter()
-            .find(|q| q.name == "p.dead")
-            .unwrap();
+        let dead = t.queues::<&str>(&[]).into_iter().find(|q| q.name == "p.dead").unwrap();
         assert!(!dead.arguments().inner().contains_key("x-delivery-limit"));
     }
 

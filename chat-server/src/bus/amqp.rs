@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::{
     options::{
-        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-        BasicQosOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
     },
     types::FieldTable,
     BasicProperties, Channel, Connection, ConnectionProperties,
@@ -19,10 +19,7 @@ use lapin::{
 use parley_topology::Topology;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Acker, Bus, BusError, ChatBinder, DeliveryStream, Incoming, IncomingStream, Origin, Route,
-    Source,
-};
+use super::{Acker, Bus, BusError, ChatBinder, DeliveryStream, Incoming, IncomingStream, Origin, Route, Source};
 
 fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BusError {
     let action = action.into();
@@ -48,9 +45,8 @@ impl AmqpBus {
     ) -> Result<Self, BusError> {
         let mut delay = Duration::from_millis(200);
         let connection = loop {
-            let props = ConnectionProperties::default()
-                .with_connection_name(connection_name.into())
-                .enable_auto_recover();
+            let props =
+                ConnectionProperties::default().with_connection_name(connection_name.into()).enable_auto_recover();
             match Connection::connect(url, props).await {
                 Ok(connection) => break connection,
                 Err(err) => {
@@ -65,25 +61,11 @@ impl AmqpBus {
                 }
             }
         };
-        let publisher = connection
-            .create_channel()
-            .await
-            .map_err(amqp("open the publish channel"))?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(amqp("enable publisher confirms"))?;
+        let publisher = connection.create_channel().await.map_err(amqp("open the publish channel"))?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enable publisher confirms"))?;
         parley_topology::declare(&publisher, &topology, languages).await?;
-        tracing::info!(
-            prefix = topology.prefix(),
-            "connected to the broker and declared the topology"
-        );
-        Ok(Self {
-            connection,
-            publisher,
-            topology,
-            translate_prefetch: 4,
-        })
+        tracing::info!(prefix = topology.prefix(), "connected to the broker and declared the topology");
+        Ok(Self { connection, publisher, topology, translate_prefetch: 4 })
     }
 }
 
@@ -92,36 +74,18 @@ struct AmqpAcker(lapin::Acker);
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(&self) -> Result<(), BusError> {
-        self.0
-            .ack(BasicAckOptions::default())
-            .await
-            .map(drop)
-            .map_err(amqp("ack a message"))
+        self.0.ack(BasicAckOptions::default()).await.map(drop).map_err(amqp("ack a message"))
     }
 
     async fn requeue(&self) -> Result<(), BusError> {
-        let options = BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        };
-        self.0
-            .nack(options)
-            .await
-            .map(drop)
-            .map_err(amqp("requeue a message"))
+        let options = BasicNackOptions { requeue: true, ..Default::default() };
+        self.0.nack(options).await.map(drop).map_err(amqp("requeue a message"))
     }
 
     async fn dead_letter(&self) -> Result<(), BusError> {
         // Rejecting without requeue sends the message to the queue's dead-letter exchange.
-        let options = BasicNackOptions {
-            requeue: false,
-            ..Default::default()
-        };
-        self.0
-            .nack(options)
-            .await
-            .map(drop)
-            .map_err(amqp("dead-letter a message"))
+        let options = BasicNackOptions { requeue: false, ..Default::default() };
+        self.0.nack(options).await.map(drop).map_err(amqp("dead-letter a message"))
     }
 }
 
@@ -215,28 +179,13 @@ impl Bus for AmqpBus {
 
     async fn consume(&self, source: Source<'_>) -> Result<IncomingStream, BusError> {
         let (queue, prefetch) = match source {
-            Source::Translate { language } => (
-                self.topology.translate_queue(language),
-                self.translate_prefetch,
-            ),
+            Source::Translate { language } => (self.topology.translate_queue(language), self.translate_prefetch),
             Source::Fanout => (self.topology.fanout_queue(), 64),
         };
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(amqp("open a consume channel"))?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(amqp("set prefetch"))?;
+        let channel = self.connection.create_channel().await.map_err(amqp("open a consume channel"))?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(amqp("set prefetch"))?;
         let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+            .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(amqp(format!("consume {queue}")))?;
         let posted = self.topology.posted_exchange();
@@ -250,47 +199,23 @@ impl Bus for AmqpBus {
             } else {
                 Origin::Unknown
             };
-            Ok(Incoming::new(
-                delivery.data,
-                origin,
-                delivery.redelivered,
-                Box::new(AmqpAcker(delivery.acker)),
-            ))
+            Ok(Incoming::new(delivery.data, origin, delivery.redelivered, Box::new(AmqpAcker(delivery.acker))))
         });
         Ok(stream.boxed())
     }
 
     async fn delivery_feed(&self) -> Result<(Arc<dyn ChatBinder>, DeliveryStream), BusError> {
-        let queue = self
-            .topology
-            .gateway_queue(&uuid::Uuid::now_v7().simple().to_string());
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(amqp("open the delivery channel"))?;
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        };
+        let queue = self.topology.gateway_queue(&uuid::Uuid::now_v7().simple().to_string());
+        let channel = self.connection.create_channel().await.map_err(amqp("open the delivery channel"))?;
+        let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         channel
             .queue_declare(queue.as_str().into(), options, FieldTable::default())
             .await
             .map_err(amqp(format!("declare {queue}")))?;
         // Deliveries only feed live sockets, so the broker may forget them once sent.
-        let consume = BasicConsumeOptions {
-            no_ack: true,
-            exclusive: true,
-            ..Default::default()
-        };
+        let consume = BasicConsumeOptions { no_ack: true, exclusive: true, ..Default::default() };
         let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                consume,
-                FieldTable::default(),
-            )
+            .basic_consume(queue.as_str().into(), "".into(), consume, FieldTable::default())
             .await
             .map_err(amqp(format!("consume {queue}")))?;
         let stream = recovering(channel.clone(), consumer)
@@ -301,11 +226,7 @@ impl Bus for AmqpBus {
                 futures_util::future::ready(delivery.is_ok())
             })
             .filter_map(|delivery| futures_util::future::ready(delivery.ok().map(|d| d.data)));
-        let binder = AmqpBinder {
-            channel,
-            queue,
-            exchange: self.topology.deliver_exchange(),
-        };
+        let binder = AmqpBinder { channel, queue, exchange: self.topology.deliver_exchange() };
         Ok((Arc::new(binder), stream.boxed()))
     }
 

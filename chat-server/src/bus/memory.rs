@@ -10,10 +10,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::{
-    Acker, Bus, BusError, ChatBinder, DeliveryStream, Incoming, IncomingStream, Origin, Route,
-    Source,
-};
+use super::{Acker, Bus, BusError, ChatBinder, DeliveryStream, Incoming, IncomingStream, Origin, Route, Source};
 
 type Item = (Vec<u8>, Origin, bool);
 
@@ -25,10 +22,7 @@ struct Queue {
 impl Queue {
     fn new() -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        Self {
-            tx,
-            rx: Mutex::new(Some(rx)),
-        }
+        Self { tx, rx: Mutex::new(Some(rx)) }
     }
 }
 
@@ -40,10 +34,7 @@ struct Feed {
 #[async_trait]
 impl ChatBinder for Feed {
     async fn bind(&self, chat_id: &str) -> Result<(), BusError> {
-        self.bound
-            .lock()
-            .expect("feed lock")
-            .insert(chat_id.to_owned());
+        self.bound.lock().expect("feed lock").insert(chat_id.to_owned());
         Ok(())
     }
 
@@ -64,10 +55,7 @@ pub struct MemoryBus {
 impl MemoryBus {
     pub fn new<S: AsRef<str>>(languages: &[S]) -> Self {
         Self {
-            translate: languages
-                .iter()
-                .map(|l| (l.as_ref().to_owned(), Arc::new(Queue::new())))
-                .collect(),
+            translate: languages.iter().map(|l| (l.as_ref().to_owned(), Arc::new(Queue::new()))).collect(),
             fanout: Arc::new(Queue::new()),
             feeds: Mutex::new(Vec::new()),
             dead: Arc::default(),
@@ -94,21 +82,12 @@ impl Acker for MemoryAcker {
 
     async fn requeue(&self) -> Result<(), BusError> {
         let (payload, origin, _) = self.item.clone();
-        self.queue
-            .tx
-            .send((payload, origin, true))
-            .map_err(|_| BusError::InProcess("is closed".into()))
+        self.queue.tx.send((payload, origin, true)).map_err(|_| BusError::InProcess("is closed".into()))
     }
 
     async fn dead_letter(&self) -> Result<(), BusError> {
-        tracing::warn!(
-            bytes = self.item.0.len(),
-            "in-process bus dead-lettered a message"
-        );
-        self.dead
-            .lock()
-            .expect("dead lock")
-            .push(self.item.0.clone());
+        tracing::warn!(bytes = self.item.0.len(), "in-process bus dead-lettered a message");
+        self.dead.lock().expect("dead lock").push(self.item.0.clone());
         Ok(())
     }
 }
@@ -120,24 +99,15 @@ impl Bus for MemoryBus {
         match route {
             Route::Posted => {
                 for queue in self.translate.values().chain(std::iter::once(&self.fanout)) {
-                    queue
-                        .tx
-                        .send((payload.to_vec(), Origin::Posted, false))
-                        .map_err(closed)?;
+                    queue.tx.send((payload.to_vec(), Origin::Posted, false)).map_err(closed)?;
                 }
             }
             Route::Translated => {
-                self.fanout
-                    .tx
-                    .send((payload.to_vec(), Origin::Translated, false))
-                    .map_err(closed)?;
+                self.fanout.tx.send((payload.to_vec(), Origin::Translated, false)).map_err(closed)?;
             }
             Route::Deliver { chat_id } => {
                 let feeds = self.feeds.lock().expect("feeds lock");
-                for feed in feeds
-                    .iter()
-                    .filter(|f| f.bound.lock().expect("feed lock").contains(chat_id))
-                {
+                for feed in feeds.iter().filter(|f| f.bound.lock().expect("feed lock").contains(chat_id)) {
                     // A feed whose gateway stopped has nobody left to deliver to.
                     let _ = feed.tx.send(payload.to_vec());
                 }
@@ -149,22 +119,21 @@ impl Bus for MemoryBus {
     async fn consume(&self, source: Source<'_>) -> Result<IncomingStream, BusError> {
         let queue = match source {
             Source::Fanout => self.fanout.clone(),
-            Source::Translate { language } => {
-                self.translate.get(language).cloned().ok_or_else(|| {
-                    BusError::InProcess(format!("has no queue for language {language}"))
-                })?
-            }
+            Source::Translate { language } => self
+                .translate
+                .get(language)
+                .cloned()
+                .ok_or_else(|| BusError::InProcess(format!("has no queue for language {language}")))?,
         };
-        let rx = queue.rx.lock().expect("queue lock").take().ok_or_else(|| {
-            BusError::InProcess(format!("allows one consumer per queue ({source:?})"))
-        })?;
+        let rx = queue
+            .rx
+            .lock()
+            .expect("queue lock")
+            .take()
+            .ok_or_else(|| BusError::InProcess(format!("allows one consumer per queue ({source:?})")))?;
         let dead = self.dead.clone();
         let stream = UnboundedReceiverStream::new(rx).map(move |item| {
-            let acker = MemoryAcker {
-                item: item.clone(),
-                queue: queue.clone(),
-                dead: dead.clone(),
-            };
+            let acker = MemoryAcker { item: item.clone(), queue: queue.clone(), dead: dead.clone() };
             Ok(Incoming::new(item.0, item.1, item.2, Box::new(acker)))
         });
         Ok(stream.boxed())
@@ -172,10 +141,7 @@ impl Bus for MemoryBus {
 
     async fn delivery_feed(&self) -> Result<(Arc<dyn ChatBinder>, DeliveryStream), BusError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let feed = Arc::new(Feed {
-            bound: Mutex::default(),
-            tx,
-        });
+        let feed = Arc::new(Feed { bound: Mutex::default(), tx });
         self.feeds.lock().expect("feeds lock").push(feed.clone());
         Ok((feed, UnboundedReceiverStream::new(rx).boxed()))
     }

@@ -54,6 +54,8 @@ pub enum BusError {
     Topology(#[from] parley_topology::TopologyError),
     #[error("the in-process bus {0}")]
     InProcess(String),
+    #[error("timed out {0}")]
+    Timeout(String),
 }
 
 /// Settles one consumed message.
@@ -77,12 +79,7 @@ pub struct Incoming {
 
 impl Incoming {
     pub fn new(payload: Vec<u8>, origin: Origin, redelivered: bool, acker: Box<dyn Acker>) -> Self {
-        Self {
-            payload,
-            origin,
-            redelivered,
-            acker,
-        }
+        Self { payload, origin, redelivered, acker }
     }
 
     pub async fn ack(self) -> Result<(), BusError> {

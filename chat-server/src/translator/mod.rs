@@ -13,21 +13,18 @@ use crate::{
 };
 use provider::{Provider, ProviderError};
 
-/// How a translator retries a provider that is down before handing the message back to the queue.
+/// How a translator waits out a provider that is down. It retries the message in hand until the
+/// provider answers or the process stops (then the message goes back to the queue): an outage is
+/// every message's problem, so requeueing would only burn delivery attempts towards dead-lettering.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
-    pub attempts: u32,
     pub first_delay: Duration,
     pub max_delay: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            attempts: 5,
-            first_delay: Duration::from_millis(250),
-            max_delay: Duration::from_secs(4),
-        }
+        Self { first_delay: Duration::from_millis(250), max_delay: Duration::from_secs(30) }
     }
 }
 
@@ -49,12 +46,7 @@ enum Outcome {
 impl Translator {
     /// Consumes until `cancel` fires (finishing the message in hand) or the bus gives up.
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), BusError> {
-        let mut messages = self
-            .bus
-            .consume(Source::Translate {
-                language: &self.language,
-            })
-            .await?;
+        let mut messages = self.bus.consume(Source::Translate { language: &self.language }).await?;
         tracing::info!(language = %self.language, provider = self.provider.name(), "translator consuming");
         loop {
             let incoming = tokio::select! {
@@ -77,8 +69,7 @@ impl Translator {
         };
         match outcome {
             Outcome::Translated(translated) => {
-                let payload =
-                    serde_json::to_vec(&translated).expect("a translation always encodes");
+                let payload = serde_json::to_vec(&translated).expect("a translation always encodes");
                 match self.bus.publish(Route::Translated, &payload).await {
                     Ok(()) => incoming.ack().await,
                     Err(err) => {
@@ -114,12 +105,8 @@ impl Translator {
             return Outcome::Translated(translated(posted.text.clone(), PASSTHROUGH_PROVIDER));
         }
         let mut delay = self.retry.first_delay;
-        for attempt in 1..=self.retry.attempts {
-            match self
-                .provider
-                .translate(&posted.text, &posted.source_language, &self.language)
-                .await
-            {
+        for attempt in 1u64.. {
+            match self.provider.translate(&posted.text, &posted.source_language, &self.language).await {
                 Ok(text) => return Outcome::Translated(translated(text, self.provider.name())),
                 Err(err @ ProviderError::Permanent { .. }) => {
                     return Outcome::DeadLetter(format!(
@@ -128,13 +115,7 @@ impl Translator {
                     ));
                 }
                 Err(err) => {
-                    tracing::warn!(id = %posted.id, language = %self.language, attempt, error = %err, "translation failed; retrying");
-                    if attempt == self.retry.attempts {
-                        return Outcome::Retry(format!(
-                            "failed to translate message {} to {}: {err}",
-                            posted.id, self.language
-                        ));
-                    }
+                    tracing::warn!(id = %posted.id, language = %self.language, attempt, retry_in = ?delay, error = %err, "translation failed; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => return Outcome::Retry("shutting down".into()),
                         _ = tokio::time::sleep(delay) => {}
@@ -143,6 +124,6 @@ impl Translator {
                 }
             }
         }
-        Outcome::Retry("no attempts configured".into())
+        unreachable!("the retry loop only ends by returning")
     }
 }

@@ -10,18 +10,10 @@ use serde::Deserialize;
 pub enum ProviderError {
     /// The provider could not answer now (unreachable, overloaded, 5xx, rate limited): retry later.
     #[error("{provider} is unavailable: {detail}")]
-    Transient {
-        provider: &'static str,
-        detail: String,
-    },
+    Transient { provider: &'static str, detail: String },
     /// The provider will never translate this (unsupported pair, rejected input): dead-letter it.
     #[error("{provider} cannot translate {from}→{to}: {detail}")]
-    Permanent {
-        provider: &'static str,
-        from: String,
-        to: String,
-        detail: String,
-    },
+    Permanent { provider: &'static str, from: String, to: String, detail: String },
 }
 
 /// A machine translation service.
@@ -48,44 +40,33 @@ pub fn build(
     api_key: Option<String>,
     timeout: Duration,
 ) -> reqwest::Result<Box<dyn Provider>> {
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(Duration::from_secs(5))
-        .build()?;
+    let client = reqwest::Client::builder().timeout(timeout).connect_timeout(Duration::from_secs(5)).build()?;
     let base = url.trim_end_matches('/').to_owned();
     Ok(match kind {
         ProviderKind::Apertium => Box::new(Apertium { client, base }),
-        ProviderKind::Libretranslate => Box::new(LibreTranslate {
-            client,
-            base,
-            api_key,
-        }),
+        ProviderKind::Libretranslate => Box::new(LibreTranslate { client, base, api_key }),
     })
 }
 
 fn transient(provider: &'static str) -> impl Fn(reqwest::Error) -> ProviderError {
-    move |err| ProviderError::Transient {
-        provider,
-        detail: err.to_string(),
-    }
+    move |err| ProviderError::Transient { provider, detail: err.to_string() }
 }
 
 /// Sorts an HTTP failure status into retryable or not.
-fn classify(
-    provider: &'static str,
-    status: reqwest::StatusCode,
-    body: String,
-    from: &str,
-    to: &str,
-) -> ProviderError {
-    if status.is_server_error()
-        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-        || status == reqwest::StatusCode::REQUEST_TIMEOUT
-    {
-        ProviderError::Transient {
-            provider,
-            detail: format!("HTTP {status}: {body}"),
-        }
+fn classify(provider: &'static str, status: reqwest::StatusCode, body: String, from: &str, to: &str) -> ProviderError {
+    use reqwest::StatusCode;
+    // A wrong key or URL is fixed by an operator, not by the message: keep the messages until then.
+    let transient = status.is_server_error()
+        || matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::REQUEST_TIMEOUT
+                | StatusCode::UNAUTHORIZED
+                | StatusCode::FORBIDDEN
+                | StatusCode::NOT_FOUND
+        );
+    if transient {
+        ProviderError::Transient { provider, detail: format!("HTTP {status}: {body}") }
     } else {
         ProviderError::Permanent {
             provider,
@@ -174,17 +155,14 @@ impl Provider for Apertium {
             to: to.into(),
             detail,
         };
-        let source = apertium_code(from).ok_or_else(|| unsupported("Apertium cannot detect or map this source language; set an explicit sourceLanguage".into()))?;
-        let target = apertium_code(to)
-            .ok_or_else(|| unsupported("no Apertium code is known for the target".into()))?;
+        let source = apertium_code(from).ok_or_else(|| {
+            unsupported("Apertium cannot detect or map this source language; set an explicit sourceLanguage".into())
+        })?;
+        let target = apertium_code(to).ok_or_else(|| unsupported("no Apertium code is known for the target".into()))?;
         let response = self
             .client
             .post(format!("{}/translate", self.base))
-            .form(&[
-                ("langpair", format!("{source}|{target}").as_str()),
-                ("q", text),
-                ("markUnknown", "no"),
-            ])
+            .form(&[("langpair", format!("{source}|{target}").as_str()), ("q", text), ("markUnknown", "no")])
             .send()
             .await
             .map_err(transient("apertium"))?;
@@ -194,10 +172,9 @@ impl Provider for Apertium {
             return Err(classify("apertium", status, body, from, to));
         }
         match serde_json::from_str::<ApertiumAnswer>(&body) {
-            Ok(ApertiumAnswer {
-                response_data: Some(data),
-                response_status: Some(200) | None,
-            }) => Ok(data.translated_text),
+            Ok(ApertiumAnswer { response_data: Some(data), response_status: Some(200) | None }) => {
+                Ok(data.translated_text)
+            }
             _ => Err(unsupported(format!("unexpected answer: {body}"))),
         }
     }
@@ -223,8 +200,7 @@ impl Provider for LibreTranslate {
     }
 
     async fn translate(&self, text: &str, from: &str, to: &str) -> Result<String, ProviderError> {
-        let mut body =
-            serde_json::json!({"q": text, "source": from, "target": to, "format": "text"});
+        let mut body = serde_json::json!({"q": text, "source": from, "target": to, "format": "text"});
         if let Some(key) = &self.api_key {
             body["api_key"] = key.as_str().into();
         }
@@ -240,14 +216,12 @@ impl Provider for LibreTranslate {
         if !status.is_success() {
             return Err(classify("libretranslate", status, text, from, to));
         }
-        serde_json::from_str::<LibreAnswer>(&text)
-            .map(|a| a.translated_text)
-            .map_err(|err| ProviderError::Permanent {
-                provider: "libretranslate",
-                from: from.into(),
-                to: to.into(),
-                detail: format!("unexpected answer ({err}): {text}"),
-            })
+        serde_json::from_str::<LibreAnswer>(&text).map(|a| a.translated_text).map_err(|err| ProviderError::Permanent {
+            provider: "libretranslate",
+            from: from.into(),
+            to: to.into(),
+            detail: format!("unexpected answer ({err}): {text}"),
+        })
     }
 }
 
@@ -265,29 +239,16 @@ mod tests {
 
     #[test]
     fn server_errors_and_rate_limits_are_transient_client_errors_permanent() {
-        let t = classify(
-            "x",
-            reqwest::StatusCode::BAD_GATEWAY,
-            String::new(),
-            "en",
-            "es",
-        );
+        let t = classify("x", reqwest::StatusCode::BAD_GATEWAY, String::new(), "en", "es");
         assert!(matches!(t, ProviderError::Transient { .. }));
-        let t = classify(
-            "x",
-            reqwest::StatusCode::TOO_MANY_REQUESTS,
-            String::new(),
-            "en",
-            "es",
-        );
+        let t = classify("x", reqwest::StatusCode::TOO_MANY_REQUESTS, String::new(), "en", "es");
         assert!(matches!(t, ProviderError::Transient { .. }));
-        let p = classify(
-            "x",
-            reqwest::StatusCode::BAD_REQUEST,
-            String::new(),
-            "en",
-            "xx",
-        );
+        let p = classify("x", reqwest::StatusCode::BAD_REQUEST, String::new(), "en", "xx");
         assert!(matches!(p, ProviderError::Permanent { .. }));
+        let key = classify("x", reqwest::StatusCode::UNAUTHORIZED, String::new(), "en", "es");
+        assert!(
+            matches!(key, ProviderError::Transient { .. }),
+            "a wrong key waits for an operator, not the dead letters"
+        );
     }
 }

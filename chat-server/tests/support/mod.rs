@@ -20,8 +20,7 @@ pub const STARTUP: Duration = Duration::from_secs(30);
 pub const DELIVERY: Duration = Duration::from_secs(20);
 
 pub fn amqp_url() -> String {
-    std::env::var("PARLEY_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("PARLEY_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// A topology prefix no other test uses.
@@ -34,11 +33,7 @@ pub fn unique_chat() -> String {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn log_dir() -> PathBuf {
@@ -67,20 +62,13 @@ async fn wait_http_ok(url: &str, child: &mut Child, what: &str, log: &PathBuf) {
                 return;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not ready at {url} within {STARTUP:?}; log: {}",
-            log.display()
-        );
+        assert!(Instant::now() < deadline, "{what} not ready at {url} within {STARTUP:?}; log: {}", log.display());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 fn terminate(child: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
 }
 
 /// A real Apertium APY on a free port, killed on drop.
@@ -95,8 +83,7 @@ impl Apertium {
     }
 
     pub async fn start_on(port: u16) -> Self {
-        let modes = std::env::var("PARLEY_APERTIUM_MODES")
-            .unwrap_or_else(|_| "/usr/share/apertium/modes".into());
+        let modes = std::env::var("PARLEY_APERTIUM_MODES").unwrap_or_else(|_| "/usr/share/apertium/modes".into());
         let (log, path) = log_file("apertium");
         let mut child = Command::new("apertium-apy")
             .args(["-p", &port.to_string(), &modes])
@@ -105,13 +92,7 @@ impl Apertium {
             .spawn()
             .expect("apertium-apy is not installed: run scripts/test, which installs apertium-apy, apertium-eng-spa and apertium-eng-cat");
         let url = format!("http://127.0.0.1:{port}");
-        wait_http_ok(
-            &format!("{url}/listPairs"),
-            &mut child,
-            "apertium-apy",
-            &path,
-        )
-        .await;
+        wait_http_ok(&format!("{url}/listPairs"), &mut child, "apertium-apy", &path).await;
         Self { child, url }
     }
 }
@@ -149,11 +130,7 @@ impl Server {
             .stderr(log)
             .spawn()
             .unwrap();
-        Self {
-            child,
-            port,
-            log: path,
-        }
+        Self { child, port, log: path }
     }
 
     pub async fn ready(mut self) -> Self {
@@ -191,14 +168,7 @@ impl Drop for Server {
 
 /// Broker arguments for one isolated deployment.
 pub fn broker_args<'a>(prefix: &'a str, url: &'a str, languages: &'a str) -> Vec<&'a str> {
-    vec![
-        "--amqp-url",
-        url,
-        "--topology-prefix",
-        prefix,
-        "--languages",
-        languages,
-    ]
+    vec!["--amqp-url", url, "--topology-prefix", prefix, "--languages", languages]
 }
 
 /// POSTs a GraphQL operation and returns the whole response.
@@ -214,8 +184,7 @@ pub async fn graphql(url: &str, query: &str, variables: Value) -> Value {
         .unwrap()
 }
 
-pub const SEND: &str =
-    "mutation($chatId: ID!, $text: String!) { sendMessage(chatId: $chatId, text: $text) { id } }";
+pub const SEND: &str = "mutation($chatId: ID!, $text: String!) { sendMessage(chatId: $chatId, text: $text) { id } }";
 pub const SUBSCRIBE: &str = "subscription($chatId: ID!, $languages: [String!]) { messages(chatId: $chatId, languages: $languages) { id chatId seq language sourceLanguage original text sentAt } }";
 
 /// Sends `text` to `chat` with `sendMessage` over HTTP and returns the new message id.
@@ -267,13 +236,8 @@ impl WsClient {
     pub async fn connect(url: &str, wire: Wire) -> Self {
         let mut client = Self::connect_raw(url, wire).await;
         if wire != Wire::Plain {
-            client
-                .send_json(json!({"type": "connection_init", "payload": {}}))
-                .await;
-            let ack = client
-                .next_frame(DELIVERY)
-                .await
-                .expect("no connection_ack");
+            client.send_json(json!({"type": "connection_init", "payload": {}})).await;
+            let ack = client.next_frame(DELIVERY).await.expect("no connection_ack");
             assert_eq!(ack["type"], "connection_ack", "{ack}");
         }
         client
@@ -288,28 +252,16 @@ impl WsClient {
             Wire::Plain => None,
         };
         if let Some(protocol) = protocol {
-            request
-                .headers_mut()
-                .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+            request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
         }
         let (ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
-        let negotiated = response
-            .headers()
-            .get("Sec-WebSocket-Protocol")
-            .map(|v| v.to_str().unwrap().to_owned());
-        assert_eq!(
-            negotiated.as_deref(),
-            protocol,
-            "server must echo the subprotocol"
-        );
+        let negotiated = response.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(negotiated.as_deref(), protocol, "server must echo the subprotocol");
         Self { ws, wire }
     }
 
     pub async fn send_json(&mut self, value: Value) {
-        self.ws
-            .send(Message::Text(value.to_string().into()))
-            .await
-            .unwrap();
+        self.ws.send(Message::Text(value.to_string().into())).await.unwrap();
     }
 
     /// Starts operation `id` (subscription, query or mutation).
@@ -325,11 +277,7 @@ impl WsClient {
 
     /// Stops operation `id`.
     pub async fn stop(&mut self, id: &str) {
-        let kind = if self.wire == Wire::TransportWs {
-            "complete"
-        } else {
-            "stop"
-        };
+        let kind = if self.wire == Wire::TransportWs { "complete" } else { "stop" };
         self.send_json(json!({"type": kind, "id": id})).await;
     }
 
@@ -344,27 +292,13 @@ impl WsClient {
     pub async fn next(&mut self, within: Duration) -> Option<Received> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let frame = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()?;
+            let frame = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()?;
             let text = match frame {
-                None => {
-                    return Some(Received::Closed {
-                        code: None,
-                        reason: "stream ended".into(),
-                    })
-                }
-                Some(Err(err)) => {
-                    return Some(Received::Closed {
-                        code: None,
-                        reason: err.to_string(),
-                    })
-                }
+                None => return Some(Received::Closed { code: None, reason: "stream ended".into() }),
+                Some(Err(err)) => return Some(Received::Closed { code: None, reason: err.to_string() }),
                 Some(Ok(Message::Close(frame))) => {
                     let (code, reason) = frame
-                        .map(|CloseFrame { code, reason }| {
-                            (Some(u16::from(code)), reason.to_string())
-                        })
+                        .map(|CloseFrame { code, reason }| (Some(u16::from(code)), reason.to_string()))
                         .unwrap_or((None, String::new()));
                     return Some(Received::Closed { code, reason });
                 }
@@ -383,45 +317,24 @@ impl WsClient {
             let id = value["id"].as_str().map(str::to_owned);
             match value["type"].as_str().unwrap_or_default() {
                 "ka" | "ping" | "pong" => continue,
-                "connection_ack" => {
-                    return Some(Received::Next {
-                        id: None,
-                        payload: value,
-                    })
-                }
+                "connection_ack" => return Some(Received::Next { id: None, payload: value }),
                 "next" | "data" => {
                     let payload = value["payload"].clone();
-                    return Some(
-                        if payload["errors"].is_array() && payload["data"].is_null() {
-                            Received::Error { id, payload }
-                        } else {
-                            Received::Next { id, payload }
-                        },
-                    );
+                    return Some(if payload["errors"].is_array() && payload["data"].is_null() {
+                        Received::Error { id, payload }
+                    } else {
+                        Received::Next { id, payload }
+                    });
                 }
-                "error" => {
-                    return Some(Received::Error {
-                        id,
-                        payload: value["payload"].clone(),
-                    })
-                }
-                "complete" => {
-                    return Some(Received::Complete {
-                        id: id.unwrap_or_default(),
-                    })
-                }
+                "error" => return Some(Received::Error { id, payload: value["payload"].clone() }),
+                "complete" => return Some(Received::Complete { id: id.unwrap_or_default() }),
                 other => panic!("unexpected message type {other}: {value}"),
             }
         }
     }
 
     /// The `messages` payloads received for message `id` until `count` arrived or `within` passed.
-    pub async fn collect_message(
-        &mut self,
-        id: &str,
-        count: usize,
-        within: Duration,
-    ) -> Vec<Value> {
+    pub async fn collect_message(&mut self, id: &str, count: usize, within: Duration) -> Vec<Value> {
         let deadline = tokio::time::Instant::now() + within;
         let mut found = Vec::new();
         while found.len() < count {
@@ -445,33 +358,15 @@ impl WsClient {
 
     /// Subscribes to `messages(chatId, languages)` as operation `op` and returns once the gateway
     /// demonstrably routes this chat to the subscriber (a warm-up message sent over HTTP arrived).
-    pub async fn subscribe_messages(
-        &mut self,
-        op: &str,
-        http: &str,
-        chat: &str,
-        languages: Option<&[&str]>,
-    ) {
-        self.start(
-            op,
-            SUBSCRIBE,
-            json!({"chatId": chat, "languages": languages}),
-        )
-        .await;
+    pub async fn subscribe_messages(&mut self, op: &str, http: &str, chat: &str, languages: Option<&[&str]>) {
+        self.start(op, SUBSCRIBE, json!({"chatId": chat, "languages": languages})).await;
         let deadline = Instant::now() + STARTUP;
         loop {
             let warmup = send(http, chat, "warm-up").await;
-            if !self
-                .collect_message(&warmup, 1, Duration::from_millis(500))
-                .await
-                .is_empty()
-            {
+            if !self.collect_message(&warmup, 1, Duration::from_millis(500)).await.is_empty() {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "subscription to {chat} never became live"
-            );
+            assert!(Instant::now() < deadline, "subscription to {chat} never became live");
         }
     }
 
@@ -500,17 +395,10 @@ pub fn assert_translated_good_morning(messages: &[Value], id: &str) {
         assert_eq!(m["id"], id);
         assert_eq!(m["sourceLanguage"], "en");
     }
-    let mut seqs: Vec<i64> = messages
-        .iter()
-        .map(|m| m["seq"].as_i64().unwrap())
-        .collect();
+    let mut seqs: Vec<i64> = messages.iter().map(|m| m["seq"].as_i64().unwrap()).collect();
     seqs.sort();
     seqs.dedup();
-    assert_eq!(
-        seqs.len(),
-        messages.len(),
-        "every delivery gets its own sequence number: {messages:?}"
-    );
+    assert_eq!(seqs.len(), messages.len(), "every delivery gets its own sequence number: {messages:?}");
 }
 
 /// A whole chat deployment over RabbitMQ as separate processes: gateways, a fanout, one translator per language.
@@ -527,23 +415,14 @@ impl Deployment {
         let prefix = unique_prefix(test);
         let url = amqp_url();
         let list = languages.join(",");
-        let apertium = if languages.is_empty() {
-            None
-        } else {
-            Some(Apertium::start().await)
-        };
+        let apertium = if languages.is_empty() { None } else { Some(Apertium::start().await) };
         let broker = broker_args(&prefix, &url, &list);
-        let spawned_gateways: Vec<Server> = (0..gateways)
-            .map(|_| Server::spawn(&[&["gateway"], broker.as_slice()].concat()))
-            .collect();
+        let spawned_gateways: Vec<Server> =
+            (0..gateways).map(|_| Server::spawn(&[&["gateway"], broker.as_slice()].concat())).collect();
         let fanout = Server::spawn(&[&["fanout"], broker.as_slice()].concat());
         let mut translators = Vec::new();
         for language in languages {
-            translators.push(Self::spawn_translator(
-                &prefix,
-                language,
-                apertium.as_ref().unwrap(),
-            ));
+            translators.push(Self::spawn_translator(&prefix, language, apertium.as_ref().unwrap()));
         }
         let mut ready_gateways = Vec::new();
         for gateway in spawned_gateways {
@@ -554,13 +433,7 @@ impl Deployment {
         for translator in translators {
             ready_translators.push(translator.ready().await);
         }
-        Self {
-            prefix,
-            apertium,
-            gateways: ready_gateways,
-            fanout,
-            translators: ready_translators,
-        }
+        Self { prefix, apertium, gateways: ready_gateways, fanout, translators: ready_translators }
     }
 
     pub fn spawn_translator(prefix: &str, language: &str, apertium: &Apertium) -> Server {
