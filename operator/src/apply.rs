@@ -18,39 +18,26 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
     build::Desired,
+    keda::{ScaledObject, TriggerAuthentication},
     names::{Names, FIELD_MANAGER},
 };
 
 async fn apply_one<K>(client: &Client, namespace: &str, object: &K) -> Result<K, kube::Error>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Serialize
-        + DeserializeOwned
-        + Clone
-        + Debug,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch(&object.name_any(), &params, &Patch::Apply(object))
-        .await
+    api.patch(&object.name_any(), &params, &Patch::Apply(object)).await
 }
 
 /// Deletes the objects of kind `K` that carry this ChatDeployment's ownership labels but are not in `keep`.
-async fn prune_kind<K>(
-    client: &Client,
-    names: &Names,
-    keep: &HashSet<String>,
-) -> Result<Vec<String>, kube::Error>
+async fn prune_kind<K>(client: &Client, names: &Names, keep: &HashSet<String>) -> Result<Vec<String>, kube::Error>
 where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + DeserializeOwned
-        + Clone
-        + Debug,
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + Debug,
 {
     let api: Api<K> = Api::namespaced(client.clone(), &names.namespace);
-    let owned = api
-        .list(&ListParams::default().labels(&names.owned_selector()))
-        .await?;
+    let owned = api.list(&ListParams::default().labels(&names.owned_selector())).await?;
     let mut deleted = Vec::new();
     for object in owned.items {
         let name = object.name_any();
@@ -63,17 +50,19 @@ where
 }
 
 /// Applies everything in `desired` and returns the Deployments as the API server now has them.
-pub async fn apply(
-    client: &Client,
-    namespace: &str,
-    desired: &Desired,
-) -> Result<Vec<Deployment>, kube::Error> {
+pub async fn apply(client: &Client, namespace: &str, desired: &Desired) -> Result<Vec<Deployment>, kube::Error> {
     apply_one(client, namespace, &desired.config_map).await?;
     for service in &desired.services {
         apply_one(client, namespace, service).await?;
     }
     for budget in &desired.disruption_budgets {
         apply_one(client, namespace, budget).await?;
+    }
+    for scaled in &desired.scaled_objects {
+        apply_one(client, namespace, scaled).await?;
+    }
+    for auth in &desired.trigger_authentications {
+        apply_one(client, namespace, auth).await?;
     }
     let mut deployments = Vec::new();
     for deployment in &desired.deployments {
@@ -83,53 +72,29 @@ pub async fn apply(
 }
 
 /// Deletes owned objects that are no longer desired (a removed language's Deployment); returns `Kind/name` of each.
+/// KEDA objects are pruned only where the KEDA CRDs are installed.
 pub async fn prune(
     client: &Client,
     names: &Names,
     desired: &Desired,
+    keda_installed: bool,
 ) -> Result<Vec<String>, kube::Error> {
-    let set = |names: Vec<Option<String>>| names.into_iter().flatten().collect::<HashSet<_>>();
-    let mut deleted = prune_kind::<Deployment>(
-        client,
-        names,
-        &set(desired
-            .deployments
-            .iter()
-            .map(|o| o.metadata.name.clone())
-            .collect()),
-    )
-    .await?;
-    deleted.extend(
-        prune_kind::<Service>(
-            client,
-            names,
-            &set(desired
-                .services
-                .iter()
-                .map(|o| o.metadata.name.clone())
-                .collect()),
-        )
-        .await?,
-    );
-    deleted.extend(
-        prune_kind::<PodDisruptionBudget>(
-            client,
-            names,
-            &set(desired
-                .disruption_budgets
-                .iter()
-                .map(|o| o.metadata.name.clone())
-                .collect()),
-        )
-        .await?,
-    );
-    deleted.extend(
-        prune_kind::<ConfigMap>(
-            client,
-            names,
-            &set(vec![desired.config_map.metadata.name.clone()]),
-        )
-        .await?,
-    );
+    fn keep<'a>(names: impl Iterator<Item = &'a Option<String>>) -> HashSet<String> {
+        names.flatten().cloned().collect()
+    }
+    let mut deleted =
+        prune_kind::<Deployment>(client, names, &keep(desired.deployments.iter().map(|o| &o.metadata.name))).await?;
+    deleted
+        .extend(prune_kind::<Service>(client, names, &keep(desired.services.iter().map(|o| &o.metadata.name))).await?);
+    let budgets = keep(desired.disruption_budgets.iter().map(|o| &o.metadata.name));
+    deleted.extend(prune_kind::<PodDisruptionBudget>(client, names, &budgets).await?);
+    let config_maps = keep(std::iter::once(&desired.config_map.metadata.name));
+    deleted.extend(prune_kind::<ConfigMap>(client, names, &config_maps).await?);
+    if keda_installed {
+        let scaled = keep(desired.scaled_objects.iter().map(|o| &o.metadata.name));
+        deleted.extend(prune_kind::<ScaledObject>(client, names, &scaled).await?);
+        let auths = keep(desired.trigger_authentications.iter().map(|o| &o.metadata.name));
+        deleted.extend(prune_kind::<TriggerAuthentication>(client, names, &auths).await?);
+    }
     Ok(deleted)
 }

@@ -38,10 +38,7 @@ impl BrokerError {
     }
 
     pub fn report(&self) -> BrokerReport {
-        BrokerReport::Failed {
-            reason: self.reason().into(),
-            message: self.to_string(),
-        }
+        BrokerReport::Failed { reason: self.reason().into(), message: self.to_string() }
     }
 }
 
@@ -50,9 +47,7 @@ async fn connect(url: &str) -> Result<Connection, BrokerError> {
     match tokio::time::timeout(BROKER_TIMEOUT, Connection::connect(url, props)).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(err)) => Err(BrokerError::Unreachable(err.to_string())),
-        Err(_) => Err(BrokerError::Unreachable(format!(
-            "no answer within {BROKER_TIMEOUT:?}"
-        ))),
+        Err(_) => Err(BrokerError::Unreachable(format!("no answer within {BROKER_TIMEOUT:?}"))),
     }
 }
 
@@ -78,43 +73,29 @@ pub async fn sync(
 ) -> Result<SyncOutcome, BrokerError> {
     let connection = connect(url).await?;
     let result = async {
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(BrokerError::Channel)?;
+        let channel = connection.create_channel().await.map_err(BrokerError::Channel)?;
         parley_topology::declare(&channel, topology, languages).await?;
         let mut outcome = SyncOutcome::default();
         for language in languages {
             // A missing queue closes the channel, so each look gets its own.
-            let look = connection
-                .create_channel()
-                .await
-                .map_err(BrokerError::Channel)?;
-            let depth =
-                parley_topology::queue_depth(&look, &topology.translate_queue(language)).await?;
-            outcome
-                .backlogs
-                .insert(language.clone(), depth.map_or(0, |d| i64::from(d.messages)));
+            let look = connection.create_channel().await.map_err(BrokerError::Channel)?;
+            let depth = parley_topology::queue_depth(&look, &topology.translate_queue(language)).await?;
+            outcome.backlogs.insert(language.clone(), depth.map_or(0, |d| i64::from(d.messages)));
         }
         for removed in draining {
-            let look = connection
-                .create_channel()
-                .await
-                .map_err(BrokerError::Channel)?;
-            let backlog =
-                parley_topology::queue_depth(&look, &topology.translate_queue(&removed.language))
-                    .await?
-                    .map(|d| i64::from(d.messages));
+            // Stop the removed language's queue from taking new messages, so it can drain.
+            let unbind = connection.create_channel().await.map_err(BrokerError::Channel)?;
+            parley_topology::unbind_language(&unbind, topology, &removed.language).await?;
+            let look = connection.create_channel().await.map_err(BrokerError::Channel)?;
+            let backlog = parley_topology::queue_depth(&look, &topology.translate_queue(&removed.language))
+                .await?
+                .map(|d| i64::from(d.messages));
             let timed_out = elapsed(&removed.since) >= drain_timeout;
             match backlog {
                 None => {}
                 Some(left) if left == 0 || timed_out => {
-                    let delete = connection
-                        .create_channel()
-                        .await
-                        .map_err(BrokerError::Channel)?;
-                    parley_topology::delete_language(&delete, topology, &removed.language, false)
-                        .await?;
+                    let delete = connection.create_channel().await.map_err(BrokerError::Channel)?;
+                    parley_topology::delete_language(&delete, topology, &removed.language, false).await?;
                     outcome.deleted.push((removed.language.clone(), left));
                 }
                 Some(left) => {
@@ -131,17 +112,10 @@ pub async fn sync(
 }
 
 /// Deletes every exchange and queue of the topology (the finalizer's work).
-pub async fn remove(
-    url: &str,
-    topology: &Topology,
-    languages: &[String],
-) -> Result<(), BrokerError> {
+pub async fn remove(url: &str, topology: &Topology, languages: &[String]) -> Result<(), BrokerError> {
     let connection = connect(url).await?;
     let result = async {
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(BrokerError::Channel)?;
+        let channel = connection.create_channel().await.map_err(BrokerError::Channel)?;
         parley_topology::delete_all(&channel, topology, languages).await?;
         Ok(())
     }

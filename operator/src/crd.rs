@@ -119,15 +119,75 @@ pub struct TranslationSpec {
     pub api_key_secret_ref: Option<SecretKeyRef>,
 }
 
+/// One target language. Set `replicas` for a fixed count, `autoscaling` to scale on the queue
+/// backlog, or neither to leave replicas to `kubectl scale` or an HPA.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.replicas) || !has(self.autoscaling)",
+    "message": "replicas and autoscaling are mutually exclusive"
+}]))]
 pub struct LanguageSpec {
     /// ISO 639-1 code of the target language, e.g. "de" or "pt-BR".
     #[schemars(regex(pattern = r"^[a-z]{2,3}(-[A-Za-z0-9]+)?$"))]
     pub code: String,
-    /// Translator replicas for this language.
+    /// Fixed translator replicas for this language.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub replicas: Option<i32>,
+    /// Scale this language's translators on its queue backlog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// Who scales a language's translators.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoscalingMode {
+    /// The operator polls the queue and sets replicas itself.
+    #[default]
+    Builtin,
+    /// The operator emits a KEDA ScaledObject (rabbitmq trigger) and KEDA scales.
+    Keda,
+}
+
+/// Scaling bounds of one language.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.minReplicas <= self.maxReplicas",
+    "message": "minReplicas must not exceed maxReplicas"
+}]))]
+pub struct AutoscalingSpec {
+    /// builtin (default) or keda.
+    #[serde(default)]
+    pub mode: AutoscalingMode,
+    /// Fewest replicas; 0 lets an idle language sleep until a message waits.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: i32,
+    /// Most replicas.
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+    /// Waiting messages one replica is expected to handle.
+    #[serde(default = "default_target_backlog")]
+    #[schemars(range(min = 1))]
+    pub target_backlog: i64,
+    /// Seconds the backlog must stay low before replicas go down.
+    #[serde(default = "default_stabilization")]
+    #[schemars(range(min = 0))]
+    pub scale_down_stabilization_seconds: i64,
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+fn default_target_backlog() -> i64 {
+    100
+}
+
+fn default_stabilization() -> i64 {
+    120
 }
 
 /// Replicas and pod settings of one role.
@@ -232,4 +292,10 @@ pub struct TranslatorStatus {
     /// Set while a removed language's queue drains: when the removal was first seen (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_since: Option<String>,
+    /// Replicas the builtin autoscaler wants now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// When the builtin autoscaler last changed the replicas (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
 }

@@ -16,6 +16,8 @@ use kube::{
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often the leader renews.
 pub const RENEW_INTERVAL: Duration = Duration::from_secs(5);
+/// A leader that could not renew for this long stops leading: shorter than the lease, so two never lead at once.
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 
 pub struct LeaderElector {
     api: Api<Lease>,
@@ -25,11 +27,7 @@ pub struct LeaderElector {
 
 impl LeaderElector {
     pub fn new(client: Client, namespace: &str, name: &str, identity: &str) -> Self {
-        Self {
-            api: Api::namespaced(client, namespace),
-            name: name.into(),
-            identity: identity.into(),
-        }
+        Self { api: Api::namespaced(client, namespace), name: name.into(), identity: identity.into() }
     }
 
     fn spec(&self, now: Timestamp, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
@@ -48,10 +46,7 @@ impl LeaderElector {
         let now = Timestamp::now();
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.name.clone()),
-                    ..Default::default()
-                },
+                metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
                 spec: Some(self.spec(now, 0, None)),
             };
             return match self.api.create(&PostParams::default(), &lease).await {
@@ -63,26 +58,16 @@ impl LeaderElector {
         let spec = lease.spec.clone().unwrap_or_default();
         let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
         let expired = spec.renew_time.as_ref().is_none_or(|renewed| {
-            let duration = spec
-                .lease_duration_seconds
-                .unwrap_or(LEASE_DURATION.as_secs() as i32);
+            let duration = spec.lease_duration_seconds.unwrap_or(LEASE_DURATION.as_secs() as i32);
             renewed.0 + Duration::from_secs(duration.max(0) as u64) < now
         });
         if !mine && !expired {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
-        lease.spec = Some(self.spec(
-            now,
-            transitions,
-            if mine { spec.acquire_time } else { None },
-        ));
+        lease.spec = Some(self.spec(now, transitions, if mine { spec.acquire_time } else { None }));
         // The resourceVersion in `lease` makes this a compare-and-swap: a racing candidate gets 409.
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(err) => Err(err),
@@ -96,10 +81,7 @@ impl LeaderElector {
                 if spec.holder_identity.as_deref() == Some(self.identity.as_str()) {
                     spec.holder_identity = None;
                     spec.renew_time = None;
-                    let _ = self
-                        .api
-                        .replace(&self.name, &PostParams::default(), &lease)
-                        .await;
+                    let _ = self.api.replace(&self.name, &PostParams::default(), &lease).await;
                 }
             }
         }

@@ -3,10 +3,12 @@
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod autoscale;
 pub mod broker;
 pub mod build;
 pub mod controller;
 pub mod crd;
+pub mod keda;
 pub mod leader;
 pub mod metrics;
 pub mod names;

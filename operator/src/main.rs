@@ -8,11 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(
-    name = "operator",
-    version,
-    about = "Parley operator: reconciles ChatDeployments into running chats"
-)]
+#[command(name = "operator", version, about = "Parley operator: reconciles ChatDeployments into running chats")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,12 +21,7 @@ enum Command {
     /// Run the controller.
     Run {
         /// Namespaces to watch (comma-separated); all namespaces when empty.
-        #[arg(
-            long,
-            env = "PARLEY_WATCH_NAMESPACES",
-            default_value = "",
-            value_delimiter = ','
-        )]
+        #[arg(long, env = "PARLEY_WATCH_NAMESPACES", default_value = "", value_delimiter = ',')]
         namespaces: Vec<String>,
         /// Address of /healthz, /readyz and /metrics.
         #[arg(long, env = "PARLEY_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
@@ -47,6 +38,9 @@ enum Command {
         /// This replica's identity in the Lease.
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
+        /// Seconds between backlog polls of languages with builtin autoscaling.
+        #[arg(long, env = "PARLEY_AUTOSCALE_INTERVAL_SECS", default_value_t = 10)]
+        autoscale_interval_secs: u64,
         /// Log as JSON lines.
         #[arg(long, env = "PARLEY_LOG_JSON", default_value_t = true, action = clap::ArgAction::Set)]
         json_logs: bool,
@@ -61,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run {
+            autoscale_interval_secs,
             namespaces,
             listen,
             chat_server_image,
@@ -69,8 +64,7 @@ async fn main() -> anyhow::Result<()> {
             identity,
             json_logs,
         } => {
-            let filter = EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
+            let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
             let logs = tracing_subscriber::fmt().with_env_filter(filter);
             if json_logs {
                 logs.json().init();
@@ -81,9 +75,8 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn({
                 let stop = stop.clone();
                 async move {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .expect("SIGTERM handler");
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
                     tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
                     tracing::info!("shutting down");
                     stop.cancel();
@@ -95,7 +88,8 @@ async fn main() -> anyhow::Result<()> {
                 namespaces,
                 listen,
                 settings: Settings {
-                    default_image: chat_server_image,
+                    autoscale_interval: std::time::Duration::from_secs(autoscale_interval_secs.max(1)),
+                    ..Settings::new(chat_server_image)
                 },
                 lease_namespace,
                 lease_name,

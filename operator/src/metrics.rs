@@ -4,13 +4,20 @@ use std::{sync::Mutex, time::Instant};
 
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LanguageLabels {
+    pub namespace: String,
+    pub chat: String,
+    pub language: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -23,6 +30,8 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Family<ResultLabels, Histogram>,
+    pub backlog: Family<LanguageLabels, Gauge>,
+    pub desired_replicas: Family<LanguageLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -32,54 +41,36 @@ impl Default for Metrics {
         let duration = Family::<ResultLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
         });
+        let backlog = Family::<LanguageLabels, Gauge>::default();
+        let desired_replicas = Family::<LanguageLabels, Gauge>::default();
         let mut registry = Registry::with_prefix("parley_operator");
+        registry.register("translator_backlog", "Ready messages waiting in a language's queue", backlog.clone());
         registry.register(
-            "reconciles",
-            "Reconciliations by result",
-            reconciles.clone(),
+            "translator_desired_replicas",
+            "Replicas the builtin autoscaler wants for a language",
+            desired_replicas.clone(),
         );
-        registry.register(
-            "reconcile_errors",
-            "Reconciliation errors by kind",
-            errors.clone(),
-        );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Reconciliation duration by result",
-            duration.clone(),
-        );
-        Self {
-            registry: Mutex::new(registry),
-            reconciles,
-            errors,
-            duration,
-        }
+        registry.register("reconciles", "Reconciliations by result", reconciles.clone());
+        registry.register("reconcile_errors", "Reconciliation errors by kind", errors.clone());
+        registry.register("reconcile_duration_seconds", "Reconciliation duration by result", duration.clone());
+        Self { registry: Mutex::new(registry), reconciles, errors, duration, backlog, desired_replicas }
     }
 }
 
 impl Metrics {
     /// Starts timing a reconcile; the timer records when dropped (as "error" unless marked ok).
     pub fn timer(&self) -> ReconcileTimer<'_> {
-        ReconcileTimer {
-            metrics: self,
-            start: Instant::now(),
-            result: "error",
-        }
+        ReconcileTimer { metrics: self, start: Instant::now(), result: "error" }
     }
 
     pub fn error(&self, label: &str) {
-        self.errors
-            .get_or_create(&ErrorLabels {
-                error: label.to_owned(),
-            })
-            .inc();
+        self.errors.get_or_create(&ErrorLabels { error: label.to_owned() }).inc();
     }
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        encode(&mut out, &self.registry.lock().expect("registry lock"))
-            .expect("metrics always encode");
+        encode(&mut out, &self.registry.lock().expect("registry lock")).expect("metrics always encode");
         out
     }
 }
@@ -98,13 +89,8 @@ impl ReconcileTimer<'_> {
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
-        let labels = ResultLabels {
-            result: self.result.to_owned(),
-        };
+        let labels = ResultLabels { result: self.result.to_owned() };
         self.metrics.reconciles.get_or_create(&labels).inc();
-        self.metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(self.start.elapsed().as_secs_f64());
+        self.metrics.duration.get_or_create(&labels).observe(self.start.elapsed().as_secs_f64());
     }
 }

@@ -44,10 +44,7 @@ pub struct Names {
 
 impl Names {
     pub fn new(instance: &str, namespace: &str) -> Self {
-        Self {
-            instance: instance.to_owned(),
-            namespace: namespace.to_owned(),
-        }
+        Self { instance: instance.to_owned(), namespace: namespace.to_owned() }
     }
 
     pub fn config_map(&self) -> String {
@@ -63,11 +60,12 @@ impl Names {
     }
 
     pub fn translator(&self, language: &str) -> String {
-        format!(
-            "{}-translator-{}",
-            self.instance,
-            language.to_ascii_lowercase()
-        )
+        format!("{}-translator-{}", self.instance, language.to_ascii_lowercase())
+    }
+
+    /// The KEDA TriggerAuthentication that reads the broker URI.
+    pub fn broker_auth(&self) -> String {
+        format!("{}-broker", self.instance)
     }
 
     /// `host:port` of the gateway Service inside the cluster.
@@ -78,14 +76,8 @@ impl Names {
     /// Labels that select one role's pods (and one language's, for translators).
     pub fn selector(&self, role: Role, language: Option<&str>) -> BTreeMap<String, String> {
         let mut labels = BTreeMap::from([
-            (
-                "app.kubernetes.io/instance".to_owned(),
-                self.instance.clone(),
-            ),
-            (
-                "app.kubernetes.io/component".to_owned(),
-                role.as_str().to_owned(),
-            ),
+            ("app.kubernetes.io/instance".to_owned(), self.instance.clone()),
+            ("app.kubernetes.io/component".to_owned(), role.as_str().to_owned()),
         ]);
         if let Some(language) = language {
             labels.insert(LANGUAGE_LABEL.to_owned(), language.to_owned());
@@ -99,10 +91,7 @@ impl Names {
         labels.extend([
             ("app.kubernetes.io/name".to_owned(), "parley".to_owned()),
             ("app.kubernetes.io/part-of".to_owned(), "parley".to_owned()),
-            (
-                "app.kubernetes.io/managed-by".to_owned(),
-                MANAGED_BY.to_owned(),
-            ),
+            ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
             (DEPLOYMENT_LABEL.to_owned(), self.instance.clone()),
             (ROLE_LABEL.to_owned(), role.as_str().to_owned()),
         ]);
@@ -111,9 +100,6 @@ impl Names {
 
     /// Label selector of everything this operator owns for this ChatDeployment (for pruning).
     pub fn owned_selector(&self) -> String {
-        format!(
-            "{DEPLOYMENT_LABEL}={},app.kubernetes.io/managed-by={MANAGED_BY}",
-            self.instance
-        )
+        format!("{DEPLOYMENT_LABEL}={},app.kubernetes.io/managed-by={MANAGED_BY}", self.instance)
     }
 }

@@ -1,11 +1,8 @@
 //! The operator process: leader election, controllers for the watched namespaces, health and metrics, graceful shutdown.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
 };
 
 use anyhow::Context as _;
@@ -16,7 +13,13 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Secret, Service},
 };
 use kube::{
-    runtime::{events::Reporter, reflector::ObjectRef, watcher, Controller},
+    api::PartialObjectMeta,
+    runtime::{
+        events::Reporter,
+        predicates,
+        reflector::{self, ObjectRef},
+        watcher, Controller, Predicate, WatchStreamExt,
+    },
     Api, Client, ResourceExt,
 };
 use tokio_util::sync::CancellationToken;
@@ -24,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     controller::{error_policy, reconcile, Context, Settings},
     crd::ChatDeployment,
-    leader::{LeaderElector, RENEW_INTERVAL},
+    leader::{LeaderElector, RENEW_DEADLINE, RENEW_INTERVAL},
     metrics::Metrics,
 };
 
@@ -59,17 +62,34 @@ fn health_and_metrics(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
             "/metrics",
             get(move || {
                 let text = metrics.encode();
-                async move {
-                    (
-                        [(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        text,
-                    )
-                }
+                async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text) }
             }),
         )
+}
+
+/// The ChatDeployments in `chats` that reference the Secret `name` in `namespace` (broker or API key),
+/// so a changed credential rolls their pods.
+pub fn referencing_secret(
+    chats: &[Arc<ChatDeployment>],
+    namespace: Option<&str>,
+    name: &str,
+) -> Vec<ObjectRef<ChatDeployment>> {
+    chats
+        .iter()
+        .filter(|chat| {
+            chat.namespace().as_deref() == namespace
+                && (chat.spec.broker.secret_ref.name == name
+                    || chat.spec.translation.api_key_secret_ref.as_ref().is_some_and(|r| r.name == name))
+        })
+        .map(|chat| ObjectRef::from_obj(&**chat))
+        .collect()
+}
+
+fn scoped<K>(client: &Client, scope: Option<&String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    scope.map_or_else(|| Api::all(client.clone()), |ns| Api::namespaced(client.clone(), ns))
 }
 
 /// One controller over `api`: ChatDeployments, the objects they own, and the Secrets they reference.
@@ -80,54 +100,30 @@ async fn control(
     ctx: Arc<Context>,
     stop: CancellationToken,
 ) {
-    let owned = |client: &Client| match &scope {
-        Some(ns) => Api::<Deployment>::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let services: Api<Service> = scope.as_ref().map_or_else(
-        || Api::all(client.clone()),
-        |ns| Api::namespaced(client.clone(), ns),
-    );
-    let config_maps: Api<ConfigMap> = scope.as_ref().map_or_else(
-        || Api::all(client.clone()),
-        |ns| Api::namespaced(client.clone(), ns),
-    );
-    let secrets: Api<Secret> = scope.as_ref().map_or_else(
-        || Api::all(client.clone()),
-        |ns| Api::namespaced(client.clone(), ns),
-    );
-    let owned_only =
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=parley-operator");
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
-    let store = controller.store();
-    controller
-        .owns(owned(&client), owned_only.clone())
-        .owns(services, owned_only.clone())
-        .owns(config_maps, owned_only)
-        .watches(
-            secrets,
-            watcher::Config::default(),
-            move |secret: Secret| {
-                // A changed broker or API-key Secret rolls the pods of every ChatDeployment that references it.
-                let namespace = secret.namespace();
-                let name = secret.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|chat| {
-                        chat.namespace() == namespace
-                            && (chat.spec.broker.secret_ref.name == name
-                                || chat
-                                    .spec
-                                    .translation
-                                    .api_key_secret_ref
-                                    .as_ref()
-                                    .is_some_and(|r| r.name == name))
-                    })
-                    .map(|chat| ObjectRef::from_obj(&*chat))
-                    .collect::<Vec<_>>()
-            },
-        )
+    let owned_only = watcher::Config::default().labels("app.kubernetes.io/managed-by=parley-operator");
+    // Only spec, annotation (pause) and finalizer changes wake a ChatDeployment: its own status
+    // writes (backlogs change all the time) must not, or busy chats would reconcile in a loop.
+    let (reader, writer) = reflector::store();
+    let chats = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
+            Default::default(),
+        );
+    // Secrets by metadata only: the reconcile reads the one it needs.
+    let secrets = watcher(scoped::<PartialObjectMeta<Secret>>(&client, scope.as_ref()), watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let store = reader.clone();
+    Controller::for_stream(chats, reader)
+        .owns(scoped::<Deployment>(&client, scope.as_ref()), owned_only.clone())
+        .owns(scoped::<Service>(&client, scope.as_ref()), owned_only.clone())
+        .owns(scoped::<ConfigMap>(&client, scope.as_ref()), owned_only)
+        .watches_stream(secrets, move |secret| {
+            referencing_secret(&store.state(), secret.metadata.namespace.as_deref(), &secret.name_any())
+        })
         .graceful_shutdown_on(stop.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -140,9 +136,7 @@ async fn control(
 }
 
 pub async fn run(options: RunOptions, stop: CancellationToken) -> anyhow::Result<()> {
-    let client = Client::try_default()
-        .await
-        .context("no Kubernetes configuration found (in-cluster or KUBECONFIG)")?;
+    let client = Client::try_default().await.context("no Kubernetes configuration found (in-cluster or KUBECONFIG)")?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -152,12 +146,7 @@ pub async fn run(options: RunOptions, stop: CancellationToken) -> anyhow::Result
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
-    let elector = LeaderElector::new(
-        client.clone(),
-        &options.lease_namespace,
-        &options.lease_name,
-        &options.identity,
-    );
+    let elector = LeaderElector::new(client.clone(), &options.lease_namespace, &options.lease_name, &options.identity);
     tracing::info!(lease = %options.lease_name, identity = %options.identity, "waiting for leadership");
     // Standbys are ready: they serve health and take over when the leader's lease lapses.
     ready.store(true, Ordering::Relaxed);
@@ -181,73 +170,74 @@ pub async fn run(options: RunOptions, stop: CancellationToken) -> anyhow::Result
         let lost = lost.clone();
         let stop = stop.clone();
         async move {
-            let mut failures_since = None::<tokio::time::Instant>;
+            let mut last_renewal = tokio::time::Instant::now();
             loop {
                 tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(RENEW_INTERVAL) => {} }
-                match elector.try_acquire().await {
-                    Ok(true) => failures_since = None,
-                    result => {
-                        let since = *failures_since.get_or_insert_with(tokio::time::Instant::now);
-                        if matches!(result, Ok(false)) || since.elapsed() > Duration::from_secs(10)
-                        {
-                            tracing::error!("lost the leader lease; stopping");
-                            lost.cancel();
-                            controllers.cancel();
-                            return;
-                        }
-                    }
+                match tokio::time::timeout(RENEW_INTERVAL, elector.try_acquire()).await {
+                    Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+                    Ok(Ok(false)) => {}
+                    Ok(Err(err)) => tracing::warn!(error = %err, "failed to renew the leader lease"),
+                    Err(_) => tracing::warn!("renewing the leader lease timed out"),
+                }
+                // Stop before the lease can expire, so a standby never leads while this one still does.
+                if last_renewal.elapsed() >= RENEW_DEADLINE {
+                    tracing::error!("lost the leader lease; stopping");
+                    lost.cancel();
+                    controllers.cancel();
+                    stop.cancel();
+                    return;
                 }
             }
         }
     };
-    let reporter = Reporter {
-        controller: "parley-operator".into(),
-        instance: Some(options.identity.clone()),
-    };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        reporter,
-        metrics,
-        options.settings.clone(),
-    ));
+    let reporter = Reporter { controller: "parley-operator".into(), instance: Some(options.identity.clone()) };
+    let ctx = Arc::new(Context::new(client.clone(), reporter, metrics, options.settings.clone()));
     let mut runs = Vec::new();
     if options.namespaces.is_empty() {
-        runs.push(
-            control(
-                client.clone(),
-                Api::all(client.clone()),
-                None,
-                ctx.clone(),
-                controllers.clone(),
-            )
-            .boxed(),
-        );
+        runs.push(control(client.clone(), Api::all(client.clone()), None, ctx.clone(), controllers.clone()).boxed());
     } else {
         for ns in &options.namespaces {
             let api = Api::namespaced(client.clone(), ns);
-            runs.push(
-                control(
-                    client.clone(),
-                    api,
-                    Some(ns.clone()),
-                    ctx.clone(),
-                    controllers.clone(),
-                )
-                .boxed(),
-            );
+            runs.push(control(client.clone(), api, Some(ns.clone()), ctx.clone(), controllers.clone()).boxed());
         }
     }
     let renew = tokio::spawn(renewer);
     futures_util::future::join_all(runs).await;
     renew.abort();
-    let elector = LeaderElector::new(
-        client,
-        &options.lease_namespace,
-        &options.lease_name,
-        &options.identity,
-    );
+    let elector = LeaderElector::new(client, &options.lease_namespace, &options.lease_name, &options.identity);
     elector.release().await;
     let _ = server.await;
     anyhow::ensure!(!lost.is_cancelled(), "leadership lost");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ChatDeploymentSpec, SecretKeyRef, TranslationSpec};
+
+    fn chat(namespace: &str, name: &str, broker: &str, api_key: Option<&str>) -> Arc<ChatDeployment> {
+        let mut spec = ChatDeploymentSpec::default();
+        spec.broker.secret_ref = SecretKeyRef { name: broker.into(), key: "uri".into() };
+        spec.translation = TranslationSpec {
+            api_key_secret_ref: api_key.map(|n| SecretKeyRef { name: n.into(), key: "key".into() }),
+            ..Default::default()
+        };
+        let mut chat = ChatDeployment::new(name, spec);
+        chat.metadata.namespace = Some(namespace.into());
+        Arc::new(chat)
+    }
+
+    #[test]
+    fn a_secret_wakes_the_chat_deployments_of_its_namespace_that_reference_it() {
+        let chats = vec![
+            chat("events", "a", "rabbitmq", None),
+            chat("events", "b", "other", Some("rabbitmq")),
+            chat("events", "c", "other", None),
+            chat("elsewhere", "d", "rabbitmq", None),
+        ];
+        let woken: Vec<String> =
+            referencing_secret(&chats, Some("events"), "rabbitmq").into_iter().map(|r| r.name).collect();
+        assert_eq!(woken, vec!["a", "b"]);
+    }
 }

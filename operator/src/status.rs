@@ -19,6 +19,18 @@ pub const BROKER_READY: &str = "BrokerReady";
 pub const GATEWAY_READY: &str = "GatewayReady";
 pub const TRANSLATORS_READY: &str = "TranslatorsReady";
 pub const FANOUT_READY: &str = "FanoutReady";
+pub const AUTOSCALING_READY: &str = "AutoscalingReady";
+
+/// What the autoscaling step decided and found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScalingReport {
+    /// Replicas the builtin autoscaler wants, by language.
+    pub desired: BTreeMap<String, i32>,
+    /// When each builtin-autoscaled language last changed replicas (RFC 3339).
+    pub last_scale: BTreeMap<String, String>,
+    /// Languages in KEDA mode, and whether the KEDA CRDs are installed.
+    pub keda: Option<(Vec<String>, bool)>,
+}
 
 /// What the broker step found.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,11 +49,7 @@ pub struct Draining {
 }
 
 /// Languages the previous status listed that the spec no longer has, with when their removal was first seen.
-pub fn draining(
-    previous: Option<&ChatDeploymentStatus>,
-    languages: &[String],
-    now: &str,
-) -> Vec<Draining> {
+pub fn draining(previous: Option<&ChatDeploymentStatus>, languages: &[String], now: &str) -> Vec<Draining> {
     previous
         .map(|s| s.translators.as_slice())
         .unwrap_or_default()
@@ -63,22 +71,12 @@ struct Observed {
 }
 
 fn observe(deployments: &[Deployment], name: &str) -> Observed {
-    match deployments
-        .iter()
-        .find(|d| d.metadata.name.as_deref() == Some(name))
-    {
-        None => Observed {
-            replicas: 0,
-            ready: 0,
-            desired: 0,
-            exists: false,
-            rolled_out: false,
-        },
+    match deployments.iter().find(|d| d.metadata.name.as_deref() == Some(name)) {
+        None => Observed { replicas: 0, ready: 0, desired: 0, exists: false, rolled_out: false },
         Some(d) => {
             let status = d.status.clone().unwrap_or_default();
             let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-            let rolled_out = status.observed_generation.unwrap_or(0)
-                >= d.metadata.generation.unwrap_or(0)
+            let rolled_out = status.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0)
                 && status.updated_replicas.unwrap_or(0) >= desired;
             Observed {
                 replicas: status.replicas.unwrap_or(0),
@@ -97,14 +95,7 @@ impl Observed {
     }
 }
 
-fn condition(
-    kind: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    now: &Time,
-) -> Condition {
+fn condition(kind: &str, ok: bool, reason: &str, message: String, generation: Option<i64>, now: &Time) -> Condition {
     Condition {
         type_: kind.into(),
         status: if ok { "True" } else { "False" }.into(),
@@ -118,54 +109,36 @@ fn condition(
 /// Keeps each condition's previous `lastTransitionTime` when its status did not change.
 fn carry_transitions(mut conditions: Vec<Condition>, previous: &[Condition]) -> Vec<Condition> {
     for c in &mut conditions {
-        if let Some(p) = previous
-            .iter()
-            .find(|p| p.type_ == c.type_ && p.status == c.status)
-        {
+        if let Some(p) = previous.iter().find(|p| p.type_ == c.type_ && p.status == c.status) {
             c.last_transition_time = p.last_transition_time.clone();
         }
     }
     conditions
 }
 
-fn role_condition(
-    kind: &str,
-    what: &str,
-    o: &Observed,
-    generation: Option<i64>,
-    now: &Time,
-) -> Condition {
+fn role_condition(kind: &str, what: &str, o: &Observed, generation: Option<i64>, now: &Time) -> Condition {
     let (ok, reason, message) = if !o.exists {
-        (
-            false,
-            "NotCreated",
-            format!("the {what} Deployment does not exist yet"),
-        )
+        (false, "NotCreated", format!("the {what} Deployment does not exist yet"))
     } else if o.desired == 0 {
         (false, "ScaledToZero", format!("the {what} has 0 replicas"))
     } else if o.ready() {
-        (
-            true,
-            "AllReplicasReady",
-            format!("{}/{} {what} replicas ready", o.ready, o.desired),
-        )
+        (true, "AllReplicasReady", format!("{}/{} {what} replicas ready", o.ready, o.desired))
     } else {
-        (
-            false,
-            "ReplicasNotReady",
-            format!("{}/{} {what} replicas ready", o.ready, o.desired),
-        )
+        (false, "ReplicasNotReady", format!("{}/{} {what} replicas ready", o.ready, o.desired))
     };
     condition(kind, ok, reason, message, generation, now)
 }
 
 /// The status of a valid ChatDeployment.
+// Each argument is a separate observation of this reconcile; bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn compute(
     chat: &ValidatedChat,
     generation: Option<i64>,
     deployments: &[Deployment],
     broker: &BrokerReport,
     draining: &[Draining],
+    scaling: &ScalingReport,
     previous: &[Condition],
     now: &Time,
 ) -> ChatDeploymentStatus {
@@ -191,14 +164,21 @@ pub fn compute(
             ready_replicas: o.ready,
             backlog: backlog(&language.code),
             draining_since: None,
+            desired_replicas: scaling.desired.get(&language.code).copied(),
+            last_scale_time: scaling.last_scale.get(&language.code).cloned(),
         });
     }
-    translators.extend(draining.iter().map(|d| TranslatorStatus {
-        language: d.language.clone(),
-        replicas: 0,
-        ready_replicas: 0,
-        backlog: backlog(&d.language),
-        draining_since: Some(d.since.clone()),
+    translators.extend(draining.iter().map(|d| {
+        let o = observe(deployments, &names.translator(&d.language));
+        TranslatorStatus {
+            language: d.language.clone(),
+            replicas: o.replicas,
+            ready_replicas: o.ready,
+            backlog: backlog(&d.language),
+            draining_since: Some(d.since.clone()),
+            desired_replicas: None,
+            last_scale_time: None,
+        }
     }));
 
     let translators_ready = not_ready.is_empty();
@@ -222,22 +202,12 @@ pub fn compute(
         )
     };
     let broker_condition = match broker {
-        BrokerReport::Ready { .. } => condition(
-            BROKER_READY,
-            true,
-            "TopologyDeclared",
-            "exchanges and queues declared".into(),
-            generation,
-            now,
-        ),
-        BrokerReport::Failed { reason, message } => condition(
-            BROKER_READY,
-            false,
-            reason,
-            message.clone(),
-            generation,
-            now,
-        ),
+        BrokerReport::Ready { .. } => {
+            condition(BROKER_READY, true, "TopologyDeclared", "exchanges and queues declared".into(), generation, now)
+        }
+        BrokerReport::Failed { reason, message } => {
+            condition(BROKER_READY, false, reason, message.clone(), generation, now)
+        }
     };
     let parts = vec![
         broker_condition,
@@ -245,29 +215,11 @@ pub fn compute(
         translators_condition,
         role_condition(FANOUT_READY, "fanout", &fanout, generation, now),
     ];
-    let failing: Vec<&str> = parts
-        .iter()
-        .filter(|c| c.status != "True")
-        .map(|c| c.type_.as_str())
-        .collect();
+    let failing: Vec<&str> = parts.iter().filter(|c| c.status != "True").map(|c| c.type_.as_str()).collect();
     let ready = if failing.is_empty() {
-        condition(
-            READY,
-            true,
-            "AllComponentsReady",
-            "the chat is serving".into(),
-            generation,
-            now,
-        )
+        condition(READY, true, "AllComponentsReady", "the chat is serving".into(), generation, now)
     } else {
-        condition(
-            READY,
-            false,
-            "ComponentsNotReady",
-            format!("not ready: {}", failing.join(", ")),
-            generation,
-            now,
-        )
+        condition(READY, false, "ComponentsNotReady", format!("not ready: {}", failing.join(", ")), generation, now)
     };
     let phase = if matches!(broker, BrokerReport::Failed { .. }) {
         Phase::Degraded
@@ -280,6 +232,26 @@ pub fn compute(
     };
     let mut conditions = vec![ready];
     conditions.extend(parts);
+    let autoscaled = chat
+        .languages
+        .iter()
+        .any(|l| matches!(l.scaling, crate::validate::Scaling::Builtin(_) | crate::validate::Scaling::Keda(_)));
+    if autoscaled {
+        conditions.push(match &scaling.keda {
+            Some((languages, false)) => condition(
+                AUTOSCALING_READY,
+                false,
+                "KedaNotInstalled",
+                format!(
+                    "languages [{}] use autoscaling mode keda, but the KEDA CRDs (scaledobjects.keda.sh) are not installed; their replicas are left as they are",
+                    languages.join(", ")
+                ),
+                generation,
+                now,
+            ),
+            _ => condition(AUTOSCALING_READY, true, "Scaling", "translators scale on their backlog".into(), generation, now),
+        });
+    }
     ChatDeploymentStatus {
         observed_generation: generation,
         phase: Some(phase),
@@ -289,10 +261,7 @@ pub fn compute(
             ready_replicas: gateway.ready,
             endpoint: names.gateway_endpoint(),
         }),
-        fanout: Some(RoleStatus {
-            replicas: fanout.replicas,
-            ready_replicas: fanout.ready,
-        }),
+        fanout: Some(RoleStatus { replicas: fanout.replicas, ready_replicas: fanout.ready }),
         translators,
     }
 }
@@ -304,22 +273,11 @@ pub fn invalid(
     generation: Option<i64>,
     now: &Time,
 ) -> ChatDeploymentStatus {
-    let message = errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
+    let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
     let mut status = previous.cloned().unwrap_or_default();
     let previous_conditions = std::mem::take(&mut status.conditions);
-    let mut conditions: Vec<Condition> = previous_conditions
-        .iter()
-        .filter(|c| c.type_ != READY)
-        .cloned()
-        .collect();
-    conditions.insert(
-        0,
-        condition(READY, false, "InvalidSpec", message, generation, now),
-    );
+    let mut conditions: Vec<Condition> = previous_conditions.iter().filter(|c| c.type_ != READY).cloned().collect();
+    conditions.insert(0, condition(READY, false, "InvalidSpec", message, generation, now));
     status.conditions = carry_transitions(conditions, &previous_conditions);
     status.phase = Some(Phase::Degraded);
     status.observed_generation = generation;
@@ -340,15 +298,8 @@ mod tests {
 
     fn deployment(name: &str, desired: i32, ready: i32) -> Deployment {
         Deployment {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                generation: Some(1),
-                ..Default::default()
-            },
-            spec: Some(DeploymentSpec {
-                replicas: Some(desired),
-                ..Default::default()
-            }),
+            metadata: ObjectMeta { name: Some(name.into()), generation: Some(1), ..Default::default() },
+            spec: Some(DeploymentSpec { replicas: Some(desired), ..Default::default() }),
             status: Some(DeploymentStatus {
                 observed_generation: Some(1),
                 replicas: Some(desired),
@@ -364,9 +315,7 @@ mod tests {
     }
 
     fn ok_broker() -> BrokerReport {
-        BrokerReport::Ready {
-            backlogs: [("de".to_owned(), 4)].into(),
-        }
+        BrokerReport::Ready { backlogs: [("de".to_owned(), 4)].into() }
     }
 
     fn all_ready() -> Vec<Deployment> {
@@ -389,25 +338,17 @@ mod tests {
             &all_ready(),
             &ok_broker(),
             &[],
+            &ScalingReport::default(),
             &[],
             &time("2026-01-01T00:00:00Z"),
         );
         assert_eq!(s.phase, Some(Phase::Ready));
-        for kind in [
-            READY,
-            BROKER_READY,
-            GATEWAY_READY,
-            TRANSLATORS_READY,
-            FANOUT_READY,
-        ] {
+        for kind in [READY, BROKER_READY, GATEWAY_READY, TRANSLATORS_READY, FANOUT_READY] {
             assert_eq!(get(&s, kind).status, "True", "{kind}");
         }
         assert_eq!(s.observed_generation, Some(3));
         assert_eq!(s.translators[0].backlog, Some(4));
-        assert_eq!(
-            s.gateway.as_ref().unwrap().endpoint,
-            "town-hall-gateway.events.svc:80"
-        );
+        assert_eq!(s.gateway.as_ref().unwrap().endpoint, "town-hall-gateway.events.svc:80");
     }
 
     #[test]
@@ -420,6 +361,7 @@ mod tests {
             &d,
             &ok_broker(),
             &[],
+            &ScalingReport::default(),
             &[],
             &time("2026-01-01T00:00:00Z"),
         );
@@ -437,6 +379,7 @@ mod tests {
             &[],
             &ok_broker(),
             &[],
+            &ScalingReport::default(),
             &[],
             &time("2026-01-01T00:00:00Z"),
         );
@@ -446,25 +389,20 @@ mod tests {
 
     #[test]
     fn a_broker_failure_degrades_the_chat_with_its_reason() {
-        let broker = BrokerReport::Failed {
-            reason: "BrokerUnreachable".into(),
-            message: "connection refused".into(),
-        };
+        let broker = BrokerReport::Failed { reason: "BrokerUnreachable".into(), message: "connection refused".into() };
         let s = compute(
             &valid(),
             Some(1),
             &all_ready(),
             &broker,
             &[],
+            &ScalingReport::default(),
             &[],
             &time("2026-01-01T00:00:00Z"),
         );
         assert_eq!(s.phase, Some(Phase::Degraded));
         let c = get(&s, BROKER_READY);
-        assert_eq!(
-            (c.status.as_str(), c.reason.as_str()),
-            ("False", "BrokerUnreachable")
-        );
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "BrokerUnreachable"));
         assert_eq!(s.translators[0].backlog, None);
     }
 
@@ -476,6 +414,7 @@ mod tests {
             &all_ready(),
             &ok_broker(),
             &[],
+            &ScalingReport::default(),
             &[],
             &time("2026-01-01T00:00:00Z"),
         );
@@ -485,13 +424,11 @@ mod tests {
             &all_ready(),
             &ok_broker(),
             &[],
+            &ScalingReport::default(),
             &first.conditions,
             &time("2026-01-01T01:00:00Z"),
         );
-        assert_eq!(
-            get(&same, READY).last_transition_time,
-            time("2026-01-01T00:00:00Z")
-        );
+        assert_eq!(get(&same, READY).last_transition_time, time("2026-01-01T00:00:00Z"));
         let mut d = all_ready();
         d[0] = deployment("town-hall-gateway", 2, 1);
         let flipped = compute(
@@ -500,36 +437,21 @@ mod tests {
             &d,
             &ok_broker(),
             &[],
+            &ScalingReport::default(),
             &same.conditions,
             &time("2026-01-01T02:00:00Z"),
         );
-        assert_eq!(
-            get(&flipped, GATEWAY_READY).last_transition_time,
-            time("2026-01-01T02:00:00Z")
-        );
-        assert_eq!(
-            get(&flipped, BROKER_READY).last_transition_time,
-            time("2026-01-01T00:00:00Z")
-        );
+        assert_eq!(get(&flipped, GATEWAY_READY).last_transition_time, time("2026-01-01T02:00:00Z"));
+        assert_eq!(get(&flipped, BROKER_READY).last_transition_time, time("2026-01-01T00:00:00Z"));
     }
 
     #[test]
     fn a_removed_language_drains_from_when_it_was_first_seen_gone() {
         let previous = ChatDeploymentStatus {
             translators: vec![
-                TranslatorStatus {
-                    language: "de".into(),
-                    ..Default::default()
-                },
-                TranslatorStatus {
-                    language: "fr".into(),
-                    ..Default::default()
-                },
-                TranslatorStatus {
-                    language: "it".into(),
-                    draining_since: Some("T0".into()),
-                    ..Default::default()
-                },
+                TranslatorStatus { language: "de".into(), ..Default::default() },
+                TranslatorStatus { language: "fr".into(), ..Default::default() },
+                TranslatorStatus { language: "it".into(), draining_since: Some("T0".into()), ..Default::default() },
             ],
             ..Default::default()
         };
@@ -537,25 +459,11 @@ mod tests {
         assert_eq!(
             d,
             vec![
-                Draining {
-                    language: "fr".into(),
-                    since: "T1".into()
-                },
-                Draining {
-                    language: "it".into(),
-                    since: "T0".into()
-                }
+                Draining { language: "fr".into(), since: "T1".into() },
+                Draining { language: "it".into(), since: "T0".into() }
             ]
         );
-        assert!(
-            draining(
-                Some(&previous),
-                &["de".into(), "fr".into(), "it".into()],
-                "T1"
-            )
-            .is_empty(),
-            "re-added"
-        );
+        assert!(draining(Some(&previous), &["de".into(), "fr".into(), "it".into()], "T1").is_empty(), "re-added");
     }
 
     #[test]
@@ -566,6 +474,7 @@ mod tests {
             &all_ready(),
             &ok_broker(),
             &[],
+            &ScalingReport::default(),
             &[],
             &time("2026-01-01T00:00:00Z"),
         );
@@ -576,10 +485,7 @@ mod tests {
             &time("2026-01-01T01:00:00Z"),
         );
         let ready = get(&s, READY);
-        assert_eq!(
-            (ready.status.as_str(), ready.reason.as_str()),
-            ("False", "InvalidSpec")
-        );
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "InvalidSpec"));
         assert!(ready.message.contains("more than once"));
         assert_eq!(get(&s, BROKER_READY).status, "True");
         assert_eq!(s.phase, Some(Phase::Degraded));

@@ -3,14 +3,16 @@
 //! The CRD schema rejects most bad specs at admission; this step checks again (objects may predate
 //! the schema) and checks what a schema cannot: name lengths, duplicates, URLs.
 
+use std::time::Duration;
+
 use crate::{
-    crd::{ChatDeployment, Provider, RoleOverrides, SecretKeyRef},
+    autoscale::Bounds,
+    crd::{AutoscalingMode, ChatDeployment, Provider, RoleOverrides, SecretKeyRef},
     names::Names,
 };
 
 pub const DEFAULT_GATEWAY_REPLICAS: i32 = 2;
 pub const DEFAULT_FANOUT_REPLICAS: i32 = 2;
-pub const DEFAULT_TRANSLATOR_REPLICAS: i32 = 1;
 
 /// A spec that cannot be reconciled; shown in the Ready condition and an `InvalidSpec` Event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,18 +31,18 @@ pub enum SpecError {
     NegativeReplicas { field: String, value: i32 },
     #[error("translation.url {0:?} is not an http(s) URL")]
     InvalidProviderUrl(String),
-    #[error(
-        "the Apertium provider cannot detect languages; set sourceLanguage to a language code"
-    )]
+    #[error("the Apertium provider cannot detect languages; set sourceLanguage to a language code")]
     AutoSourceUnsupported,
     #[error("drainTimeoutSeconds is {0}; it cannot be negative")]
     NegativeDrainTimeout(i64),
-    #[error(
-        "object name {name:?} would be longer than 63 characters; shorten the ChatDeployment name"
-    )]
+    #[error("object name {name:?} would be longer than 63 characters; shorten the ChatDeployment name")]
     NameTooLong { name: String },
     #[error("invalid topology: {0}")]
     Topology(String),
+    #[error("languages[{0}] sets both replicas and autoscaling; choose one")]
+    ReplicasAndAutoscaling(String),
+    #[error("languages[{code}].autoscaling: {reason}")]
+    InvalidAutoscaling { code: String, reason: String },
 }
 
 impl SpecError {
@@ -50,11 +52,24 @@ impl SpecError {
     }
 }
 
+/// Who decides a language's translator replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scaling {
+    /// The spec fixes them.
+    Fixed(i32),
+    /// Nobody in the operator: `kubectl scale` or an HPA may, and are not fought.
+    Unmanaged,
+    /// The operator's builtin autoscaler, within these bounds.
+    Builtin(Bounds),
+    /// KEDA, through a ScaledObject with these bounds.
+    Keda(Bounds),
+}
+
 /// One target language.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Language {
     pub code: String,
-    pub replicas: i32,
+    pub scaling: Scaling,
 }
 
 /// A role's replicas and pod settings.
@@ -90,11 +105,28 @@ impl ValidatedChat {
 
 fn replicas(field: &str, value: Option<i32>, default: i32) -> Result<i32, SpecError> {
     match value.unwrap_or(default) {
-        n if n < 0 => Err(SpecError::NegativeReplicas {
-            field: field.to_owned(),
-            value: n,
-        }),
+        n if n < 0 => Err(SpecError::NegativeReplicas { field: field.to_owned(), value: n }),
         n => Ok(n),
+    }
+}
+
+fn autoscaling_bounds(code: &str, a: &crate::crd::AutoscalingSpec) -> Result<Bounds, SpecError> {
+    let invalid = |reason: &str| SpecError::InvalidAutoscaling { code: code.to_owned(), reason: reason.into() };
+    if a.min_replicas < 0 {
+        Err(invalid("minReplicas cannot be negative"))
+    } else if a.max_replicas < 1 || a.max_replicas < a.min_replicas {
+        Err(invalid("maxReplicas must be at least 1 and at least minReplicas"))
+    } else if a.target_backlog < 1 {
+        Err(invalid("targetBacklog must be at least 1"))
+    } else if a.scale_down_stabilization_seconds < 0 {
+        Err(invalid("scaleDownStabilizationSeconds cannot be negative"))
+    } else {
+        Ok(Bounds {
+            min: a.min_replicas,
+            max: a.max_replicas,
+            target_backlog: a.target_backlog,
+            scale_down_window: Duration::from_secs(a.scale_down_stabilization_seconds as u64),
+        })
     }
 }
 
@@ -105,21 +137,10 @@ fn check_name(name: String, errors: &mut Vec<SpecError>) {
 }
 
 /// Validates `chat`, collecting every error rather than stopping at the first.
-pub fn validate(
-    chat: &ChatDeployment,
-    default_image: &str,
-) -> Result<ValidatedChat, Vec<SpecError>> {
+pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedChat, Vec<SpecError>> {
     let mut errors = Vec::new();
-    let name = chat
-        .metadata
-        .name
-        .clone()
-        .ok_or_else(|| vec![SpecError::MissingMetadata("name")])?;
-    let namespace = chat
-        .metadata
-        .namespace
-        .clone()
-        .ok_or_else(|| vec![SpecError::MissingMetadata("namespace")])?;
+    let name = chat.metadata.name.clone().ok_or_else(|| vec![SpecError::MissingMetadata("name")])?;
+    let namespace = chat.metadata.namespace.clone().ok_or_else(|| vec![SpecError::MissingMetadata("namespace")])?;
     let names = Names::new(&name, &namespace);
     let spec = &chat.spec;
 
@@ -138,7 +159,8 @@ pub fn validate(
             errors.push(SpecError::InvalidLanguage(code));
             continue;
         }
-        if languages.iter().any(|l| l.code == code) {
+        // Case-insensitively: "pt-BR" and "pt-br" would share one Deployment name.
+        if languages.iter().any(|l| l.code.eq_ignore_ascii_case(&code)) {
             errors.push(SpecError::DuplicateLanguage(code));
             continue;
         }
@@ -146,37 +168,33 @@ pub fn validate(
             errors.push(SpecError::SourceLanguageListed(code));
             continue;
         }
-        match replicas(
-            &format!("languages[{code}].replicas"),
-            language.replicas,
-            DEFAULT_TRANSLATOR_REPLICAS,
-        ) {
-            Ok(replicas) => {
+        let scaling = match (&language.replicas, &language.autoscaling) {
+            (Some(_), Some(_)) => Err(SpecError::ReplicasAndAutoscaling(code.clone())),
+            (Some(n), None) => replicas(&format!("languages[{code}].replicas"), Some(*n), 0).map(Scaling::Fixed),
+            (None, None) => Ok(Scaling::Unmanaged),
+            (None, Some(a)) => autoscaling_bounds(&code, a).map(|bounds| match a.mode {
+                AutoscalingMode::Builtin => Scaling::Builtin(bounds),
+                AutoscalingMode::Keda => Scaling::Keda(bounds),
+            }),
+        };
+        match scaling {
+            Ok(scaling) => {
                 check_name(names.translator(&code), &mut errors);
-                languages.push(Language { code, replicas });
+                languages.push(Language { code, scaling });
             }
             Err(err) => errors.push(err),
         }
     }
 
     let url = spec.translation.url.trim();
-    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len()
-    {
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len() {
         errors.push(SpecError::InvalidProviderUrl(url.to_owned()));
     }
     if spec.drain_timeout_seconds < 0 {
         errors.push(SpecError::NegativeDrainTimeout(spec.drain_timeout_seconds));
     }
-    let gateway = replicas(
-        "gateway.replicas",
-        spec.gateway.replicas,
-        DEFAULT_GATEWAY_REPLICAS,
-    );
-    let fanout = replicas(
-        "fanout.replicas",
-        spec.fanout.replicas,
-        DEFAULT_FANOUT_REPLICAS,
-    );
+    let gateway = replicas("gateway.replicas", spec.gateway.replicas, DEFAULT_GATEWAY_REPLICAS);
+    let fanout = replicas("fanout.replicas", spec.fanout.replicas, DEFAULT_FANOUT_REPLICAS);
     check_name(names.gateway(), &mut errors);
     check_name(names.fanout(), &mut errors);
     let topology = parley_topology::Topology::for_chat_deployment(&namespace, &name);
@@ -194,18 +212,9 @@ pub fn validate(
             provider_url: url.to_owned(),
             api_key: spec.translation.api_key_secret_ref.clone(),
             broker: spec.broker.secret_ref.clone(),
-            image: spec
-                .image
-                .clone()
-                .unwrap_or_else(|| default_image.to_owned()),
-            gateway: RolePlan {
-                replicas: gateway,
-                overrides: spec.gateway.overrides.clone(),
-            },
-            fanout: RolePlan {
-                replicas: fanout,
-                overrides: spec.fanout.overrides.clone(),
-            },
+            image: spec.image.clone().unwrap_or_else(|| default_image.to_owned()),
+            gateway: RolePlan { replicas: gateway, overrides: spec.gateway.overrides.clone() },
+            fanout: RolePlan { replicas: fanout, overrides: spec.fanout.overrides.clone() },
             translator: spec.translator.clone(),
             drain_timeout_seconds: spec.drain_timeout_seconds,
         }),
@@ -226,12 +235,7 @@ pub(crate) mod tests {
         let mut chat = ChatDeployment::new(
             "town-hall",
             ChatDeploymentSpec {
-                broker: BrokerSpec {
-                    secret_ref: SecretKeyRef {
-                        name: "rabbitmq".into(),
-                        key: "uri".into(),
-                    },
-                },
+                broker: BrokerSpec { secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "uri".into() } },
                 source_language: "en".into(),
                 translation: TranslationSpec {
                     provider: Provider::Apertium,
@@ -243,6 +247,7 @@ pub(crate) mod tests {
                     .map(|(code, replicas)| LanguageSpec {
                         code: (*code).into(),
                         replicas: *replicas,
+                        autoscaling: None,
                     })
                     .collect(),
                 gateway: RoleSpec::default(),
@@ -270,14 +275,8 @@ pub(crate) mod tests {
         assert_eq!(
             valid.languages,
             vec![
-                Language {
-                    code: "de".into(),
-                    replicas: 1
-                },
-                Language {
-                    code: "fr".into(),
-                    replicas: 3
-                }
+                Language { code: "de".into(), scaling: Scaling::Unmanaged },
+                Language { code: "fr".into(), scaling: Scaling::Fixed(3) }
             ]
         );
         assert_eq!(valid.image, "img:1");
@@ -286,26 +285,25 @@ pub(crate) mod tests {
 
     #[test]
     fn a_bad_language_code_is_rejected() {
-        assert_eq!(
-            errors(&chat(&[("German", None)])),
-            vec![SpecError::InvalidLanguage("German".into())]
-        );
+        assert_eq!(errors(&chat(&[("German", None)])), vec![SpecError::InvalidLanguage("German".into())]);
     }
 
     #[test]
     fn a_duplicate_language_is_rejected() {
+        assert_eq!(errors(&chat(&[("de", None), ("de", Some(2))])), vec![SpecError::DuplicateLanguage("de".into())]);
+    }
+
+    #[test]
+    fn language_codes_differing_only_in_case_are_duplicates() {
         assert_eq!(
-            errors(&chat(&[("de", None), ("de", Some(2))])),
-            vec![SpecError::DuplicateLanguage("de".into())]
+            errors(&chat(&[("pt-BR", None), ("pt-br", None)])),
+            vec![SpecError::DuplicateLanguage("pt-br".into())]
         );
     }
 
     #[test]
     fn the_source_language_as_a_target_is_rejected() {
-        assert_eq!(
-            errors(&chat(&[("en", None)])),
-            vec![SpecError::SourceLanguageListed("en".into())]
-        );
+        assert_eq!(errors(&chat(&[("en", None)])), vec![SpecError::SourceLanguageListed("en".into())]);
     }
 
     #[test]
@@ -313,24 +311,15 @@ pub(crate) mod tests {
         let mut c = chat(&[("de", Some(-1))]);
         c.spec.gateway.replicas = Some(-2);
         let errs = errors(&c);
-        assert!(errs.contains(&SpecError::NegativeReplicas {
-            field: "languages[de].replicas".into(),
-            value: -1
-        }));
-        assert!(errs.contains(&SpecError::NegativeReplicas {
-            field: "gateway.replicas".into(),
-            value: -2
-        }));
+        assert!(errs.contains(&SpecError::NegativeReplicas { field: "languages[de].replicas".into(), value: -1 }));
+        assert!(errs.contains(&SpecError::NegativeReplicas { field: "gateway.replicas".into(), value: -2 }));
     }
 
     #[test]
     fn a_provider_url_without_a_scheme_is_rejected() {
         let mut c = chat(&[]);
         c.spec.translation.url = "libretranslate:5000".into();
-        assert_eq!(
-            errors(&c),
-            vec![SpecError::InvalidProviderUrl("libretranslate:5000".into())]
-        );
+        assert_eq!(errors(&c), vec![SpecError::InvalidProviderUrl("libretranslate:5000".into())]);
     }
 
     #[test]
@@ -346,9 +335,34 @@ pub(crate) mod tests {
     fn a_name_too_long_for_its_objects_is_rejected() {
         let mut c = chat(&[("de", None)]);
         c.metadata.name = Some("a".repeat(60));
-        assert!(errors(&c)
-            .iter()
-            .any(|e| matches!(e, SpecError::NameTooLong { .. })));
+        assert!(errors(&c).iter().any(|e| matches!(e, SpecError::NameTooLong { .. })));
+    }
+
+    fn autoscaling(min: i32, max: i32) -> crate::crd::AutoscalingSpec {
+        crate::crd::AutoscalingSpec {
+            mode: AutoscalingMode::Builtin,
+            min_replicas: min,
+            max_replicas: max,
+            target_backlog: 100,
+            scale_down_stabilization_seconds: 120,
+        }
+    }
+
+    #[test]
+    fn autoscaling_with_fixed_replicas_is_rejected() {
+        let mut c = chat(&[("de", Some(2))]);
+        c.spec.languages[0].autoscaling = Some(autoscaling(1, 3));
+        assert_eq!(errors(&c), vec![SpecError::ReplicasAndAutoscaling("de".into())]);
+    }
+
+    #[test]
+    fn autoscaling_bounds_must_be_ordered() {
+        let mut c = chat(&[("de", None)]);
+        c.spec.languages[0].autoscaling = Some(autoscaling(5, 2));
+        assert!(matches!(errors(&c)[..], [SpecError::InvalidAutoscaling { .. }]));
+        c.spec.languages[0].autoscaling = Some(autoscaling(0, 4));
+        let valid = validate(&c, "img").unwrap();
+        assert!(matches!(valid.languages[0].scaling, Scaling::Builtin(Bounds { min: 0, max: 4, .. })));
     }
 
     #[test]

@@ -4,10 +4,7 @@ use kube::Client;
 use parley_operator::leader::LeaderElector;
 
 async fn client() -> Client {
-    kube_fake_client::ClientBuilder::new()
-        .build()
-        .await
-        .unwrap()
+    kube_fake_client::ClientBuilder::new().build().await.unwrap()
 }
 
 #[tokio::test]
@@ -16,17 +13,11 @@ async fn only_one_replica_holds_the_lease_and_a_release_hands_it_over() {
     let a = LeaderElector::new(client.clone(), "parley-system", "parley-operator", "a");
     let b = LeaderElector::new(client.clone(), "parley-system", "parley-operator", "b");
 
-    assert!(
-        a.try_acquire().await.unwrap(),
-        "the first candidate takes the lease"
-    );
+    assert!(a.try_acquire().await.unwrap(), "the first candidate takes the lease");
     assert!(!b.try_acquire().await.unwrap(), "a live lease is not taken");
     assert!(a.try_acquire().await.unwrap(), "the holder renews");
 
     a.release().await;
-    assert!(
-        b.try_acquire().await.unwrap(),
-        "a released lease is taken at once"
-    );
+    assert!(b.try_acquire().await.unwrap(), "a released lease is taken at once");
     assert!(!a.try_acquire().await.unwrap());
 }

@@ -24,28 +24,28 @@ use lapin::{Connection, ConnectionProperties};
 use parley_operator::{
     controller::{reconcile, Context, Error, Settings},
     crd::{
-        BrokerSpec, ChatDeployment, ChatDeploymentSpec, LanguageSpec, Phase, Provider,
-        RoleOverrides, RoleSpec, SecretKeyRef, TranslationSpec,
+        BrokerSpec, ChatDeployment, ChatDeploymentSpec, LanguageSpec, Phase, Provider, RoleOverrides, RoleSpec,
+        SecretKeyRef, TranslationSpec,
     },
     metrics::Metrics,
     names::FINALIZER,
+};
+use parley_operator::{
+    crd::{AutoscalingMode, AutoscalingSpec},
+    keda::{ScaledObject, TriggerAuthentication},
 };
 use parley_topology::Topology;
 
 const NAME: &str = "town-hall";
 
 fn amqp_url() -> String {
-    std::env::var("PARLEY_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("PARLEY_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// A namespace no other test (or earlier run) uses, so broker topologies never collide.
 fn unique_namespace() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("t{nanos:x}{}", COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
@@ -53,12 +53,7 @@ fn chat(namespace: &str, languages: &[(&str, i32)]) -> ChatDeployment {
     let mut chat = ChatDeployment::new(
         NAME,
         ChatDeploymentSpec {
-            broker: BrokerSpec {
-                secret_ref: SecretKeyRef {
-                    name: "rabbitmq".into(),
-                    key: "uri".into(),
-                },
-            },
+            broker: BrokerSpec { secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "uri".into() } },
             source_language: "en".into(),
             translation: TranslationSpec {
                 provider: Provider::Apertium,
@@ -67,10 +62,7 @@ fn chat(namespace: &str, languages: &[(&str, i32)]) -> ChatDeployment {
             },
             languages: languages
                 .iter()
-                .map(|(c, r)| LanguageSpec {
-                    code: (*c).into(),
-                    replicas: Some(*r),
-                })
+                .map(|(c, r)| LanguageSpec { code: (*c).into(), replicas: Some(*r), autoscaling: None })
                 .collect(),
             gateway: RoleSpec::default(),
             fanout: RoleSpec::default(),
@@ -94,11 +86,7 @@ fn ours(chat: &ChatDeployment) -> bool {
 
 fn secret(namespace: &str, uri: &str) -> Secret {
     Secret {
-        metadata: ObjectMeta {
-            name: Some("rabbitmq".into()),
-            namespace: Some(namespace.into()),
-            ..Default::default()
-        },
+        metadata: ObjectMeta { name: Some("rabbitmq".into()), namespace: Some(namespace.into()), ..Default::default() },
         data: Some([("uri".to_owned(), ByteString(uri.as_bytes().to_vec()))].into()),
         ..Default::default()
     }
@@ -112,8 +100,21 @@ struct Harness {
 
 impl Harness {
     async fn new(chat: ChatDeployment, broker_uri: &str) -> Self {
+        Self::build(chat, broker_uri, false).await
+    }
+
+    /// An API server that also serves KEDA's ScaledObject and TriggerAuthentication.
+    async fn with_keda(chat: ChatDeployment, broker_uri: &str) -> Self {
+        Self::build(chat, broker_uri, true).await
+    }
+
+    async fn build(chat: ChatDeployment, broker_uri: &str, keda: bool) -> Self {
         let namespace = chat.namespace().unwrap();
-        let client = kube_fake_client::ClientBuilder::new()
+        let mut builder = kube_fake_client::ClientBuilder::new();
+        if keda {
+            builder = builder.with_resource::<ScaledObject>().with_resource::<TriggerAuthentication>();
+        }
+        let client = builder
             .with_resource::<ChatDeployment>()
             .with_status_subresource::<ChatDeployment>()
             .with_status_subresource::<Deployment>()
@@ -122,24 +123,10 @@ impl Harness {
             .build()
             .await
             .unwrap();
-        let reporter = Reporter {
-            controller: "parley-operator".into(),
-            instance: Some("test".into()),
-        };
-        let settings = Settings {
-            default_image: "ghcr.io/parley/chat-server:test".into(),
-        };
-        let ctx = Arc::new(Context::new(
-            client.clone(),
-            reporter,
-            Arc::new(Metrics::default()),
-            settings,
-        ));
-        Self {
-            client,
-            ctx,
-            namespace,
-        }
+        let reporter = Reporter { controller: "parley-operator".into(), instance: Some("test".into()) };
+        let settings = Settings::new("ghcr.io/parley/chat-server:test");
+        let ctx = Arc::new(Context::new(client.clone(), reporter, Arc::new(Metrics::default()), settings));
+        Self { client, ctx, namespace }
     }
 
     fn api<K>(&self) -> Api<K>
@@ -187,10 +174,7 @@ impl Harness {
     async fn edit(&self, change: impl FnOnce(&mut ChatDeployment)) {
         let mut chat = self.chat().await;
         change(&mut chat);
-        self.api::<ChatDeployment>()
-            .replace(NAME, &Default::default(), &chat)
-            .await
-            .unwrap();
+        self.api::<ChatDeployment>().replace(NAME, &Default::default(), &chat).await.unwrap();
     }
 
     async fn event_reasons(&self) -> Vec<String> {
@@ -221,118 +205,57 @@ impl Harness {
             ..Default::default()
         };
         let patch = serde_json::json!({"status": status});
-        self.api::<Deployment>()
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .unwrap();
+        self.api::<Deployment>().patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     }
 }
 
 async fn queue_exists(queue: &str) -> bool {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
-    parley_topology::queue_depth(&channel, queue)
-        .await
-        .unwrap()
-        .is_some()
+    parley_topology::queue_depth(&channel, queue).await.unwrap().is_some()
 }
 
 fn condition(chat: &ChatDeployment, kind: &str) -> (String, String) {
-    let c = chat
-        .status
-        .as_ref()
-        .unwrap()
-        .conditions
-        .iter()
-        .find(|c| c.type_ == kind)
-        .unwrap();
+    let c = chat.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == kind).unwrap();
     (c.status.clone(), c.reason.clone())
 }
 
 #[tokio::test]
 async fn create_applies_owned_labelled_objects_declares_the_topology_and_adds_the_finalizer() {
-    let h = Harness::new(
-        chat(&unique_namespace(), &[("de", 1), ("fr", 2)]),
-        &amqp_url(),
-    )
-    .await;
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1), ("fr", 2)]), &amqp_url()).await;
 
     h.reconcile().await.unwrap();
 
     assert_eq!(
         h.deployments().await,
-        vec![
-            "town-hall-fanout",
-            "town-hall-gateway",
-            "town-hall-translator-de",
-            "town-hall-translator-fr"
-        ]
+        vec!["town-hall-fanout", "town-hall-gateway", "town-hall-translator-de", "town-hall-translator-fr"]
     );
     let chat = h.chat().await;
     assert!(ours(&chat));
-    for deployment in h
-        .api::<Deployment>()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-    {
+    for deployment in h.api::<Deployment>().list(&ListParams::default()).await.unwrap() {
         let owner = &deployment.owner_references()[0];
-        assert_eq!(
-            (owner.kind.as_str(), owner.uid.as_str()),
-            ("ChatDeployment", chat.uid().unwrap().as_str())
-        );
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("ChatDeployment", chat.uid().unwrap().as_str()));
         assert_eq!(deployment.labels()["chat.parley.dev/deployment"], NAME);
     }
-    assert!(h
-        .api::<Service>()
-        .get_opt("town-hall-gateway")
-        .await
-        .unwrap()
-        .is_some());
-    assert!(h
-        .api::<PodDisruptionBudget>()
-        .get_opt("town-hall-gateway")
-        .await
-        .unwrap()
-        .is_some());
-    assert!(h
-        .api::<ConfigMap>()
-        .get_opt("town-hall-config")
-        .await
-        .unwrap()
-        .is_some());
+    assert!(h.api::<Service>().get_opt("town-hall-gateway").await.unwrap().is_some());
+    assert!(h.api::<PodDisruptionBudget>().get_opt("town-hall-gateway").await.unwrap().is_some());
+    assert!(h.api::<ConfigMap>().get_opt("town-hall-config").await.unwrap().is_some());
     assert_eq!(condition(&chat, "BrokerReady").0, "True");
-    assert_eq!(
-        chat.status.as_ref().unwrap().phase,
-        Some(Phase::Progressing)
-    );
+    assert_eq!(chat.status.as_ref().unwrap().phase, Some(Phase::Progressing));
     assert!(queue_exists(&h.topology().translate_queue("fr")).await);
     assert!(queue_exists(&h.topology().fanout_queue()).await);
 }
 
 #[tokio::test]
 async fn a_removed_language_has_its_deployment_pruned_and_its_empty_queue_deleted() {
-    let h = Harness::new(
-        chat(&unique_namespace(), &[("de", 1), ("fr", 1)]),
-        &amqp_url(),
-    )
-    .await;
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1), ("fr", 1)]), &amqp_url()).await;
     h.reconcile().await.unwrap();
 
-    h.edit(|c| c.spec.languages.retain(|l| l.code == "de"))
-        .await;
+    h.edit(|c| c.spec.languages.retain(|l| l.code == "de")).await;
     h.reconcile().await.unwrap();
 
-    assert!(!h
-        .deployments()
-        .await
-        .contains(&"town-hall-translator-fr".to_owned()));
-    assert!(
-        !queue_exists(&h.topology().translate_queue("fr")).await,
-        "an empty queue is deleted at once"
-    );
+    assert!(!h.deployments().await.contains(&"town-hall-translator-fr".to_owned()));
+    assert!(!queue_exists(&h.topology().translate_queue("fr")).await, "an empty queue is deleted at once");
     assert!(queue_exists(&h.topology().translate_queue("de")).await);
     assert!(h.event_reasons().await.contains(&"Pruned".to_owned()));
 }
@@ -351,14 +274,8 @@ async fn changed_replicas_are_applied_in_one_reconcile() {
 
     let deployments = h.api::<Deployment>();
     let replicas = |d: Deployment| d.spec.unwrap().replicas;
-    assert_eq!(
-        replicas(deployments.get("town-hall-translator-de").await.unwrap()),
-        Some(4)
-    );
-    assert_eq!(
-        replicas(deployments.get("town-hall-gateway").await.unwrap()),
-        Some(3)
-    );
+    assert_eq!(replicas(deployments.get("town-hall-translator-de").await.unwrap()), Some(4));
+    assert_eq!(replicas(deployments.get("town-hall-gateway").await.unwrap()), Some(3));
 }
 
 #[tokio::test]
@@ -367,25 +284,15 @@ async fn conditions_follow_deployment_readiness() {
     h.reconcile().await.unwrap();
     assert_eq!(condition(&h.chat().await, "Ready").0, "False");
 
-    for name in [
-        "town-hall-gateway",
-        "town-hall-fanout",
-        "town-hall-translator-de",
-    ] {
+    for name in ["town-hall-gateway", "town-hall-fanout", "town-hall-translator-de"] {
         h.mark_ready(name).await;
     }
     h.reconcile().await.unwrap();
 
     let chat = h.chat().await;
-    assert_eq!(
-        condition(&chat, "Ready"),
-        ("True".into(), "AllComponentsReady".into())
-    );
+    assert_eq!(condition(&chat, "Ready"), ("True".into(), "AllComponentsReady".into()));
     assert_eq!(chat.status.as_ref().unwrap().phase, Some(Phase::Ready));
-    assert_eq!(
-        chat.status.as_ref().unwrap().translators[0].backlog,
-        Some(0)
-    );
+    assert_eq!(chat.status.as_ref().unwrap().translators[0].backlog, Some(0));
 }
 
 #[tokio::test]
@@ -401,55 +308,33 @@ async fn delete_removes_the_topology_and_then_the_finalizer() {
     deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
     deleting.metadata.resource_version = None;
     let h = Harness::new(deleting, &amqp_url()).await;
-    reconcile(Arc::new(h.chat().await), h.ctx.clone())
-        .await
-        .unwrap();
+    reconcile(Arc::new(h.chat().await), h.ctx.clone()).await.unwrap();
 
     assert!(!queue_exists(&h.topology().translate_queue("de")).await);
     assert!(!queue_exists(&h.topology().fanout_queue()).await);
     let remaining = h.api::<ChatDeployment>().get_opt(NAME).await.unwrap();
-    assert!(
-        remaining.is_none_or(|chat| !ours(&chat)),
-        "our finalizer is removed once the topology is gone"
-    );
-    assert!(h
-        .event_reasons()
-        .await
-        .contains(&"TopologyRemoved".to_owned()));
+    assert!(remaining.is_none_or(|chat| !ours(&chat)), "our finalizer is removed once the topology is gone");
+    assert!(h.event_reasons().await.contains(&"TopologyRemoved".to_owned()));
 }
 
 #[tokio::test]
 async fn an_unreachable_broker_sets_broker_ready_false_while_every_other_object_is_applied() {
-    let h = Harness::new(
-        chat(&unique_namespace(), &[("de", 1)]),
-        "amqp://guest:guest@127.0.0.1:1/%2f",
-    )
-    .await;
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), "amqp://guest:guest@127.0.0.1:1/%2f").await;
 
     let result = h.reconcile().await;
 
-    assert!(
-        matches!(result, Err(Error::Broker(_))),
-        "requeued with backoff: {result:?}"
-    );
+    assert!(matches!(result, Err(Error::Broker(_))), "requeued with backoff: {result:?}");
     assert_eq!(h.deployments().await.len(), 3);
     let chat = h.chat().await;
-    assert_eq!(
-        condition(&chat, "BrokerReady"),
-        ("False".into(), "BrokerUnreachable".into())
-    );
+    assert_eq!(condition(&chat, "BrokerReady"), ("False".into(), "BrokerUnreachable".into()));
     assert_eq!(chat.status.as_ref().unwrap().phase, Some(Phase::Degraded));
-    assert!(h
-        .event_reasons()
-        .await
-        .contains(&"BrokerUnreachable".to_owned()));
+    assert!(h.event_reasons().await.contains(&"BrokerUnreachable".to_owned()));
 }
 
 #[tokio::test]
 async fn a_paused_chat_deployment_is_left_unchanged() {
     let mut paused = chat(&unique_namespace(), &[("de", 1)]);
-    paused.metadata.annotations =
-        Some([("chat.parley.dev/paused".to_owned(), "true".to_owned())].into());
+    paused.metadata.annotations = Some([("chat.parley.dev/paused".to_owned(), "true".to_owned())].into());
     let h = Harness::new(paused, &amqp_url()).await;
 
     let action = h.reconcile().await.unwrap();
@@ -470,10 +355,7 @@ async fn an_invalid_spec_gets_a_condition_and_an_event_and_is_not_retried() {
 
     assert_eq!(action, Action::await_change());
     assert!(h.deployments().await.is_empty());
-    assert_eq!(
-        condition(&h.chat().await, "Ready"),
-        ("False".into(), "InvalidSpec".into())
-    );
+    assert_eq!(condition(&h.chat().await, "Ready"), ("False".into(), "InvalidSpec".into()));
     assert!(h.event_reasons().await.contains(&"InvalidSpec".to_owned()));
 }
 
@@ -482,31 +364,14 @@ async fn a_changed_broker_secret_rolls_the_pods() {
     let h = Harness::new(chat(&unique_namespace(), &[]), &amqp_url()).await;
     h.reconcile().await.unwrap();
     let hash = || async {
-        let d = h
-            .api::<Deployment>()
-            .get("town-hall-gateway")
-            .await
-            .unwrap();
-        d.spec
-            .unwrap()
-            .template
-            .metadata
-            .unwrap()
-            .annotations
-            .unwrap()["chat.parley.dev/config-hash"]
-            .clone()
+        let d = h.api::<Deployment>().get("town-hall-gateway").await.unwrap();
+        d.spec.unwrap().template.metadata.unwrap().annotations.unwrap()["chat.parley.dev/config-hash"].clone()
     };
     let before = hash().await;
 
     let mut changed = secret(&h.namespace, &amqp_url());
-    changed.data.as_mut().unwrap().insert(
-        "uri".into(),
-        ByteString(format!("{} ", amqp_url()).into_bytes()),
-    );
-    h.api::<Secret>()
-        .replace("rabbitmq", &Default::default(), &changed)
-        .await
-        .unwrap();
+    changed.data.as_mut().unwrap().insert("uri".into(), ByteString(format!("{} ", amqp_url()).into_bytes()));
+    h.api::<Secret>().replace("rabbitmq", &Default::default(), &changed).await.unwrap();
     h.reconcile().await.unwrap();
 
     assert_ne!(hash().await, before);
@@ -514,16 +379,10 @@ async fn a_changed_broker_secret_rolls_the_pods() {
 
 #[tokio::test]
 async fn a_removed_language_with_a_backlog_keeps_its_queue_until_the_drain_timeout() {
-    let h = Harness::new(
-        chat(&unique_namespace(), &[("de", 1), ("fr", 1)]),
-        &amqp_url(),
-    )
-    .await;
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1), ("fr", 1)]), &amqp_url()).await;
     h.reconcile().await.unwrap();
     // One accepted message waits for the French translator.
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     channel
         .basic_publish(
@@ -536,40 +395,116 @@ async fn a_removed_language_with_a_backlog_keeps_its_queue_until_the_drain_timeo
         .await
         .unwrap();
 
-    h.edit(|c| c.spec.languages.retain(|l| l.code == "de"))
-        .await;
+    h.edit(|c| c.spec.languages.retain(|l| l.code == "de")).await;
     h.reconcile().await.unwrap();
 
+    assert!(queue_exists(&h.topology().translate_queue("fr")).await, "accepted messages are not thrown away");
     assert!(
-        queue_exists(&h.topology().translate_queue("fr")).await,
-        "accepted messages are not thrown away"
+        h.deployments().await.contains(&"town-hall-translator-fr".to_owned()),
+        "the Deployment stays to translate them"
     );
     let status = h.chat().await.status.unwrap();
-    let fr = status
-        .translators
-        .iter()
-        .find(|t| t.language == "fr")
-        .expect("the draining language is reported");
+    let fr = status.translators.iter().find(|t| t.language == "fr").expect("the draining language is reported");
     assert!(fr.draining_since.is_some());
     assert_eq!(fr.backlog, Some(1));
 
     h.edit(|c| c.spec.drain_timeout_seconds = 0).await;
     h.reconcile().await.unwrap();
 
-    assert!(
-        !queue_exists(&h.topology().translate_queue("fr")).await,
-        "deleted once the drain timeout passed"
-    );
-    assert!(h
-        .chat()
-        .await
-        .status
-        .unwrap()
-        .translators
-        .iter()
-        .all(|t| t.language != "fr"));
-    assert!(h
-        .event_reasons()
-        .await
-        .contains(&"LanguageQueueDeleted".to_owned()));
+    assert!(!queue_exists(&h.topology().translate_queue("fr")).await, "deleted once the drain timeout passed");
+    assert!(!h.deployments().await.contains(&"town-hall-translator-fr".to_owned()), "and its Deployment with it");
+    assert!(h.chat().await.status.unwrap().translators.iter().all(|t| t.language != "fr"));
+    assert!(h.event_reasons().await.contains(&"LanguageQueueDeleted".to_owned()));
+}
+
+fn autoscaled(namespace: &str, mode: AutoscalingMode, window: i64) -> ChatDeployment {
+    let mut chat = chat(namespace, &[]);
+    chat.spec.languages = vec![LanguageSpec {
+        code: "fr".into(),
+        replicas: None,
+        autoscaling: Some(AutoscalingSpec {
+            mode,
+            min_replicas: 1,
+            max_replicas: 10,
+            target_backlog: 5,
+            scale_down_stabilization_seconds: window,
+        }),
+    }];
+    chat
+}
+
+async fn publish_posted(topology: &Topology, count: usize) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for _ in 0..count {
+        channel
+            .basic_publish(
+                topology.posted_exchange().as_str().into(),
+                "".into(),
+                Default::default(),
+                b"{}",
+                Default::default(),
+            )
+            .await
+            .unwrap();
+    }
+    // A passive declare waits for the publishes ahead of it on this channel.
+    parley_topology::queue_depth(&channel, &topology.fanout_queue()).await.unwrap();
+}
+
+async fn translator_replicas(h: &Harness) -> Option<i32> {
+    h.api::<Deployment>().get("town-hall-translator-fr").await.unwrap().spec.unwrap().replicas
+}
+
+#[tokio::test]
+async fn builtin_autoscaling_follows_the_backlog_and_returns_to_the_minimum_after_the_window() {
+    let h = Harness::new(autoscaled(&unique_namespace(), AutoscalingMode::Builtin, 3), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(1), "the minimum while the queue is empty");
+
+    publish_posted(&h.topology(), 23).await;
+    let action = h.reconcile().await.unwrap();
+
+    assert_eq!(translator_replicas(&h).await, Some(5), "ceil(23 / 5), at once");
+    assert_eq!(action, Action::requeue(std::time::Duration::from_secs(10)), "polled on the autoscale interval");
+    let status = h.chat().await.status.unwrap();
+    assert_eq!(status.translators[0].desired_replicas, Some(5));
+    assert_eq!(status.translators[0].backlog, Some(23));
+    assert!(status.translators[0].last_scale_time.is_some());
+    assert!(h.event_reasons().await.contains(&"TranslatorScaled".to_owned()));
+
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_purge(h.topology().translate_queue("fr").as_str().into(), Default::default()).await.unwrap();
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(5), "no scale-down inside the stabilization window");
+
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(1), "back to the minimum after the window");
+}
+
+#[tokio::test]
+async fn keda_mode_without_keda_leaves_replicas_alone_and_says_why() {
+    let h = Harness::new(autoscaled(&unique_namespace(), AutoscalingMode::Keda, 120), &amqp_url()).await;
+
+    h.reconcile().await.unwrap();
+
+    assert_eq!(translator_replicas(&h).await, None, "the operator does not own replicas in KEDA mode");
+    assert_eq!(condition(&h.chat().await, "AutoscalingReady"), ("False".into(), "KedaNotInstalled".into()));
+}
+
+#[tokio::test]
+async fn keda_mode_emits_a_scaled_object_for_the_language_queue() {
+    let h = Harness::with_keda(autoscaled(&unique_namespace(), AutoscalingMode::Keda, 120), &amqp_url()).await;
+
+    h.reconcile().await.unwrap();
+
+    let scaled = h.api::<ScaledObject>().get("town-hall-translator-fr").await.unwrap();
+    assert_eq!(scaled.spec.scale_target_ref.name, "town-hall-translator-fr");
+    assert_eq!((scaled.spec.min_replica_count, scaled.spec.max_replica_count), (1, 10));
+    assert_eq!(scaled.spec.triggers[0].metadata["queueName"], h.topology().translate_queue("fr"));
+    assert!(h.api::<TriggerAuthentication>().get("town-hall-broker").await.is_ok());
+    assert_eq!(translator_replicas(&h).await, None);
+    assert_eq!(condition(&h.chat().await, "AutoscalingReady").0, "True");
 }

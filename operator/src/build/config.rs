@@ -31,13 +31,7 @@ pub fn config_file(chat: &ValidatedChat) -> String {
 
 pub fn config_map(chat: &ValidatedChat, inputs: &Inputs) -> ConfigMap {
     ConfigMap {
-        metadata: metadata(
-            &chat.names,
-            chat.names.config_map(),
-            Role::Config,
-            None,
-            inputs,
-        ),
+        metadata: metadata(&chat.names, chat.names.config_map(), Role::Config, None, inputs),
         data: Some([(CONFIG_FILE.to_owned(), config_file(chat))].into()),
         ..Default::default()
     }
@@ -53,10 +47,5 @@ pub fn config_hash(config_map: &ConfigMap, secrets_digest: &str) -> String {
         hasher.update([0]);
     }
     hasher.update(secrets_digest.as_bytes());
-    hasher
-        .finalize()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

@@ -14,10 +14,7 @@ pub fn deployment(chat: &ValidatedChat, inputs: &Inputs, config_hash: &str) -> D
         metadata: metadata(names, names.fanout(), Role::Fanout, None, inputs),
         spec: Some(DeploymentSpec {
             replicas: Some(chat.fanout.replicas),
-            selector: LabelSelector {
-                match_labels: Some(names.selector(Role::Fanout, None)),
-                ..Default::default()
-            },
+            selector: LabelSelector { match_labels: Some(names.selector(Role::Fanout, None)), ..Default::default() },
             template: pod::template(
                 chat,
                 Role::Fanout,

@@ -21,10 +21,7 @@ pub fn deployment(chat: &ValidatedChat, inputs: &Inputs, config_hash: &str) -> D
         metadata: metadata(names, names.gateway(), Role::Gateway, None, inputs),
         spec: Some(DeploymentSpec {
             replicas: Some(chat.gateway.replicas),
-            selector: LabelSelector {
-                match_labels: Some(names.selector(Role::Gateway, None)),
-                ..Default::default()
-            },
+            selector: LabelSelector { match_labels: Some(names.selector(Role::Gateway, None)), ..Default::default() },
             template: pod::template(
                 chat,
                 Role::Gateway,

@@ -1,5 +1,6 @@
 //! Build (pure): a [`ValidatedChat`] → every object the ChatDeployment should own, ready to server-side apply.
 
+mod autoscaling;
 mod config;
 mod fanout;
 mod gateway;
@@ -15,9 +16,12 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 
+use std::collections::BTreeMap;
+
 use crate::{
+    keda::{ScaledObject, TriggerAuthentication},
     names::{Names, Role},
-    validate::ValidatedChat,
+    validate::{Scaling, ValidatedChat},
 };
 
 /// What the build step needs besides the validated model: facts read from the cluster beforehand.
@@ -27,55 +31,77 @@ pub struct Inputs {
     pub owner: OwnerReference,
     /// Digest of the referenced Secrets' data, so pods roll when a credential changes.
     pub secrets_digest: String,
+    /// Replicas the builtin autoscaler chose, by language.
+    pub scaled: BTreeMap<String, i32>,
+    /// Removed languages whose queue still drains, with the replicas their Deployment keeps meanwhile.
+    pub draining: BTreeMap<String, i32>,
+    /// Whether the KEDA CRDs are installed (ScaledObjects are emitted only then).
+    pub keda_installed: bool,
+}
+
+impl Inputs {
+    pub fn new(owner: OwnerReference, secrets_digest: String) -> Self {
+        Self { owner, secrets_digest, scaled: BTreeMap::new(), draining: BTreeMap::new(), keda_installed: false }
+    }
 }
 
 /// Every object of one ChatDeployment.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Desired {
     pub config_map: ConfigMap,
     pub deployments: Vec<Deployment>,
     pub services: Vec<Service>,
     pub disruption_budgets: Vec<PodDisruptionBudget>,
+    pub scaled_objects: Vec<ScaledObject>,
+    pub trigger_authentications: Vec<TriggerAuthentication>,
 }
 
 impl Desired {
     /// Names of the Deployments, to prune the rest.
     pub fn deployment_names(&self) -> Vec<String> {
-        self.deployments
-            .iter()
-            .filter_map(|d| d.metadata.name.clone())
-            .collect()
+        self.deployments.iter().filter_map(|d| d.metadata.name.clone()).collect()
     }
 }
 
 pub fn build(chat: &ValidatedChat, inputs: &Inputs) -> Desired {
     let config_map = config::config_map(chat, inputs);
     let config_hash = config::config_hash(&config_map, &inputs.secrets_digest);
-    let mut deployments = vec![
-        gateway::deployment(chat, inputs, &config_hash),
-        fanout::deployment(chat, inputs, &config_hash),
-    ];
-    deployments.extend(
-        chat.languages
-            .iter()
-            .map(|l| translator::deployment(chat, l, inputs, &config_hash)),
-    );
+    let mut deployments =
+        vec![gateway::deployment(chat, inputs, &config_hash), fanout::deployment(chat, inputs, &config_hash)];
+    for language in &chat.languages {
+        let replicas = match language.scaling {
+            Scaling::Fixed(n) => Some(n),
+            Scaling::Builtin(bounds) => Some(inputs.scaled.get(&language.code).copied().unwrap_or(bounds.min)),
+            // Left to KEDA's HPA, to `kubectl scale` or to an HPA: not fought.
+            Scaling::Keda(_) | Scaling::Unmanaged => None,
+        };
+        deployments.push(translator::deployment(chat, &language.code, replicas, inputs, &config_hash));
+    }
+    for (code, replicas) in &inputs.draining {
+        deployments.push(translator::deployment(chat, code, Some(*replicas), inputs, &config_hash));
+    }
+    let mut scaled_objects = Vec::new();
+    if inputs.keda_installed {
+        for language in &chat.languages {
+            if let Scaling::Keda(bounds) = &language.scaling {
+                scaled_objects.push(autoscaling::scaled_object(chat, &language.code, bounds, inputs));
+            }
+        }
+    }
+    let trigger_authentications =
+        if scaled_objects.is_empty() { Vec::new() } else { vec![autoscaling::trigger_authentication(chat, inputs)] };
     Desired {
         config_map,
         deployments,
         services: vec![gateway::service(chat, inputs)],
         disruption_budgets: vec![gateway::disruption_budget(chat, inputs)],
+        scaled_objects,
+        trigger_authentications,
     }
 }
 
 /// Metadata of an owned object.
-fn metadata(
-    names: &Names,
-    name: String,
-    role: Role,
-    language: Option<&str>,
-    inputs: &Inputs,
-) -> ObjectMeta {
+fn metadata(names: &Names, name: String, role: Role, language: Option<&str>, inputs: &Inputs) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: Some(names.namespace.clone()),
@@ -91,8 +117,8 @@ mod tests {
     use crate::validate::{tests::chat, validate};
 
     pub fn inputs() -> Inputs {
-        Inputs {
-            owner: OwnerReference {
+        Inputs::new(
+            OwnerReference {
                 api_version: "chat.parley.dev/v1alpha1".into(),
                 kind: "ChatDeployment".into(),
                 name: "town-hall".into(),
@@ -100,16 +126,12 @@ mod tests {
                 controller: Some(true),
                 block_owner_deletion: Some(true),
             },
-            secrets_digest: "secrets-v1".into(),
-        }
+            "secrets-v1".into(),
+        )
     }
 
     fn desired() -> Desired {
-        let valid = validate(
-            &chat(&[("de", Some(2)), ("fr", None)]),
-            "ghcr.io/parley/chat-server:0.1.0",
-        )
-        .unwrap();
+        let valid = validate(&chat(&[("de", Some(2)), ("fr", None)]), "ghcr.io/parley/chat-server:0.1.0").unwrap();
         build(&valid, &inputs())
     }
 
@@ -143,12 +165,7 @@ mod tests {
     fn one_translator_deployment_per_language_named_after_it() {
         assert_eq!(
             desired().deployment_names(),
-            vec![
-                "town-hall-gateway",
-                "town-hall-fanout",
-                "town-hall-translator-de",
-                "town-hall-translator-fr"
-            ]
+            vec!["town-hall-gateway", "town-hall-fanout", "town-hall-translator-de", "town-hall-translator-fr"]
         );
     }
 
@@ -164,10 +181,7 @@ mod tests {
             assert_eq!(labels["chat.parley.dev/deployment"], "town-hall");
             assert_eq!(labels["app.kubernetes.io/managed-by"], "parley-operator");
             assert!(labels.contains_key("chat.parley.dev/role"));
-            assert_eq!(
-                meta.owner_references.as_ref().unwrap()[0].uid,
-                inputs().owner.uid
-            );
+            assert_eq!(meta.owner_references.as_ref().unwrap()[0].uid, inputs().owner.uid);
         }
     }
 
@@ -175,24 +189,9 @@ mod tests {
     fn pods_roll_when_a_referenced_secret_changes() {
         let valid = validate(&chat(&[]), "img").unwrap();
         let hash = |digest: &str| {
-            let d = build(
-                &valid,
-                &Inputs {
-                    secrets_digest: digest.into(),
-                    ..inputs()
-                },
-            );
-            d.deployments[0]
-                .spec
-                .as_ref()
-                .unwrap()
-                .template
-                .metadata
-                .as_ref()
-                .unwrap()
-                .annotations
-                .as_ref()
-                .unwrap()["chat.parley.dev/config-hash"]
+            let d = build(&valid, &Inputs { secrets_digest: digest.into(), ..inputs() });
+            d.deployments[0].spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
+                ["chat.parley.dev/config-hash"]
                 .clone()
         };
         assert_ne!(hash("a"), hash("b"));
@@ -203,53 +202,75 @@ mod tests {
     fn pods_roll_when_the_config_changes() {
         let hash = |languages: &[(&str, Option<i32>)]| {
             let d = build(&validate(&chat(languages), "img").unwrap(), &inputs());
-            d.deployments[0]
-                .spec
-                .as_ref()
-                .unwrap()
-                .template
-                .metadata
-                .as_ref()
-                .unwrap()
-                .annotations
-                .as_ref()
-                .unwrap()["chat.parley.dev/config-hash"]
+            d.deployments[0].spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
+                ["chat.parley.dev/config-hash"]
                 .clone()
         };
         assert_ne!(hash(&[("de", None)]), hash(&[("de", None), ("fr", None)]));
+        assert_eq!(hash(&[("de", None)]), hash(&[("de", Some(5))]), "replicas are not configuration");
+    }
+
+    fn autoscaled(mode: crate::crd::AutoscalingMode) -> ValidatedChat {
+        let mut c = chat(&[("de", None)]);
+        c.spec.languages[0].autoscaling = Some(crate::crd::AutoscalingSpec {
+            mode,
+            min_replicas: 0,
+            max_replicas: 10,
+            target_backlog: 100,
+            scale_down_stabilization_seconds: 120,
+        });
+        validate(&c, "img").unwrap()
+    }
+
+    fn translator_replicas(d: &Desired) -> Option<i32> {
+        d.deployments[2].spec.as_ref().unwrap().replicas
+    }
+
+    #[test]
+    fn keda_scaled_object_snapshot() {
+        let d = build(&autoscaled(crate::crd::AutoscalingMode::Keda), &Inputs { keda_installed: true, ..inputs() });
+        insta::assert_yaml_snapshot!((&d.scaled_objects, &d.trigger_authentications));
+    }
+
+    #[test]
+    fn replicas_are_written_only_by_builtin_autoscaling_or_a_fixed_count() {
+        let builtin = autoscaled(crate::crd::AutoscalingMode::Builtin);
+        let scaled = Inputs { scaled: [("de".to_owned(), 4)].into(), ..inputs() };
+        assert_eq!(translator_replicas(&build(&builtin, &scaled)), Some(4));
+        let keda = build(&autoscaled(crate::crd::AutoscalingMode::Keda), &Inputs { keda_installed: true, ..inputs() });
+        assert_eq!(translator_replicas(&keda), None, "KEDA's HPA owns replicas");
+        let unmanaged = build(&validate(&chat(&[("de", None)]), "img").unwrap(), &inputs());
+        assert_eq!(translator_replicas(&unmanaged), None, "kubectl scale is not fought");
         assert_eq!(
-            hash(&[("de", None)]),
-            hash(&[("de", Some(5))]),
-            "replicas are not configuration"
+            translator_replicas(&build(&validate(&chat(&[("de", Some(3))]), "img").unwrap(), &inputs())),
+            Some(3)
         );
+    }
+
+    #[test]
+    fn keda_mode_without_keda_installed_emits_no_scaled_object() {
+        let d = build(&autoscaled(crate::crd::AutoscalingMode::Keda), &inputs());
+        assert!(d.scaled_objects.is_empty() && d.trigger_authentications.is_empty());
+    }
+
+    #[test]
+    fn a_draining_language_keeps_its_deployment() {
+        let valid = validate(&chat(&[("de", None)]), "img").unwrap();
+        let d = build(&valid, &Inputs { draining: [("fr".to_owned(), 2)].into(), ..inputs() });
+        assert_eq!(d.deployment_names().last().map(String::as_str), Some("town-hall-translator-fr"));
+        assert_eq!(d.deployments.last().unwrap().spec.as_ref().unwrap().replicas, Some(2));
     }
 
     #[test]
     fn role_overrides_reach_the_pods() {
         let mut c = chat(&[]);
-        c.spec.gateway.overrides.node_selector =
-            Some([("pool".to_owned(), "edge".to_owned())].into());
+        c.spec.gateway.overrides.node_selector = Some([("pool".to_owned(), "edge".to_owned())].into());
         c.spec.gateway.overrides.labels = Some([("team".to_owned(), "chat".to_owned())].into());
         let d = build(&validate(&c, "img").unwrap(), &inputs());
         let template = &d.deployments[0].spec.as_ref().unwrap().template;
-        assert_eq!(
-            template
-                .spec
-                .as_ref()
-                .unwrap()
-                .node_selector
-                .as_ref()
-                .unwrap()["pool"],
-            "edge"
-        );
-        assert_eq!(
-            template.metadata.as_ref().unwrap().labels.as_ref().unwrap()["team"],
-            "chat"
-        );
+        assert_eq!(template.spec.as_ref().unwrap().node_selector.as_ref().unwrap()["pool"], "edge");
+        assert_eq!(template.metadata.as_ref().unwrap().labels.as_ref().unwrap()["team"], "chat");
         let fanout = &d.deployments[1].spec.as_ref().unwrap().template;
-        assert!(
-            fanout.spec.as_ref().unwrap().node_selector.is_none(),
-            "overrides are per role"
-        );
+        assert!(fanout.spec.as_ref().unwrap().node_selector.is_none(), "overrides are per role");
     }
 }

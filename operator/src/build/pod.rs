@@ -2,9 +2,9 @@
 
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-        EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-        SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+        Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+        HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+        SecurityContext, Volume, VolumeMount,
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
@@ -19,11 +19,7 @@ use crate::{
 const RUN_AS: i64 = 65532;
 
 fn env(name: &str, value: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
 }
 
 fn env_from_secret(name: &str, secret: &SecretKeyRef) -> EnvVar {
@@ -55,10 +51,7 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
 }
 
 fn runtime_default() -> Option<SeccompProfile> {
-    Some(SeccompProfile {
-        type_: "RuntimeDefault".into(),
-        ..Default::default()
-    })
+    Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() })
 }
 
 /// The pod template of one role (and language, for translators) running `chat-server <args>`.
@@ -94,11 +87,7 @@ pub fn template(
         name: "chat-server".into(),
         image: Some(chat.image.clone()),
         args: Some(args),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: HTTP_PORT,
-            ..Default::default()
-        }]),
+        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: HTTP_PORT, ..Default::default() }]),
         env: Some(env_vars),
         liveness_probe: Some(probe("/healthz", 10, 3)),
         readiness_probe: Some(probe("/readyz", 5, 2)),
@@ -107,10 +96,7 @@ pub fn template(
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
             seccomp_profile: runtime_default(),
             ..Default::default()
         }),
@@ -121,20 +107,12 @@ pub fn template(
                 read_only: Some(true),
                 ..Default::default()
             },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: "/tmp".into(),
-                ..Default::default()
-            },
+            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
         ]),
         ..Default::default()
     };
     PodTemplateSpec {
-        metadata: Some(ObjectMeta {
-            labels: Some(labels),
-            annotations: Some(annotations),
-            ..Default::default()
-        }),
+        metadata: Some(ObjectMeta { labels: Some(labels), annotations: Some(annotations), ..Default::default() }),
         spec: Some(PodSpec {
             containers: vec![container],
             automount_service_account_token: Some(false),
@@ -153,17 +131,10 @@ pub fn template(
             volumes: Some(vec![
                 Volume {
                     name: "config".into(),
-                    config_map: Some(ConfigMapVolumeSource {
-                        name: chat.names.config_map(),
-                        ..Default::default()
-                    }),
+                    config_map: Some(ConfigMapVolumeSource { name: chat.names.config_map(), ..Default::default() }),
                     ..Default::default()
                 },
-                Volume {
-                    name: "tmp".into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Default::default()
-                },
+                Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
             ]),
             ..Default::default()
         }),

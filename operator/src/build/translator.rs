@@ -6,46 +6,28 @@ use k8s_openapi::{
 };
 
 use super::{metadata, pod, Inputs};
-use crate::{
-    names::Role,
-    validate::{Language, ValidatedChat},
-};
+use crate::{names::Role, validate::ValidatedChat};
 
+/// `replicas: None` leaves the field to whoever else scales the Deployment.
 pub fn deployment(
     chat: &ValidatedChat,
-    language: &Language,
+    language: &str,
+    replicas: Option<i32>,
     inputs: &Inputs,
     config_hash: &str,
 ) -> Deployment {
     let names = &chat.names;
-    let code = Some(language.code.as_str());
-    let args = vec![
-        "translator".into(),
-        "--language".into(),
-        language.code.clone(),
-    ];
+    let code = Some(language);
+    let args = vec!["translator".into(), "--language".into(), language.to_owned()];
     Deployment {
-        metadata: metadata(
-            names,
-            names.translator(&language.code),
-            Role::Translator,
-            code,
-            inputs,
-        ),
+        metadata: metadata(names, names.translator(language), Role::Translator, code, inputs),
         spec: Some(DeploymentSpec {
-            replicas: Some(language.replicas),
+            replicas,
             selector: LabelSelector {
                 match_labels: Some(names.selector(Role::Translator, code)),
                 ..Default::default()
             },
-            template: pod::template(
-                chat,
-                Role::Translator,
-                code,
-                args,
-                &chat.translator,
-                config_hash,
-            ),
+            template: pod::template(chat, Role::Translator, code, args, &chat.translator, config_hash),
             ..Default::default()
         }),
         ..Default::default()

@@ -26,9 +26,7 @@ fn require_opt_in() {
 #[ignore = "needs a real cluster: PARLEY_E2E=1 cargo test -p parley-e2e -- --ignored"]
 async fn a_chat_deployment_becomes_ready_and_its_deletion_removes_everything_it_owns() {
     require_opt_in();
-    let client = Client::try_default()
-        .await
-        .expect("KUBECONFIG points at a cluster");
+    let client = Client::try_default().await.expect("KUBECONFIG points at a cluster");
     let namespace = format!("parley-e2e-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
@@ -38,20 +36,13 @@ async fn a_chat_deployment_becomes_ready_and_its_deletion_removes_everything_it_
         )
         .await
         .unwrap();
-    let broker = std::env::var("PARLEY_E2E_BROKER_URI")
-        .expect("PARLEY_E2E_BROKER_URI: an AMQP URI reachable from the cluster");
+    let broker =
+        std::env::var("PARLEY_E2E_BROKER_URI").expect("PARLEY_E2E_BROKER_URI: an AMQP URI reachable from the cluster");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let secret =
-        serde_json::json!({"metadata": {"name": "rabbitmq"}, "stringData": {"uri": broker}});
-    secrets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(secret).unwrap(),
-        )
-        .await
-        .unwrap();
-    let provider = std::env::var("PARLEY_E2E_APERTIUM_URL")
-        .unwrap_or_else(|_| "http://apertium.translation:2737".into());
+    let secret = serde_json::json!({"metadata": {"name": "rabbitmq"}, "stringData": {"uri": broker}});
+    secrets.create(&PostParams::default(), &serde_json::from_value(secret).unwrap()).await.unwrap();
+    let provider =
+        std::env::var("PARLEY_E2E_APERTIUM_URL").unwrap_or_else(|_| "http://apertium.translation:2737".into());
     let chat = serde_json::json!({
         "apiVersion": "chat.parley.dev/v1alpha1", "kind": "ChatDeployment",
         "metadata": {"name": "e2e"},
@@ -63,13 +54,7 @@ async fn a_chat_deployment_becomes_ready_and_its_deletion_removes_everything_it_
         }
     });
     let chats: Api<ChatDeployment> = Api::namespaced(client.clone(), &namespace);
-    chats
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(chat).unwrap(),
-        )
-        .await
-        .unwrap();
+    chats.create(&PostParams::default(), &serde_json::from_value(chat).unwrap()).await.unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -82,11 +67,7 @@ async fn a_chat_deployment_becomes_ready_and_its_deletion_removes_everything_it_
         if ready {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "not Ready within 5 minutes: {:?}",
-            chat.status
-        );
+        assert!(Instant::now() < deadline, "not Ready within 5 minutes: {:?}", chat.status);
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
 
@@ -104,8 +85,5 @@ async fn a_chat_deployment_becomes_ready_and_its_deletion_removes_everything_it_
         assert!(Instant::now() < deadline, "deletion did not complete");
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    namespaces
-        .delete(&namespace, &DeleteParams::default())
-        .await
-        .unwrap();
+    namespaces.delete(&namespace, &DeleteParams::default()).await.unwrap();
 }

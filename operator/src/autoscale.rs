@@ -1,0 +1,130 @@
+//! Autoscaling (pure): a language's queue backlog and its recent recommendations → translator replicas.
+//!
+//! `recommend = clamp(ceil(backlog / targetBacklog), min, max)`. Scaling up happens at once; scaling
+//! down goes only as low as the highest recommendation within the stabilization window, so a
+//! backlog that dips and returns does not make replicas flap (the HPA's rule).
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+/// The bounds of one language, resolved from its spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub min: i32,
+    pub max: i32,
+    pub target_backlog: i64,
+    pub scale_down_window: Duration,
+}
+
+/// Replicas wanted for `backlog` ready messages, within the bounds.
+pub fn recommend(backlog: i64, bounds: &Bounds) -> i32 {
+    let target = bounds.target_backlog.max(1);
+    let raw = if backlog <= 0 { 0 } else { (backlog + target - 1) / target };
+    i32::try_from(raw).unwrap_or(i32::MAX).clamp(bounds.min, bounds.max.max(bounds.min))
+}
+
+/// Recommendations of one language over the stabilization window, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History(Vec<(Timestamp, i32)>);
+
+impl History {
+    /// A history for a language seen for the first time (or after a restart): its current replicas
+    /// count as a recommendation made now, so nothing scales down before a whole window has passed.
+    pub fn starting_at(now: Timestamp, current: i32) -> Self {
+        Self(vec![(now, current)])
+    }
+}
+
+/// The replicas to run now, given the current replicas, the backlog, and the window's history.
+pub fn decide(current: i32, backlog: i64, bounds: &Bounds, history: &mut History, now: Timestamp) -> i32 {
+    let recommended = recommend(backlog, bounds);
+    history.0.push((now, recommended));
+    let window = bounds.scale_down_window;
+    history.0.retain(|(at, _)| now.duration_since(*at).unsigned_abs() <= window);
+    let upper = bounds.max.max(bounds.min);
+    if recommended >= current {
+        return recommended;
+    }
+    let stabilized = history.0.iter().map(|(_, r)| *r).max().unwrap_or(recommended);
+    stabilized.min(current).clamp(bounds.min, upper)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds(min: i32, max: i32) -> Bounds {
+        Bounds { min, max, target_backlog: 100, scale_down_window: Duration::from_secs(120) }
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    /// Runs a scripted sequence of (second, backlog) through `decide`, returning the replicas after each.
+    fn run(start: i32, bounds: Bounds, script: &[(i64, i64)]) -> Vec<i32> {
+        let mut history = History::starting_at(at(0), start);
+        let mut current = start;
+        script
+            .iter()
+            .map(|(second, backlog)| {
+                current = decide(current, *backlog, &bounds, &mut history, at(*second));
+                current
+            })
+            .collect()
+    }
+
+    #[test]
+    fn autoscaling_recommends_ceil_of_backlog_over_target_within_bounds() {
+        let b = bounds(1, 10);
+        assert_eq!(recommend(0, &b), 1);
+        assert_eq!(recommend(1, &b), 1);
+        assert_eq!(recommend(101, &b), 2);
+        assert_eq!(recommend(250, &b), 3);
+        assert_eq!(recommend(1_000_000, &b), 10);
+    }
+
+    #[test]
+    fn autoscaling_scales_up_at_once() {
+        assert_eq!(run(1, bounds(1, 10), &[(10, 450)]), vec![5]);
+    }
+
+    #[test]
+    fn autoscaling_scales_down_only_after_the_window() {
+        let replicas = run(1, bounds(1, 10), &[(10, 450), (20, 0), (100, 0), (129, 0), (131, 0)]);
+        assert_eq!(replicas, vec![5, 5, 5, 5, 1]);
+    }
+
+    #[test]
+    fn autoscaling_suppresses_flapping() {
+        // The backlog dips and returns every 10 s; replicas stay at the peak.
+        let script: Vec<(i64, i64)> = (1..=12).map(|i| (i * 10, if i % 2 == 0 { 20 } else { 480 })).collect();
+        assert!(run(1, bounds(1, 10), &script).iter().all(|r| *r == 5));
+    }
+
+    #[test]
+    fn autoscaling_steps_down_through_the_window_maximum() {
+        let replicas = run(1, bounds(1, 10), &[(0, 900), (60, 300), (125, 0), (185, 0), (250, 0)]);
+        assert_eq!(replicas, vec![9, 9, 3, 1, 1]);
+    }
+
+    #[test]
+    fn autoscaling_wakes_a_language_from_zero_when_messages_wait() {
+        let replicas = run(0, bounds(0, 10), &[(10, 0), (20, 1), (30, 0), (200, 0)]);
+        assert_eq!(replicas, vec![0, 1, 1, 0]);
+    }
+
+    #[test]
+    fn autoscaling_respects_bounds_even_when_they_change() {
+        assert_eq!(run(1, bounds(2, 4), &[(10, 0), (20, 100_000)]), vec![2, 4]);
+        // Current replicas above a lowered maximum come down at once.
+        assert_eq!(run(20, bounds(1, 10), &[(10, 5000)]), vec![10]);
+    }
+
+    #[test]
+    fn autoscaling_after_a_restart_waits_a_window_before_scaling_down() {
+        // A fresh history seeded with the current replicas: no scale-down before 120 s.
+        assert_eq!(run(6, bounds(1, 10), &[(5, 0), (119, 0), (121, 0)]), vec![6, 6, 1]);
+    }
+}
