@@ -12,6 +12,7 @@ pub mod keda;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod rbac;
 pub mod run;
 pub mod status;
 pub mod validate;

@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Print the ChatDeployment CustomResourceDefinition as YAML.
     Crd,
+    /// Print the RBAC rules the operator needs, as the Helm chart renders them.
+    Rbac,
     /// Run the controller.
     Run {
         /// Namespaces to watch (comma-separated); all namespaces when empty.
@@ -52,6 +54,10 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => {
             print!("{}", parley_operator::crd_yaml());
+            Ok(())
+        }
+        Command::Rbac => {
+            print!("{}", parley_operator::rbac::rules_yaml());
             Ok(())
         }
         Command::Run {

@@ -92,8 +92,11 @@ fn secret(namespace: &str, uri: &str) -> Secret {
     }
 }
 
+mod recorder;
+
 struct Harness {
     client: Client,
+    recorder: recorder::Recorder,
     ctx: Arc<Context>,
     namespace: String,
 }
@@ -123,10 +126,13 @@ impl Harness {
             .build()
             .await
             .unwrap();
+        // Only the operator's own requests are recorded; the harness reads and writes around it.
+        let recorder = recorder::Recorder::default();
+        let operator_client = recorder.wrap(client.clone());
         let reporter = Reporter { controller: "parley-operator".into(), instance: Some("test".into()) };
         let settings = Settings::new("ghcr.io/parley/chat-server:test");
-        let ctx = Arc::new(Context::new(client.clone(), reporter, Arc::new(Metrics::default()), settings));
-        Self { client, ctx, namespace }
+        let ctx = Arc::new(Context::new(operator_client, reporter, Arc::new(Metrics::default()), settings));
+        Self { client, recorder, ctx, namespace }
     }
 
     fn api<K>(&self) -> Api<K>
@@ -507,4 +513,90 @@ async fn keda_mode_emits_a_scaled_object_for_the_language_queue() {
     assert!(h.api::<TriggerAuthentication>().get("town-hall-broker").await.is_ok());
     assert_eq!(translator_replicas(&h).await, None);
     assert_eq!(condition(&h.chat().await, "AutoscalingReady").0, "True");
+}
+
+/// An object labelled as this operator's for `town-hall` but never desired: prune must delete it.
+fn stray_meta(namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some("town-hall-stray".into()),
+        namespace: Some(namespace.into()),
+        labels: Some(
+            [
+                ("chat.parley.dev/deployment".to_owned(), NAME.to_owned()),
+                ("app.kubernetes.io/managed-by".to_owned(), "parley-operator".to_owned()),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn every_request_a_reconcile_makes_is_allowed_by_the_rbac_rules_and_every_rule_is_used() {
+    use parley_operator::rbac::{allows, CONTROLLER, RUNTIME_ONLY};
+    // One ChatDeployment that exercises every kind: builtin and KEDA autoscaling, a fixed and a removed
+    // language, and stray owned objects of every kind for prune to delete.
+    let namespace = unique_namespace();
+    let mut chat = autoscaled(&namespace, AutoscalingMode::Builtin, 120);
+    chat.spec.languages.push(LanguageSpec {
+        code: "it".into(),
+        replicas: None,
+        autoscaling: Some(AutoscalingSpec {
+            mode: AutoscalingMode::Keda,
+            min_replicas: 1,
+            max_replicas: 3,
+            target_backlog: 10,
+            scale_down_stabilization_seconds: 60,
+        }),
+    });
+    chat.spec.languages.push(LanguageSpec { code: "de".into(), replicas: Some(1), autoscaling: None });
+    let h = Harness::with_keda(chat, &amqp_url()).await;
+    let create = kube::api::PostParams::default();
+    h.api::<Service>()
+        .create(&create, &Service { metadata: stray_meta(&namespace), ..Default::default() })
+        .await
+        .unwrap();
+    h.api::<ConfigMap>()
+        .create(&create, &ConfigMap { metadata: stray_meta(&namespace), ..Default::default() })
+        .await
+        .unwrap();
+    let budget = PodDisruptionBudget { metadata: stray_meta(&namespace), ..Default::default() };
+    h.api::<PodDisruptionBudget>().create(&create, &budget).await.unwrap();
+    let scaled = ScaledObject { metadata: stray_meta(&namespace), ..Default::default() };
+    h.api::<ScaledObject>().create(&create, &scaled).await.unwrap();
+    let auth = TriggerAuthentication { metadata: stray_meta(&namespace), ..Default::default() };
+    h.api::<TriggerAuthentication>().create(&create, &auth).await.unwrap();
+
+    h.reconcile().await.unwrap();
+    h.edit(|c| c.spec.languages.retain(|l| l.code != "de")).await;
+    h.reconcile().await.unwrap();
+    h.edit(|c| c.spec.translation.url = "not-a-url".into()).await;
+    h.reconcile().await.unwrap();
+    let mut deleting = h.chat().await;
+    deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    deleting.metadata.resource_version = None;
+    let gone = Harness::with_keda(deleting, &amqp_url()).await;
+    gone.api::<Deployment>()
+        .create(&create, &Deployment { metadata: stray_meta(&namespace), ..Default::default() })
+        .await
+        .unwrap();
+    let waiting = reconcile(Arc::new(gone.chat().await), gone.ctx.clone()).await;
+    assert!(matches!(waiting, Err(Error::Waiting(_))), "cleanup waits for the Deployments to go: {waiting:?}");
+    reconcile(Arc::new(gone.chat().await), gone.ctx.clone()).await.unwrap();
+
+    let mut used = h.recorder.accesses();
+    used.extend(gone.recorder.accesses());
+    for access in &used {
+        assert!(
+            allows(CONTROLLER, &access.group, &access.resource, &access.verb),
+            "the operator does {access:?}, which its RBAC rules do not allow"
+        );
+    }
+    for rule in CONTROLLER {
+        for verb in rule.verbs {
+            let seen = used.iter().any(|a| a.group == rule.group && a.resource == rule.resource && a.verb == *verb);
+            let runtime = RUNTIME_ONLY.contains(&(rule.group, rule.resource, *verb));
+            assert!(seen || runtime, "the rules grant {verb} on {}/{} but nothing uses it", rule.group, rule.resource);
+        }
+    }
 }
