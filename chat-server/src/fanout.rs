@@ -5,12 +5,11 @@ use std::{
     sync::Arc,
 };
 
-use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    bus::{Bus, BusError, Incoming, Origin, Route, Source},
+    bus::{next_unless_cancelled, Bus, BusError, Incoming, Origin, Route, Source},
     wire::{Delivery, MessagePosted, MessageTranslated},
 };
 
@@ -68,15 +67,8 @@ impl Fanout {
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), BusError> {
         let mut messages = self.bus.consume(Source::Fanout).await?;
         tracing::info!("fanout consuming");
-        loop {
-            let incoming = tokio::select! {
-                _ = cancel.cancelled() => break,
-                next = messages.next() => match next {
-                    Some(incoming) => incoming?,
-                    None => break,
-                },
-            };
-            self.handle(incoming).await?;
+        while let Some(incoming) = next_unless_cancelled(&mut messages, &cancel).await {
+            self.handle(incoming?).await?;
         }
         tracing::info!("fanout stopped");
         Ok(())

@@ -139,7 +139,7 @@ async fn messages_posted_while_no_translator_runs_are_translated_once_it_starts(
     let early = subscriber.collect_message(&id, 2, Duration::from_secs(2)).await;
     assert_eq!(early.len(), 1, "only the original while no translator runs: {early:?}");
 
-    let translator = Deployment::spawn_translator(&d.prefix, "es", d.apertium.as_ref().unwrap()).ready().await;
+    let translator = Deployment::spawn_translator(&d.prefix, "es", &d.apertium.as_ref().unwrap().url).ready().await;
     let late = subscriber.collect_message(&id, 1, DELIVERY).await;
     assert_eq!(late.len(), 1, "the translation arrives once a translator runs");
     assert!(late[0]["text"].as_str().unwrap().contains("Buenos días"), "{}", late[0]);

@@ -14,23 +14,6 @@ async fn dead_letters(prefix: &str) -> Option<u32> {
     parley_topology::queue_depth(&channel, &topology.dead_letters()).await.unwrap().map(|d| d.messages)
 }
 
-fn translator(prefix: &str, language: &str, provider_url: &str) -> Server {
-    let url = amqp_url();
-    Server::spawn(&[
-        "translator",
-        "--language",
-        language,
-        "--amqp-url",
-        &url,
-        "--topology-prefix",
-        prefix,
-        "--translator",
-        "apertium",
-        "--translator-url",
-        provider_url,
-    ])
-}
-
 #[tokio::test]
 async fn a_message_the_provider_cannot_translate_is_dead_lettered_not_dropped() {
     let apertium = Apertium::start().await;
@@ -40,7 +23,7 @@ async fn a_message_the_provider_cannot_translate_is_dead_lettered_not_dropped() 
     let broker = broker_args(&prefix, &url, "de");
     let gateway = Server::start(&[&["gateway"], broker.as_slice()].concat()).await;
     let _fanout = Server::start(&[&["fanout"], broker.as_slice()].concat()).await;
-    let german = translator(&prefix, "de", &apertium.url).ready().await;
+    let german = Deployment::spawn_translator(&prefix, "de", &apertium.url).ready().await;
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
     subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
@@ -66,7 +49,7 @@ async fn a_translator_retries_a_provider_that_is_down_and_translates_once_it_is_
     let broker = broker_args(&prefix, &url, "es");
     let gateway = Server::start(&[&["gateway"], broker.as_slice()].concat()).await;
     let _fanout = Server::start(&[&["fanout"], broker.as_slice()].concat()).await;
-    let _spanish = translator(&prefix, "es", &provider_url).ready().await;
+    let _spanish = Deployment::spawn_translator(&prefix, "es", &provider_url).ready().await;
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
     subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;

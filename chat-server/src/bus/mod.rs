@@ -98,6 +98,18 @@ impl Incoming {
 /// Consumed messages; the stream ends when the bus can no longer deliver.
 pub type IncomingStream = BoxStream<'static, Result<Incoming, BusError>>;
 
+/// The next consumed message, or `None` once `cancel` fires or the stream ends. A message in hand
+/// is never abandoned: cancellation is only noticed between messages.
+pub async fn next_unless_cancelled(
+    messages: &mut IncomingStream,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<Result<Incoming, BusError>> {
+    tokio::select! {
+        _ = cancel.cancelled() => None,
+        next = futures_util::StreamExt::next(messages) => next,
+    }
+}
+
 /// Encoded deliveries for the chats bound through the paired [`ChatBinder`].
 pub type DeliveryStream = BoxStream<'static, Vec<u8>>;
 

@@ -4,11 +4,10 @@ pub mod provider;
 
 use std::{sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    bus::{Bus, BusError, Incoming, Route, Source},
+    bus::{next_unless_cancelled, Bus, BusError, Incoming, Route, Source},
     wire::{MessagePosted, MessageTranslated, PASSTHROUGH_PROVIDER, WIRE_VERSION},
 };
 use provider::{Provider, ProviderError};
@@ -48,15 +47,8 @@ impl Translator {
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), BusError> {
         let mut messages = self.bus.consume(Source::Translate { language: &self.language }).await?;
         tracing::info!(language = %self.language, provider = self.provider.name(), "translator consuming");
-        loop {
-            let incoming = tokio::select! {
-                _ = cancel.cancelled() => break,
-                next = messages.next() => match next {
-                    Some(incoming) => incoming?,
-                    None => break,
-                },
-            };
-            self.handle(incoming, &cancel).await?;
+        while let Some(incoming) = next_unless_cancelled(&mut messages, &cancel).await {
+            self.handle(incoming?, &cancel).await?;
         }
         tracing::info!(language = %self.language, "translator stopped");
         Ok(())

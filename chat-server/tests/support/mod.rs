@@ -422,7 +422,7 @@ impl Deployment {
         let fanout = Server::spawn(&[&["fanout"], broker.as_slice()].concat());
         let mut translators = Vec::new();
         for language in languages {
-            translators.push(Self::spawn_translator(&prefix, language, apertium.as_ref().unwrap()));
+            translators.push(Self::spawn_translator(&prefix, language, &apertium.as_ref().unwrap().url));
         }
         let mut ready_gateways = Vec::new();
         for gateway in spawned_gateways {
@@ -436,7 +436,8 @@ impl Deployment {
         Self { prefix, apertium, gateways: ready_gateways, fanout, translators: ready_translators }
     }
 
-    pub fn spawn_translator(prefix: &str, language: &str, apertium: &Apertium) -> Server {
+    /// A translator process for `language` calling the Apertium APY at `provider_url`.
+    pub fn spawn_translator(prefix: &str, language: &str, provider_url: &str) -> Server {
         let url = amqp_url();
         Server::spawn(&[
             "translator",
@@ -449,7 +450,7 @@ impl Deployment {
             "--translator",
             "apertium",
             "--translator-url",
-            &apertium.url,
+            provider_url,
         ])
     }
 
