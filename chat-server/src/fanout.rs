@@ -5,6 +5,8 @@ use std::{
     sync::Arc,
 };
 
+use futures_util::{FutureExt, StreamExt};
+
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -67,47 +69,92 @@ impl Fanout {
     pub async fn run(mut self, cancel: CancellationToken) -> Result<(), BusError> {
         let mut messages = self.bus.consume(Source::Fanout).await?;
         tracing::info!("fanout consuming");
-        while let Some(incoming) = next_unless_cancelled(&mut messages, &cancel).await {
-            self.handle(incoming?).await?;
+        while let Some(first) = next_unless_cancelled(&mut messages, &cancel).await {
+            // Whatever else has already arrived joins the batch: one confirm round trip for all of it.
+            let mut batch = vec![first?];
+            while batch.len() < MAX_BATCH {
+                match messages.next().now_or_never() {
+                    Some(Some(incoming)) => batch.push(incoming?),
+                    _ => break,
+                }
+            }
+            self.handle(batch).await?;
         }
         tracing::info!("fanout stopped");
         Ok(())
     }
 
-    async fn handle(&mut self, incoming: Incoming) -> Result<(), BusError> {
-        let decoded = match incoming.origin {
-            Origin::Posted => serde_json::from_slice::<MessagePosted>(&incoming.payload)
-                .map(|m| (m.chat_id.clone(), m.id, m.source_language.clone(), Either::Posted(m))),
-            Origin::Translated | Origin::Unknown => serde_json::from_slice::<MessageTranslated>(&incoming.payload)
-                .map(|m| (m.chat_id.clone(), m.id, m.language.clone(), Either::Translated(m))),
-        };
-        let (chat_id, id, language, message) = match decoded {
-            Ok(decoded) => decoded,
-            Err(err) => {
-                tracing::error!(origin = ?incoming.origin, error = %err, "dead-lettering an undecodable message");
-                return incoming.dead_letter().await;
-            }
-        };
-        let Some(seq) = self.sequencer.reserve(&chat_id, id, &language) else {
-            tracing::debug!(%id, language, "dropping a duplicate");
-            return incoming.ack().await;
-        };
-        let delivery = match message {
-            Either::Posted(m) => Delivery::of_original(m, seq),
-            Either::Translated(m) => Delivery::of_translation(m, seq),
-        };
-        let payload = serde_json::to_vec(&delivery).expect("a delivery always encodes");
-        match self.bus.publish(Route::Deliver { chat_id: &chat_id }, &payload).await {
+    /// Sequences a batch in arrival order, publishes its deliveries, and acks each message only after
+    /// every delivery is confirmed (or requeues the batch, leaving its sequence numbers unused).
+    async fn handle(&mut self, batch: Vec<Incoming>) -> Result<(), BusError> {
+        let mut staged: Vec<Staged> = Vec::with_capacity(batch.len());
+        let mut taken: HashMap<String, u64> = HashMap::new();
+        let mut seen: HashSet<(Uuid, String)> = HashSet::new();
+        for incoming in batch {
+            let decoded = match incoming.origin {
+                Origin::Posted => serde_json::from_slice::<MessagePosted>(&incoming.payload)
+                    .map(|m| (m.chat_id.clone(), m.id, m.source_language.clone(), Either::Posted(m))),
+                Origin::Translated | Origin::Unknown => serde_json::from_slice::<MessageTranslated>(&incoming.payload)
+                    .map(|m| (m.chat_id.clone(), m.id, m.language.clone(), Either::Translated(m))),
+            };
+            let (chat_id, id, language, message) = match decoded {
+                Ok(decoded) => decoded,
+                Err(err) => {
+                    tracing::error!(origin = ?incoming.origin, error = %err, "dead-lettering an undecodable message");
+                    incoming.dead_letter().await?;
+                    continue;
+                }
+            };
+            let fresh = seen.insert((id, language.clone()));
+            let Some(next) = self.sequencer.reserve(&chat_id, id, &language).filter(|_| fresh) else {
+                tracing::debug!(%id, language, "dropping a duplicate");
+                incoming.ack().await?;
+                continue;
+            };
+            let offset = taken.entry(chat_id.clone()).or_default();
+            let seq = next + *offset;
+            *offset += 1;
+            let delivery = match message {
+                Either::Posted(m) => Delivery::of_original(m, seq),
+                Either::Translated(m) => Delivery::of_translation(m, seq),
+            };
+            let payload = serde_json::to_vec(&delivery).expect("a delivery always encodes");
+            staged.push(Staged { incoming, chat_id, id, language, payload });
+        }
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let messages: Vec<(Route<'_>, &[u8])> =
+            staged.iter().map(|s| (Route::Deliver { chat_id: &s.chat_id }, s.payload.as_slice())).collect();
+        let published = self.bus.publish_all(&messages).await;
+        drop(messages);
+        match published {
             Ok(()) => {
-                self.sequencer.commit(&chat_id, id, &language);
-                incoming.ack().await
+                for s in staged {
+                    self.sequencer.commit(&s.chat_id, s.id, &s.language);
+                    s.incoming.ack().await?;
+                }
             }
             Err(err) => {
-                tracing::warn!(%id, language, error = %err, "delivery not confirmed; requeueing");
-                incoming.requeue().await
+                tracing::warn!(messages = staged.len(), error = %err, "deliveries not confirmed; requeueing");
+                for s in staged {
+                    s.incoming.requeue().await?;
+                }
             }
         }
+        Ok(())
     }
+}
+
+/// Most messages one fanout batch takes (its consumer prefetch is 64).
+const MAX_BATCH: usize = 64;
+
+struct Staged {
+    incoming: Incoming,
+    chat_id: String,
+    id: Uuid,
+    language: String,
+    payload: Vec<u8>,
 }
 
 enum Either {

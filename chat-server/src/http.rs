@@ -33,6 +33,8 @@ use crate::{
 const GOING_AWAY: u16 = 1001;
 /// graphql-ws: the client did not send `connection_init` in time.
 const INIT_TIMEOUT: u16 = 4408;
+/// Bytes read from a socket at a time (tungstenite's default, 128 KiB, dominated an idle subscription's memory).
+const SOCKET_READ_BUFFER: usize = 4 * 1024;
 
 /// Limits of the WebSocket transport.
 #[derive(Debug, Clone, Copy)]
@@ -125,7 +127,9 @@ fn upgrade_socket(state: AppState, upgrade: WebSocketUpgrade) -> Response {
     let upgrade = upgrade
         .protocols(["graphql-transport-ws", "graphql-ws"])
         .max_message_size(state.limits.max_message_bytes)
-        .max_frame_size(state.limits.max_message_bytes);
+        .max_frame_size(state.limits.max_message_bytes)
+        // tungstenite preallocates a 128 KiB read buffer per socket; client frames here are small.
+        .read_buffer_size(SOCKET_READ_BUFFER);
     let wire = match upgrade.selected_protocol().and_then(|p| p.to_str().ok()) {
         Some("graphql-transport-ws") => Wire::GraphQL(WebSocketProtocols::GraphQLWS),
         Some("graphql-ws") => Wire::GraphQL(WebSocketProtocols::SubscriptionsTransportWS),

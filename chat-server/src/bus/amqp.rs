@@ -149,30 +149,40 @@ impl ChatBinder for AmqpBinder {
 #[async_trait]
 impl Bus for AmqpBus {
     async fn publish(&self, route: Route<'_>, payload: &[u8]) -> Result<(), BusError> {
-        let (exchange, routing_key, persistent) = match route {
-            Route::Posted => (self.topology.posted_exchange(), "", true),
-            Route::Translated => (self.topology.translated_exchange(), "", true),
-            // Deliveries feed live sockets only; a lost one is recovered from history, not from disk.
-            Route::Deliver { chat_id } => (self.topology.deliver_exchange(), chat_id, false),
-        };
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(if persistent { 2 } else { 1 });
-        let confirm = self
-            .publisher
-            .basic_publish(
-                exchange.as_str().into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                payload,
-                properties,
-            )
-            .await
-            .map_err(amqp(format!("publish to {exchange}")))?
-            .await
-            .map_err(amqp(format!("confirm a publish to {exchange}")))?;
-        if confirm.is_nack() {
-            return Err(BusError::Nacked { route: exchange });
+        self.publish_all(&[(route, payload)]).await
+    }
+
+    async fn publish_all(&self, messages: &[(Route<'_>, &[u8])]) -> Result<(), BusError> {
+        // Sent in order on one channel, so per-chat order holds; confirmed together.
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (route, payload) in messages {
+            let (exchange, routing_key, persistent) = match route {
+                Route::Posted => (self.topology.posted_exchange(), "", true),
+                Route::Translated => (self.topology.translated_exchange(), "", true),
+                // Deliveries feed live sockets only; a lost one is recovered from history, not from disk.
+                Route::Deliver { chat_id } => (self.topology.deliver_exchange(), *chat_id, false),
+            };
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(if persistent { 2 } else { 1 });
+            let confirm = self
+                .publisher
+                .basic_publish(
+                    exchange.as_str().into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    payload,
+                    properties,
+                )
+                .await
+                .map_err(amqp(format!("publish to {exchange}")))?;
+            confirms.push((exchange, confirm));
+        }
+        for (exchange, confirm) in confirms {
+            let confirmation = confirm.await.map_err(amqp(format!("confirm a publish to {exchange}")))?;
+            if confirmation.is_nack() {
+                return Err(BusError::Nacked { route: exchange });
+            }
         }
         Ok(())
     }

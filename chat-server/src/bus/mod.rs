@@ -125,6 +125,14 @@ pub trait ChatBinder: Send + Sync {
 pub trait Bus: Send + Sync + 'static {
     /// Publishes and returns once the bus has taken responsibility (a publisher confirm on RabbitMQ).
     async fn publish(&self, route: Route<'_>, payload: &[u8]) -> Result<(), BusError>;
+    /// Publishes `messages` in order and returns once every one is confirmed. On RabbitMQ the confirms
+    /// are awaited together, so a batch costs one round trip instead of one per message.
+    async fn publish_all(&self, messages: &[(Route<'_>, &[u8])]) -> Result<(), BusError> {
+        for (route, payload) in messages {
+            self.publish(*route, payload).await?;
+        }
+        Ok(())
+    }
     /// Starts consuming `source` with manual acknowledgement.
     async fn consume(&self, source: Source<'_>) -> Result<IncomingStream, BusError>;
     /// Opens this process's delivery feed.
