@@ -20,7 +20,14 @@ import uuid
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release"
-AMQP = os.environ.get("PARLEY_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+# A throwaway vhost: every run declares durable quorum queues under a fresh prefix, and hundreds of
+# leftover quorum queues slow the broker down for whatever runs next.
+VHOST = "parley-bench"
+AMQP = os.environ.get("PARLEY_BENCH_AMQP_URL", f"amqp://guest:guest@127.0.0.1:5672/{VHOST}")
+
+
+def rabbitmqctl(*args):
+    subprocess.run(["rabbitmqctl", "-q", *args], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def free_port():
@@ -154,6 +161,18 @@ def main():
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="1k only")
     args = parser.parse_args()
+    if "PARLEY_BENCH_AMQP_URL" not in os.environ:
+        rabbitmqctl("delete_vhost", VHOST)
+        rabbitmqctl("add_vhost", VHOST)
+        rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
+    try:
+        run(args)
+    finally:
+        if "PARLEY_BENCH_AMQP_URL" not in os.environ:
+            rabbitmqctl("delete_vhost", VHOST)
+
+
+def run(args):
     results = {"machine": {"cores": os.cpu_count()}, "method": {"runs": args.runs, "duration_s": args.duration, "drain_s": 3, "chats": 10}}
     scenarios = [(1000, 10), (1000, 100)] + ([] if args.quick else [(10000, 10), (10000, 100)])
     kinds = ["raw", "parley-inproc", "parley-rabbitmq", "apollo"]
