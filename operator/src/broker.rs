@@ -11,7 +11,7 @@ use crate::status::{BrokerReport, Draining};
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the broker step failed; the variant name is the BrokerReady condition reason.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker Secret {0} not found")]
     SecretNotFound(String),

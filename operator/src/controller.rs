@@ -313,7 +313,7 @@ async fn apply_chat(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Erro
             let drain_timeout = Duration::from_secs(valid.drain_timeout_seconds.max(0) as u64);
             broker::sync(&url, &topology, &valid.language_codes(), draining.clone(), drain_timeout, elapsed_since).await
         }
-        Err(err) => Err(clone_secret_error(err)),
+        Err(err) => Err(err.clone()),
     };
     let (report, still_draining, failure, deleted) = match synced {
         Ok(outcome) => (BrokerReport::Ready { backlogs: outcome.backlogs }, outcome.draining, None, outcome.deleted),
@@ -387,17 +387,6 @@ async fn apply_chat(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Erro
         CONVERGING
     };
     Ok(Action::requeue(next))
-}
-
-/// The secret errors again, for the broker report (the original stays with the digest).
-fn clone_secret_error(err: &broker::BrokerError) -> broker::BrokerError {
-    match err {
-        broker::BrokerError::SecretNotFound(name) => broker::BrokerError::SecretNotFound(name.clone()),
-        broker::BrokerError::SecretKeyMissing { secret, key } => {
-            broker::BrokerError::SecretKeyMissing { secret: secret.clone(), key: key.clone() }
-        }
-        other => broker::BrokerError::Unreachable(other.to_string()),
-    }
 }
 
 async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> {

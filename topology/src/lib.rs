@@ -22,7 +22,7 @@ pub const DELIVERY_LIMIT: i64 = 10;
 pub const STANDALONE_PREFIX: &str = "parley.local";
 
 /// Errors of defining or applying a topology.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TopologyError {
     #[error("invalid topology prefix {prefix:?}: {reason}")]
     InvalidPrefix { prefix: String, reason: &'static str },

@@ -26,12 +26,14 @@ fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BusError {
     move |source| BusError::Amqp { action, source }
 }
 
+/// Messages a translator holds unacked: a few hide the provider's latency without starving other replicas.
+const TRANSLATE_PREFETCH: u16 = 4;
+
 /// One connection to RabbitMQ with a confirming publish channel.
 pub struct AmqpBus {
     connection: Connection,
     publisher: Channel,
     topology: Topology,
-    translate_prefetch: u16,
 }
 
 impl AmqpBus {
@@ -65,7 +67,7 @@ impl AmqpBus {
         publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enable publisher confirms"))?;
         parley_topology::declare(&publisher, &topology, languages).await?;
         tracing::info!(prefix = topology.prefix(), "connected to the broker and declared the topology");
-        Ok(Self { connection, publisher, topology, translate_prefetch: 4 })
+        Ok(Self { connection, publisher, topology })
     }
 }
 
@@ -189,7 +191,7 @@ impl Bus for AmqpBus {
 
     async fn consume(&self, source: Source<'_>) -> Result<IncomingStream, BusError> {
         let (queue, prefetch) = match source {
-            Source::Translate { language } => (self.topology.translate_queue(language), self.translate_prefetch),
+            Source::Translate { language } => (self.topology.translate_queue(language), TRANSLATE_PREFETCH),
             Source::Fanout => (self.topology.fanout_queue(), 64),
         };
         let channel = self.connection.create_channel().await.map_err(amqp("open a consume channel"))?;
