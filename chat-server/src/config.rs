@@ -89,7 +89,7 @@ pub struct Options {
     /// Seconds a WebSocket client has to send connection_init. [default: 10]
     #[arg(long, env = "PARLEY_CONNECTION_INIT_TIMEOUT_SECS", global = true)]
     pub connection_init_timeout_secs: Option<u64>,
-    /// Deliveries a subscriber may fall behind before it is dropped. [default: 1024]
+    /// Frames that may wait for one WebSocket connection before it is closed as a slow consumer (1008). [default: 1024]
     #[arg(long, env = "PARLEY_SUBSCRIBER_BUFFER", global = true)]
     pub subscriber_buffer: Option<usize>,
     /// Log format. [default: text]

@@ -83,7 +83,7 @@ impl SubscriptionBudget {
         Self { active: Arc::default(), max }
     }
 
-    fn acquire(&self) -> Result<BudgetPermit> {
+    pub fn acquire(&self) -> Result<BudgetPermit> {
         let taken = self.active.fetch_add(1, Ordering::AcqRel);
         if taken >= self.max {
             self.active.fetch_sub(1, Ordering::AcqRel);

@@ -4,9 +4,11 @@
 //! with `graphql-transport-ws`, legacy `graphql-ws`, or — when the client names no subprotocol —
 //! the seed's plain frames (`{"query","variables"}` in, `{"data":...}` out).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use async_graphql::http::{GraphiQLSource, WebSocket as GraphQLWebSocket, WebSocketProtocols, WsMessage};
+use async_graphql::http::{
+    ClientMessage, GraphiQLSource, WebSocket as GraphQLWebSocket, WebSocketProtocols, WsMessage,
+};
 use async_graphql_axum::GraphQLResponse;
 use axum::{
     body::Bytes,
@@ -20,19 +22,26 @@ use axum::{
     routing::get,
     Router,
 };
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{stream::SplitSink, SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     bus::Bus,
     graphql::{ChatSchema, SubscriptionBudget},
+    shared::{refused, Framing, Membership, OperationId, Outbox, Outgoing, Shareable, SharedSubscriptions, Sharing},
 };
 
 /// Close code for a server going away (RFC 6455).
 const GOING_AWAY: u16 = 1001;
 /// graphql-ws: the client did not send `connection_init` in time.
 const INIT_TIMEOUT: u16 = 4408;
+/// graphql-transport-ws: a subscribe reused the id of a running operation.
+const DUPLICATE_ID: u16 = 4409;
+/// Policy violation (RFC 6455): the client read its frames too slowly and its send queue overflowed.
+const SLOW_CONSUMER: u16 = 1008;
+/// How long a slow consumer's close frame may wait behind the frames already written.
+const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(10);
 /// Bytes read from a socket at a time (tungstenite's default, 128 KiB, dominated an idle subscription's memory).
 const SOCKET_READ_BUFFER: usize = 4 * 1024;
 
@@ -42,12 +51,16 @@ pub struct SocketLimits {
     pub max_subscriptions_per_connection: usize,
     pub connection_init_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Frames that may wait for one connection before it is closed as a slow consumer.
+    pub send_queue_frames: usize,
 }
 
 /// Everything the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub schema: ChatSchema,
+    /// Subscriptions executed once per distinct operation.
+    pub shared: Arc<SharedSubscriptions>,
     pub bus: Arc<dyn Bus>,
     pub limits: SocketLimits,
     pub shutdown: CancellationToken,
@@ -150,21 +163,76 @@ fn close(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: reason.into() }))
 }
 
-/// graphql-transport-ws and legacy graphql-ws, driven by async-graphql's protocol state machine.
+/// Sends everything queued in `outbox`, in one flush; false when the connection must end.
+async fn flush_outbox(
+    outbox: &Outbox,
+    batch: &mut Vec<Outgoing>,
+    sink: &mut SplitSink<WebSocket, Message>,
+    shared: &mut HashMap<Box<str>, Membership>,
+) -> bool {
+    let sent = if outbox.take(batch) {
+        false
+    } else {
+        let send_all = async {
+            for item in batch.drain(..) {
+                if let Some(id) = item.ended {
+                    shared.remove(&id);
+                }
+                if let Some(frame) = item.frame {
+                    sink.feed(Message::Text(frame)).await?;
+                }
+            }
+            sink.flush().await
+        };
+        // A client that stops reading blocks the writes; its outbox overflowing ends the wait.
+        tokio::select! {
+            sent = send_all => return sent.is_ok(),
+            _ = outbox.overflowed() => false,
+        }
+    };
+    batch.clear();
+    let reason = format!("slow consumer: more than {} frames waited to be sent", outbox.capacity());
+    let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, sink.send(close(SLOW_CONSUMER, &reason))).await;
+    sent
+}
+
+/// Joins a shareable subscription to its group, or refuses it when the connection's budget is spent.
+fn start_shared(
+    state: &AppState,
+    operation: Shareable,
+    id: OperationId,
+    framing: Framing,
+    outbox: &Arc<Outbox>,
+    budget: &SubscriptionBudget,
+    shared: &mut HashMap<Box<str>, Membership>,
+) {
+    match budget.acquire() {
+        Ok(permit) => {
+            let raw = id.raw.clone();
+            shared.insert(raw, state.shared.join(operation, id, framing, outbox.clone(), Some(permit)));
+        }
+        Err(error) => refused(framing, &id, error).into_iter().for_each(|item| outbox.push_control(item)),
+    }
+}
+
+/// graphql-transport-ws and legacy graphql-ws. Subscriptions that can be shared run in their group;
+/// everything else goes to async-graphql's protocol state machine.
 async fn serve_graphql_ws(socket: WebSocket, protocol: WebSocketProtocols, state: AppState) {
-    let (mut sink, source) = socket.split();
-    let input = source
-        .take_while(|frame| futures_util::future::ready(!matches!(frame, Ok(Message::Close(_)) | Err(_))))
-        .filter_map(|frame| {
-            futures_util::future::ready(match frame {
-                Ok(Message::Text(text)) => Some(text.as_bytes().to_vec()),
-                Ok(Message::Binary(bytes)) => Some(bytes.to_vec()),
-                _ => None,
-            })
-        });
+    let (mut sink, mut source) = socket.split();
+    let (to_protocol, mut protocol_input) = mpsc::unbounded_channel::<serde_json::Result<Box<ClientMessage>>>();
+    let input = futures_util::stream::poll_fn(move |cx| protocol_input.poll_recv(cx)).map(|m| m.map(|m| *m));
+    let budget = SubscriptionBudget::new(state.limits.max_subscriptions_per_connection);
     let mut data = async_graphql::Data::default();
-    data.insert(SubscriptionBudget::new(state.limits.max_subscriptions_per_connection));
-    let mut protocol_stream = GraphQLWebSocket::new(state.schema.clone(), input, protocol).connection_data(data);
+    data.insert(budget.clone());
+    let mut protocol_stream =
+        GraphQLWebSocket::from_message_stream(state.schema.clone(), input, protocol).connection_data(data);
+    let framing = match protocol {
+        WebSocketProtocols::GraphQLWS => Framing::Next,
+        WebSocketProtocols::SubscriptionsTransportWS => Framing::Data,
+    };
+    let outbox = Arc::new(Outbox::new(state.limits.send_queue_frames));
+    let mut shared: HashMap<Box<str>, Membership> = HashMap::new();
+    let mut batch = Vec::new();
     let init_deadline = tokio::time::sleep(state.limits.connection_init_timeout);
     tokio::pin!(init_deadline);
     let mut initialised = false;
@@ -177,6 +245,11 @@ async fn serve_graphql_ws(socket: WebSocket, protocol: WebSocketProtocols, state
             _ = &mut init_deadline, if !initialised => {
                 let _ = sink.send(close(INIT_TIMEOUT, "Connection initialisation timeout")).await;
                 break;
+            }
+            _ = outbox.ready() => {
+                if !flush_outbox(&outbox, &mut batch, &mut sink, &mut shared).await {
+                    break;
+                }
             }
             message = protocol_stream.next() => match message {
                 Some(WsMessage::Text(text)) => {
@@ -191,9 +264,48 @@ async fn serve_graphql_ws(socket: WebSocket, protocol: WebSocketProtocols, state
                     break;
                 }
                 None => break,
+            },
+            frame = source.next() => {
+                let message = match frame {
+                    Some(Ok(Message::Text(text))) => ClientMessage::from_bytes(text.as_bytes()),
+                    Some(Ok(Message::Binary(bytes))) => ClientMessage::from_bytes(&bytes),
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                    Some(Ok(_)) => continue,
+                };
+                match message {
+                    // Before the acknowledgement, async-graphql refuses operations itself.
+                    Ok(ClientMessage::Start { id, payload }) if initialised => {
+                        if shared.contains_key(id.as_str()) {
+                            if protocol == WebSocketProtocols::GraphQLWS {
+                                let _ = sink.send(close(DUPLICATE_ID, &format!("Subscriber for {id} already exists"))).await;
+                                break;
+                            }
+                            // The legacy protocol lets a start replace the operation of the same id.
+                            shared.remove(id.as_str());
+                        }
+                        match state.shared.check(payload) {
+                            Sharing::Shared(operation) => {
+                                start_shared(&state, operation, OperationId::new(&id), framing, &outbox, &budget, &mut shared)
+                            }
+                            Sharing::Alone(payload) => {
+                                let _ = to_protocol.send(Ok(Box::new(ClientMessage::Start { id, payload })));
+                            }
+                        }
+                    }
+                    Ok(ClientMessage::Stop { id }) if shared.contains_key(id.as_str()) => {
+                        shared.remove(id.as_str());
+                        // Through the outbox, so the end follows every result already queued.
+                        let end = framing.complete(&OperationId::new(&id));
+                        outbox.push_control(Outgoing { frame: end, ended: None });
+                    }
+                    other => {
+                        let _ = to_protocol.send(other.map(Box::new));
+                    }
+                }
             }
         }
     }
+    drop(shared);
     let _ = sink.close().await;
 }
 
@@ -203,7 +315,10 @@ async fn serve_plain(socket: WebSocket, state: AppState) {
     let budget = SubscriptionBudget::new(state.limits.max_subscriptions_per_connection);
     // Subscriptions are capped by the budget; this caps queries and mutations in flight too.
     let max_operations = state.limits.max_subscriptions_per_connection * 2;
-    let (out_tx, mut out_rx) = mpsc::channel::<String>(256);
+    let outbox = Arc::new(Outbox::new(state.limits.send_queue_frames));
+    let mut shared: HashMap<Box<str>, Membership> = HashMap::new();
+    let mut batch = Vec::new();
+    let mut next_id = 0u64;
     let mut operations = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -211,44 +326,49 @@ async fn serve_plain(socket: WebSocket, state: AppState) {
                 let _ = sink.send(close(GOING_AWAY, "server shutting down")).await;
                 break;
             }
-            Some(text) = out_rx.recv() => {
-                if sink.send(Message::Text(text.into())).await.is_err() {
+            _ = outbox.ready() => {
+                if !flush_outbox(&outbox, &mut batch, &mut sink, &mut shared).await {
                     break;
                 }
             }
             Some(_) = operations.join_next(), if !operations.is_empty() => {}
             frame = source.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
-                    let request = serde_json::from_str::<async_graphql::Request>(text.as_str())
-                        .map_err(|err| format!("invalid request frame: {err}"))
-                        .and_then(|request| {
-                            if operations.len() >= max_operations {
-                                Err(format!("too many operations in flight on this connection (at most {max_operations})"))
-                            } else {
-                                Ok(request)
-                            }
-                        });
-                    match request {
-                        Ok(request) => {
-                            let stream = state.schema.execute_stream(request.data(budget.clone()));
-                            let out = out_tx.clone();
-                            operations.spawn(async move {
-                                futures_util::pin_mut!(stream);
-                                while let Some(response) = stream.next().await {
-                                    let Ok(json) = serde_json::to_string(&response) else { continue };
-                                    if out.send(json).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            });
+                    let error = |message: String| {
+                        let error = serde_json::json!({"errors": [{"message": message}]});
+                        outbox.push_control(Outgoing::frame(error.to_string().into()));
+                    };
+                    let request = match serde_json::from_str::<async_graphql::Request>(text.as_str()) {
+                        Ok(request) => request,
+                        Err(err) => {
+                            error(format!("invalid request frame: {err}"));
+                            continue;
                         }
-                        Err(message) => {
-                            let error = serde_json::json!({"errors": [{"message": message}]});
-                            if sink.send(Message::Text(error.to_string().into())).await.is_err() {
+                    };
+                    let request = match state.shared.check(request) {
+                        Sharing::Shared(operation) => {
+                            next_id += 1;
+                            let id = OperationId::new(&next_id.to_string());
+                            start_shared(&state, operation, id, Framing::Plain, &outbox, &budget, &mut shared);
+                            continue;
+                        }
+                        Sharing::Alone(_) if operations.len() >= max_operations => {
+                            error(format!("too many operations in flight on this connection (at most {max_operations})"));
+                            continue;
+                        }
+                        Sharing::Alone(request) => request,
+                    };
+                    let stream = state.schema.execute_stream(request.data(budget.clone()));
+                    let outbox = outbox.clone();
+                    operations.spawn(async move {
+                        futures_util::pin_mut!(stream);
+                        while let Some(response) = stream.next().await {
+                            let Ok(json) = serde_json::to_string(&response) else { continue };
+                            if !outbox.push(Outgoing::frame(json.into())) {
                                 break;
                             }
                         }
-                    }
+                    });
                 }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
@@ -256,5 +376,6 @@ async fn serve_plain(socket: WebSocket, state: AppState) {
         }
     }
     operations.abort_all();
+    drop(shared);
     let _ = sink.close().await;
 }

@@ -23,6 +23,10 @@ struct Room {
     subscribers: usize,
 }
 
+/// Deliveries a chat's subscription executions may fall behind before they are dropped. They are few
+/// (one per distinct operation, see `shared`) and fast; each client's own queue is bounded elsewhere.
+pub const BACKLOG: usize = 1024;
+
 /// How long binding a chat on the bus may take before the subscription fails.
 const BIND_TIMEOUT: Duration = Duration::from_secs(10);
 

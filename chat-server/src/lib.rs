@@ -9,5 +9,6 @@ pub mod graphql;
 pub mod http;
 pub mod hub;
 pub mod roles;
+pub mod shared;
 pub mod translator;
 pub mod wire;

@@ -15,7 +15,8 @@ use crate::{
     fanout::Fanout,
     graphql::{build_schema, ChatContext, ChatSettings, QueryLimits},
     http::{health_routes, router, AppState, SocketLimits},
-    hub::Hub,
+    hub::{self, Hub},
+    shared::SharedSubscriptions,
     translator::{provider, RetryPolicy, Translator},
 };
 
@@ -162,7 +163,7 @@ where
 /// The caller closes the bus, after whatever else still uses it has stopped.
 async fn serve_gateway(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     let (binder, feed) = bus.delivery_feed().await?;
-    let hub = Hub::new(binder, settings.subscriber_buffer);
+    let hub = Hub::new(binder, hub::BACKLOG);
     let serving = cancel.child_token();
     let feed_lost = CancellationToken::new();
     let feed_task = tokio::spawn({
@@ -185,13 +186,16 @@ async fn serve_gateway(bus: Arc<dyn Bus>, settings: &Settings, cancel: Cancellat
         },
     };
     let limits = QueryLimits { max_depth: settings.max_query_depth, max_complexity: settings.max_query_complexity };
+    let schema = build_schema(Arc::new(chat), limits);
     let state = AppState {
-        schema: build_schema(Arc::new(chat), limits),
+        shared: SharedSubscriptions::new(schema.clone()),
+        schema,
         bus: bus.clone(),
         limits: SocketLimits {
             max_subscriptions_per_connection: settings.max_subscriptions_per_connection,
             connection_init_timeout: settings.connection_init_timeout,
             max_message_bytes: settings.max_text_bytes * 4 + 16 * 1024,
+            send_queue_frames: settings.subscriber_buffer,
         },
         shutdown: serving.clone(),
         sockets: TaskTracker::new(),

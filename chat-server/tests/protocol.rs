@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use futures_util::{FutureExt, StreamExt};
 use serde_json::json;
 use support::*;
 
@@ -104,6 +105,62 @@ async fn subscriptions_beyond_the_per_connection_limit_are_refused_and_the_first
 
     let id = send(&server.http(), &chat, "one more").await;
     assert_eq!(client.collect_message(&id, 1, DELIVERY).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_is_closed_as_a_slow_consumer_while_others_get_everything() {
+    const MESSAGES: usize = 2000;
+    let server = originals_only(&["--subscriber-buffer", "256"]).await;
+    let chat = unique_chat();
+    let mut stalled = WsClient::connect_with_small_receive_buffer(&server.ws(), Wire::TransportWs).await;
+    stalled.subscribe_messages("s", &server.http(), &chat, None).await;
+    let mut reader = WsClient::connect(&server.ws(), Wire::LegacyWs).await;
+    reader.subscribe_messages("r", &server.http(), &chat, None).await;
+    let reading = tokio::spawn(async move {
+        let mut texts = 0;
+        while texts < MESSAGES {
+            match reader.next(DELIVERY).await {
+                Some(Received::Next { payload, .. }) if payload["data"]["messages"]["text"] != "warm-up" => texts += 1,
+                Some(Received::Next { .. }) => {}
+                other => panic!("the reading subscriber got {other:?} after {texts} messages"),
+            }
+        }
+        texts
+    });
+
+    // 7 MB of frames: more than the socket buffers (the server's grows to 4 MiB), the writer's and 256 frames hold.
+    let text = "x".repeat(3500);
+    let http = server.http();
+    futures_util::stream::iter(0..MESSAGES).for_each_concurrent(32, |_| send(&http, &chat, &text).map(drop)).await;
+
+    assert_eq!(reading.await.unwrap(), MESSAGES, "a subscriber that reads gets every message");
+    let mut received = 0;
+    let closed = loop {
+        match stalled.next(DELIVERY).await {
+            Some(Received::Next { .. }) => received += 1,
+            other => break other,
+        }
+    };
+    match closed {
+        Some(Received::Closed { code, reason }) => {
+            assert_eq!(code, Some(1008), "{reason}");
+            assert!(reason.contains("slow consumer"), "{reason}");
+        }
+        other => panic!("expected a 1008 close after {received} frames, got {other:?}"),
+    }
+    assert!(received < MESSAGES, "the stalled subscriber was closed early, after {received} of {MESSAGES}");
+}
+
+#[tokio::test]
+async fn a_subscribe_that_reuses_a_running_id_is_closed_with_4409() {
+    let server = originals_only(&[]).await;
+    let mut client = WsClient::connect(&server.ws(), Wire::TransportWs).await;
+    client.subscribe_messages("1", &server.http(), &unique_chat(), None).await;
+    client.start("1", SUBSCRIBE, json!({"chatId": unique_chat()})).await;
+    match client.next(DELIVERY).await {
+        Some(Received::Closed { code, reason }) => assert_eq!(code, Some(4409), "{reason}"),
+        other => panic!("expected a 4409 close, got {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -204,6 +204,16 @@ pub enum Wire {
     Plain,
 }
 
+impl Wire {
+    fn subprotocol(self) -> Option<&'static str> {
+        match self {
+            Wire::TransportWs => Some("graphql-transport-ws"),
+            Wire::LegacyWs => Some("graphql-ws"),
+            Wire::Plain => None,
+        }
+    }
+}
+
 /// What a client received.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Received {
@@ -243,14 +253,28 @@ impl WsClient {
         client
     }
 
+    /// Connects like [`WsClient::connect`] over a socket with a receive buffer of a few KiB, so
+    /// that a client that stops reading soon blocks the server's writes.
+    pub async fn connect_with_small_receive_buffer(url: &str, wire: Wire) -> Self {
+        let mut request = url.into_client_request().unwrap();
+        let protocol = wire.subprotocol().expect("a GraphQL wire");
+        request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(2048).unwrap();
+        let host = request.uri().authority().unwrap().as_str().to_owned();
+        let stream = socket.connect(host.parse().unwrap()).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await.unwrap();
+        let mut client = Self { ws, wire };
+        client.send_json(json!({"type": "connection_init", "payload": {}})).await;
+        let ack = client.next_frame(DELIVERY).await.expect("no connection_ack");
+        assert_eq!(ack["type"], "connection_ack", "{ack}");
+        client
+    }
+
     /// Connects without any handshake.
     pub async fn connect_raw(url: &str, wire: Wire) -> Self {
         let mut request = url.into_client_request().unwrap();
-        let protocol = match wire {
-            Wire::TransportWs => Some("graphql-transport-ws"),
-            Wire::LegacyWs => Some("graphql-ws"),
-            Wire::Plain => None,
-        };
+        let protocol = wire.subprotocol();
         if let Some(protocol) = protocol {
             request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
         }
