@@ -42,8 +42,11 @@ const DUPLICATE_ID: u16 = 4409;
 const SLOW_CONSUMER: u16 = 1008;
 /// How long a slow consumer's close frame may wait behind the frames already written.
 const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(10);
-/// Bytes read from a socket at a time (tungstenite's default, 128 KiB, dominated an idle subscription's memory).
-const SOCKET_READ_BUFFER: usize = 4 * 1024;
+/// Bytes read from a socket at a time. tungstenite's default, 128 KiB, dominated an idle
+/// subscription's memory; client frames here are a few hundred bytes, and larger ones still fit.
+const SOCKET_READ_BUFFER: usize = 2 * 1024;
+/// Bytes of frames gathered before a write (tungstenite's default is 128 KiB, kept per socket after a burst).
+const SOCKET_WRITE_BUFFER: usize = 16 * 1024;
 
 /// Limits of the WebSocket transport.
 #[derive(Debug, Clone, Copy)]
@@ -141,8 +144,9 @@ fn upgrade_socket(state: AppState, upgrade: WebSocketUpgrade) -> Response {
         .protocols(["graphql-transport-ws", "graphql-ws"])
         .max_message_size(state.limits.max_message_bytes)
         .max_frame_size(state.limits.max_message_bytes)
-        // tungstenite preallocates a 128 KiB read buffer per socket; client frames here are small.
-        .read_buffer_size(SOCKET_READ_BUFFER);
+        .read_buffer_size(SOCKET_READ_BUFFER)
+        // Frames are written once this much is buffered (and on every flush); the buffer keeps its size.
+        .write_buffer_size(SOCKET_WRITE_BUFFER);
     let wire = match upgrade.selected_protocol().and_then(|p| p.to_str().ok()) {
         Some("graphql-transport-ws") => Wire::GraphQL(WebSocketProtocols::GraphQLWS),
         Some("graphql-ws") => Wire::GraphQL(WebSocketProtocols::SubscriptionsTransportWS),
@@ -166,15 +170,12 @@ fn close(code: u16, reason: &str) -> Message {
 /// Sends everything queued in `outbox`, in one flush; false when the connection must end.
 async fn flush_outbox(
     outbox: &Outbox,
-    batch: &mut Vec<Outgoing>,
     sink: &mut SplitSink<WebSocket, Message>,
     shared: &mut HashMap<Box<str>, Membership>,
 ) -> bool {
-    let sent = if outbox.take(batch) {
-        false
-    } else {
+    if let Some(items) = outbox.take() {
         let send_all = async {
-            for item in batch.drain(..) {
+            for item in items {
                 if let Some(id) = item.ended {
                     shared.remove(&id);
                 }
@@ -187,13 +188,12 @@ async fn flush_outbox(
         // A client that stops reading blocks the writes; its outbox overflowing ends the wait.
         tokio::select! {
             sent = send_all => return sent.is_ok(),
-            _ = outbox.overflowed() => false,
+            _ = outbox.overflowed() => {}
         }
-    };
-    batch.clear();
+    }
     let reason = format!("slow consumer: more than {} frames waited to be sent", outbox.capacity());
     let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, sink.send(close(SLOW_CONSUMER, &reason))).await;
-    sent
+    false
 }
 
 /// Joins a shareable subscription to its group, or refuses it when the connection's budget is spent.
@@ -232,7 +232,6 @@ async fn serve_graphql_ws(socket: WebSocket, protocol: WebSocketProtocols, state
     };
     let outbox = Arc::new(Outbox::new(state.limits.send_queue_frames));
     let mut shared: HashMap<Box<str>, Membership> = HashMap::new();
-    let mut batch = Vec::new();
     let init_deadline = tokio::time::sleep(state.limits.connection_init_timeout);
     tokio::pin!(init_deadline);
     let mut initialised = false;
@@ -247,7 +246,7 @@ async fn serve_graphql_ws(socket: WebSocket, protocol: WebSocketProtocols, state
                 break;
             }
             _ = outbox.ready() => {
-                if !flush_outbox(&outbox, &mut batch, &mut sink, &mut shared).await {
+                if !flush_outbox(&outbox, &mut sink, &mut shared).await {
                     break;
                 }
             }
@@ -317,7 +316,6 @@ async fn serve_plain(socket: WebSocket, state: AppState) {
     let max_operations = state.limits.max_subscriptions_per_connection * 2;
     let outbox = Arc::new(Outbox::new(state.limits.send_queue_frames));
     let mut shared: HashMap<Box<str>, Membership> = HashMap::new();
-    let mut batch = Vec::new();
     let mut next_id = 0u64;
     let mut operations = tokio::task::JoinSet::new();
     loop {
@@ -327,7 +325,7 @@ async fn serve_plain(socket: WebSocket, state: AppState) {
                 break;
             }
             _ = outbox.ready() => {
-                if !flush_outbox(&outbox, &mut batch, &mut sink, &mut shared).await {
+                if !flush_outbox(&outbox, &mut sink, &mut shared).await {
                     break;
                 }
             }

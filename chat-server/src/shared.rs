@@ -144,11 +144,11 @@ impl Outbox {
         self.overflow.notified().await
     }
 
-    /// Moves every queued item into `into`; true when the outbox overflowed and the connection must close.
-    pub fn take(&self, into: &mut Vec<Outgoing>) -> bool {
+    /// Everything queued, or `None` when the outbox overflowed and the connection must close. The
+    /// queue's memory goes with it, so an idle connection keeps none.
+    pub fn take(&self) -> Option<VecDeque<Outgoing>> {
         let mut state = self.state.lock().expect("outbox lock");
-        into.extend(state.items.drain(..));
-        state.overflowed
+        (!state.overflowed).then(|| std::mem::take(&mut state.items))
     }
 
     pub fn capacity(&self) -> usize {
@@ -480,8 +480,7 @@ mod tests {
     async fn frames(outbox: &Outbox, want: usize) -> Vec<String> {
         let mut got = Vec::new();
         for _ in 0..200 {
-            let mut items = Vec::new();
-            assert!(!outbox.take(&mut items), "outbox overflowed");
+            let items = outbox.take().expect("outbox overflowed");
             got.extend(items.into_iter().filter_map(|i| i.frame).map(|f| f.as_str().to_owned()));
             if got.len() >= want {
                 return got;
@@ -555,9 +554,7 @@ mod tests {
         assert!(outbox.push(frame()) && outbox.push(frame()));
         assert!(!outbox.push(frame()));
         outbox.push_control(frame());
-        let mut items = Vec::new();
-        assert!(outbox.take(&mut items));
-        assert!(items.is_empty(), "an overflowed outbox drops what it held");
+        assert!(outbox.take().is_none(), "an overflowed outbox drops what it held");
         assert!(!outbox.push(frame()));
     }
 }

@@ -97,7 +97,9 @@ async fn main() -> anyhow::Result<()> {
             "/graphql",
             get(|State(chats): State<Arc<Chats>>, ws: WebSocketUpgrade| async move {
                 ws.protocols(["graphql-transport-ws"])
-                    .read_buffer_size(4 * 1024)
+                    // The same socket buffers as Parley's gateway, so memory compares like for like.
+                    .read_buffer_size(2 * 1024)
+                    .write_buffer_size(16 * 1024)
                     .on_upgrade(move |socket| subscriber(socket, chats))
             })
             .post(send_message),
