@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use axum::serve::ListenerExt;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -205,6 +206,12 @@ async fn serve_gateway(bus: Arc<dyn Bus>, settings: &Settings, cancel: Cancellat
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;
     tracing::info!(address = %listener.local_addr()?, "gateway serving GraphQL on /graphql");
+    // Without TCP_NODELAY a small frame waits behind the client's delayed ACK (Nagle), adding tens of ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %err, "failed to set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state)).with_graceful_shutdown(serving.cancelled_owned()).await?;
     sockets.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, sockets.wait()).await.is_err() {

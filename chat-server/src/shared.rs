@@ -205,6 +205,9 @@ impl Members {
     }
 }
 
+/// Distinct (framing, operation id) frames one result keeps for reuse across members.
+const DISTINCT_FRAMES: usize = 8;
+
 /// One running execution and the subscribers it serves.
 #[derive(Default)]
 struct Group {
@@ -216,9 +219,23 @@ impl Group {
     /// Hands one encoded result to every member.
     fn deliver(&self, payload: &Utf8Bytes) {
         let members = self.members.lock().expect("members lock");
+        // Clients number their operations alike (most first subscriptions are "1"), so members mostly
+        // share one frame outright; only the first few distinct ids are remembered.
+        let mut made: Vec<(Framing, &str, Utf8Bytes)> = Vec::new();
         for member in members.iter() {
+            let id = &*member.id.json;
+            let frame = match made.iter().find(|(framing, made_for, _)| *framing == member.framing && *made_for == id) {
+                Some((_, _, frame)) => frame.clone(),
+                None => {
+                    let frame = member.framing.result(&member.id, payload);
+                    if made.len() < DISTINCT_FRAMES {
+                        made.push((member.framing, id, frame.clone()));
+                    }
+                    frame
+                }
+            };
             // A full outbox closes its connection, which then leaves the group.
-            member.outbox.push(Outgoing::frame(member.framing.result(&member.id, payload)));
+            member.outbox.push(Outgoing::frame(frame));
         }
     }
 
@@ -545,6 +562,27 @@ mod tests {
         assert!(got[0].contains("chatId must not be empty"), "{got:?}");
         assert_eq!(got[1], r#"{"type":"complete","id":"x"}"#);
         assert_eq!(shared.groups(), 0);
+    }
+
+    #[test]
+    fn members_with_the_same_id_and_framing_get_the_same_bytes() {
+        let group = Group::default();
+        let outboxes: Vec<_> = (0..4).map(|_| Arc::new(Outbox::new(4))).collect();
+        for (outbox, (id, framing)) in outboxes.iter().zip([
+            ("1", Framing::Next),
+            ("1", Framing::Next),
+            ("2", Framing::Next),
+            ("1", Framing::Data),
+        ]) {
+            group.members.lock().unwrap().insert(Member { id: OperationId::new(id), framing, outbox: outbox.clone() });
+        }
+        group.deliver(&r#"{"data":{"chat":"hi"}}"#.into());
+        let frames: Vec<Utf8Bytes> =
+            outboxes.iter().map(|o| o.take().unwrap().pop_front().unwrap().frame.unwrap()).collect();
+        assert_eq!(frames[0].as_str(), r#"{"type":"next","id":"1","payload":{"data":{"chat":"hi"}}}"#);
+        assert_eq!(frames[0].as_str().as_ptr(), frames[1].as_str().as_ptr(), "one frame, shared");
+        assert_eq!(frames[2].as_str(), r#"{"type":"next","id":"2","payload":{"data":{"chat":"hi"}}}"#);
+        assert_eq!(frames[3].as_str(), r#"{"type":"data","id":"1","payload":{"data":{"chat":"hi"}}}"#);
     }
 
     #[test]

@@ -325,10 +325,20 @@ fn run(args: Args) -> anyhow::Result<Summary> {
     }
     let workers = args.workers.unwrap_or_else(|| args.subscribers.div_ceil(SUBSCRIBERS_PER_WORKER)).max(1);
     let exe = std::env::current_exe()?;
+    // Workers get the same arguments without `--workers N` / `--workers=N`.
+    let mut inherited = Vec::new();
+    let mut given = std::env::args().skip(1);
+    while let Some(arg) = given.next() {
+        if arg == "--workers" {
+            given.next();
+        } else if !arg.starts_with("--workers=") {
+            inherited.push(arg);
+        }
+    }
     let mut spawned = Vec::new();
     for i in 0..workers {
         let mut child = Command::new(&exe)
-            .args(std::env::args().skip(1).filter(|a| !a.starts_with("--workers")))
+            .args(&inherited)
             .args(["--worker", &format!("{i}/{workers}")])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -17,6 +17,7 @@ use axum::{
         State,
     },
     routing::get,
+    serve::ListenerExt,
     Json, Router,
 };
 use clap::Parser;
@@ -77,7 +78,12 @@ async fn subscriber(socket: WebSocket, chats: Arc<Chats>) {
             },
             frame = async { frames.as_mut().expect("guarded").recv().await }, if frames.is_some() => match frame {
                 Ok(frame) => {
-                    if sink.send(Message::Text(frame)).await.is_err() {
+                    // Whatever else is already waiting goes out in the same write, as in Parley's gateway.
+                    let mut written = sink.feed(Message::Text(frame)).await;
+                    while let (Ok(()), Ok(frame)) = (&written, frames.as_mut().expect("guarded").try_recv()) {
+                        written = sink.feed(Message::Text(frame)).await;
+                    }
+                    if written.is_err() || sink.flush().await.is_err() {
                         break;
                     }
                 }
@@ -108,6 +114,10 @@ async fn main() -> anyhow::Result<()> {
         .with_state(chats);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!("raw-baseline on http://{}/graphql", listener.local_addr()?);
+    // As in Parley's gateway: no Nagle delay on small frames.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await?;
     Ok(())
 }
