@@ -64,19 +64,16 @@ def start(kind, port):
                                    "--subscriber-buffer", "4096"], stderr=log, env=dict(os.environ, RUST_LOG="warn"))]
         ready = f"http://127.0.0.1:{port}/readyz"
     elif kind == "parley-rabbitmq":
-        prefix = f"parley.bench.{uuid.uuid4().hex}"
-        procs = [subprocess.Popen([TARGET / "chat-server", "standalone", "--languages", "", "--listen", f"127.0.0.1:{port}",
-                                   "--amqp-url", AMQP, "--topology-prefix", prefix, "--subscriber-buffer", "4096"],
-                                  stderr=log, env=dict(os.environ, RUST_LOG="warn"))]
-        ready = f"http://127.0.0.1:{port}/readyz"
+        # As deployed: the gateway and the fanout are separate processes on one RabbitMQ.
+        return start_gateways(1)
     else:
         raise ValueError(kind)
     wait_ready(ready, procs[0])
     return procs, [url], [p.pid for p in procs]
 
 
-def start_three_gateways():
-    """Three gateway processes and one fanout sharing one RabbitMQ, for the 50k run."""
+def start_gateways(count):
+    """`count` gateway processes and one fanout sharing one RabbitMQ; the pids returned are the gateways'."""
     prefix = f"parley.bench.{uuid.uuid4().hex}"
     common = ["--languages", "", "--amqp-url", AMQP, "--topology-prefix", prefix, "--subscriber-buffer", "4096"]
     env = dict(os.environ, RUST_LOG="warn")
@@ -84,7 +81,7 @@ def start_three_gateways():
     fanout_port = free_port()
     procs.append(subprocess.Popen([TARGET / "chat-server", "fanout", "--listen", f"127.0.0.1:{fanout_port}", *common], env=env,
                                   stderr=open("/tmp/bench-fanout.log", "w")))
-    for _ in range(3):
+    for _ in range(count):
         port = free_port()
         procs.append(subprocess.Popen([TARGET / "chat-server", "gateway", "--listen", f"127.0.0.1:{port}", *common], env=env,
                                       stderr=open(f"/tmp/bench-gateway-{port}.log", "w")))
@@ -210,7 +207,7 @@ def run(args):
             print(f"{kind} 19000x10: {m['connected']} connected {m['deliveries_per_sec']:.0f}/s reach {m['reach']:.4f} p99 {m['latency_ms']['p99']:.1f} ms", flush=True)
         runs = []
         for _ in range(args.runs):
-            procs, urls, pids = start_three_gateways()
+            procs, urls, pids = start_gateways(3)
             try:
                 runs.append(bench(urls, pids, 50000, 10, 10, args.duration))
             finally:
