@@ -21,13 +21,22 @@ def main():
     for name, m in s.items():
         print(row(name, m))
     print()
+    print("Deliveries/s as ratios, with the p99 latencies (ms) of the two servers compared:")
+    print()
     print("| scenario | Parley in-process ÷ Apollo | Parley in-process ÷ raw | Parley RabbitMQ ÷ Apollo | Parley RabbitMQ ÷ raw |")
     print("|---|---|---|---|---|")
     for scenario in sorted({k.split(" ", 1)[1] for k in s if k.startswith("apollo ")}):
-        get = lambda kind: s.get(f"{kind} {scenario}", {}).get("deliveries_per_sec", 0)
-        apollo, raw = get("apollo"), get("raw")
-        cells = [f"{get(k) / d:.2f}×" if d else "–" for k in ("parley-inproc", "parley-rabbitmq") for d in (apollo, raw)]
-        print(f"| {scenario} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+        get = lambda kind: s.get(f"{kind} {scenario}")
+        cells = []
+        for kind in ("parley-inproc", "parley-rabbitmq"):
+            for ref in ("apollo", "raw"):
+                m, r = get(kind), get(ref)
+                if not m or not r or not r["deliveries_per_sec"]:
+                    cells.append("–")
+                    continue
+                cells.append(f"{m['deliveries_per_sec'] / r['deliveries_per_sec']:.2f}× "
+                             f"(p99 {m['latency_ms']['p99']:,.0f} vs {r['latency_ms']['p99']:,.0f})")
+        print(f"| {scenario} | {' | '.join(cells)} |")
     if "idle" in results:
         print()
         print("| server | RSS before | RSS with 10,000 idle subscriptions | per subscription |")
