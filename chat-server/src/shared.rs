@@ -5,6 +5,10 @@
 //! frame that differs from the others only in the member's operation id (in plain frames, not even
 //! that: members share the bytes). Frames wait in each connection's [`Outbox`], which is bounded: a
 //! connection that lets it overflow is closed as a slow consumer instead of growing memory.
+//!
+//! Sharing is sound because a result depends only on the operation and the schema's data: the
+//! connection's own data (its subscription budget) is checked before joining. Anything per-connection
+//! that could change a result, such as authorization, must become part of the key or be checked at join.
 
 use std::{
     collections::{HashMap, VecDeque},
