@@ -305,7 +305,8 @@ async fn serve_graphql_ws(socket: WebSocket, protocol: WebSocketProtocols, state
         }
     }
     drop(shared);
-    let _ = sink.close().await;
+    // A client that stopped reading never completes the close handshake; do not wait on it forever.
+    let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, sink.close()).await;
 }
 
 /// The seed's plain frames: every text frame is one GraphQL request, answered by `{"data":...}` frames.
@@ -375,5 +376,6 @@ async fn serve_plain(socket: WebSocket, state: AppState) {
     }
     operations.abort_all();
     drop(shared);
-    let _ = sink.close().await;
+    // A client that stopped reading never completes the close handshake; do not wait on it forever.
+    let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, sink.close()).await;
 }
