@@ -151,7 +151,7 @@ impl Hub {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex as StdMutex;
 
     use async_trait::async_trait;
@@ -174,7 +174,8 @@ mod tests {
         }
     }
 
-    fn delivery(chat_id: &str) -> Arc<Delivery> {
+    /// An original English delivery of `text` to `chat_id`.
+    pub(crate) fn delivery(chat_id: &str, text: &str) -> Arc<Delivery> {
         Arc::new(Delivery {
             v: 1,
             id: uuid::Uuid::now_v7(),
@@ -183,7 +184,7 @@ mod tests {
             language: "en".into(),
             source_language: "en".into(),
             original: true,
-            text: "hi".into(),
+            text: text.into(),
             sender: None,
             sent_at: String::new(),
         })
@@ -216,11 +217,11 @@ mod tests {
         let mut a = hub.subscribe("c").await.unwrap();
         let mut b = hub.subscribe("c").await.unwrap();
         let mut other = hub.subscribe("d").await.unwrap();
-        let sent = delivery("c");
+        let sent = delivery("c", "hi");
         hub.dispatch(sent.clone()).await;
         let (got_a, got_b) = (a.recv().await.unwrap(), b.recv().await.unwrap());
         assert!(Arc::ptr_eq(&got_a, &sent) && Arc::ptr_eq(&got_b, &sent));
-        hub.dispatch(delivery("d")).await;
+        hub.dispatch(delivery("d", "hi")).await;
         assert_eq!(other.recv().await.unwrap().chat_id, "d");
     }
 
@@ -229,7 +230,7 @@ mod tests {
         let hub = Hub::new(Arc::new(RecordingBinder::default()), 2);
         let mut slow = hub.subscribe("c").await.unwrap();
         for _ in 0..5 {
-            hub.dispatch(delivery("c")).await;
+            hub.dispatch(delivery("c", "hi")).await;
         }
         assert_eq!(slow.recv().await.unwrap_err(), Missed::Lagged(3));
     }

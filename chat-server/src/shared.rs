@@ -421,8 +421,7 @@ mod tests {
     use crate::{
         bus::{memory::MemoryBus, BusError, ChatBinder},
         graphql::{build_schema, ChatContext, ChatSettings, QueryLimits},
-        hub::Hub,
-        wire::Delivery,
+        hub::{tests::delivery, Hub},
     };
 
     struct NoBinder;
@@ -470,21 +469,6 @@ mod tests {
 
     fn shared(shared: &SharedSubscriptions, request: Request) -> bool {
         matches!(shared.check(request), Sharing::Shared(_))
-    }
-
-    fn delivery(chat_id: &str, text: &str) -> Arc<Delivery> {
-        Arc::new(Delivery {
-            v: 1,
-            id: uuid::Uuid::now_v7(),
-            chat_id: chat_id.into(),
-            seq: 1,
-            language: "en".into(),
-            source_language: "en".into(),
-            original: true,
-            text: text.into(),
-            sender: None,
-            sent_at: String::new(),
-        })
     }
 
     /// Dispatches until the hub has bound `chat` (the group's execution subscribes asynchronously).
