@@ -1,14 +1,18 @@
-//! Parley chat server: GraphQL gateway, translators and fanout wired through a message bus.
+//! Parley chat server: one binary, one role per process (or all of them in `standalone`).
+//!
+//! - [`gateway`]: GraphQL over HTTP and WebSocket for clients;
+//! - [`translator`]: one language's translations, from a provider;
+//! - [`fanout`]: sequencing, de-duplication and routing of every delivery to the gateways;
+//! - [`bus`]: RabbitMQ, or an in-process stand-in, below all three;
+//! - [`roles`]: starting each role; [`config`], [`health`] and [`wire`] are shared by all of them.
 
 #![forbid(unsafe_code)]
 
 pub mod bus;
 pub mod config;
 pub mod fanout;
-pub mod graphql;
-pub mod http;
-pub mod hub;
+pub mod gateway;
+pub mod health;
 pub mod roles;
-pub mod shared;
 pub mod translator;
 pub mod wire;

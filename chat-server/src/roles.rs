@@ -7,28 +7,21 @@ use std::{
 };
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     bus::{amqp::AmqpBus, memory::MemoryBus, Bus},
     config::{Role, Settings},
     fanout::Fanout,
-    graphql::{build_schema, ChatContext, ChatSettings, QueryLimits},
-    http::{health_routes, router, AppState, SocketLimits},
-    hub::{self, Hub},
-    shared::SharedSubscriptions,
+    gateway,
     translator::{provider, RetryPolicy, Translator},
 };
-
-/// How long open sockets get to receive their close frame after the listener stops.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     match role {
         Role::Gateway => {
             let bus = connect(&settings, &settings.languages, "gateway", &cancel).await?;
-            let served = serve_gateway(bus.clone(), &settings, cancel).await;
+            let served = gateway::serve(bus.clone(), &settings, cancel).await;
             bus.close().await;
             served
         }
@@ -73,7 +66,7 @@ async fn connect(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Arc<dyn Bus>> {
     let url = settings.amqp_url.as_deref().context("the broker URL is missing: pass --amqp-url (PARLEY_AMQP_URL)")?;
-    let topology = parley_topology::Topology::new(settings.topology_prefix.as_str())?;
+    let topology = parley_contract::topology::Topology::new(settings.topology_prefix.as_str())?;
     let bus = AmqpBus::connect(url, topology, languages, &format!("parley-{role}"), cancel).await?;
     Ok(Arc::new(bus))
 }
@@ -130,7 +123,7 @@ where
     let current = CurrentBus::default();
     let health = axum::serve(
         listener,
-        health_routes::<()>({
+        crate::health::routes::<()>({
             let current = current.clone();
             move || current.is_ready()
         }),
@@ -158,72 +151,6 @@ where
     };
     let _ = health.await;
     result
-}
-
-/// Serves until `cancel` fires or the delivery feed is lost for good (then it fails, so the pod restarts).
-/// The caller closes the bus, after whatever else still uses it has stopped.
-async fn serve_gateway(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationToken) -> anyhow::Result<()> {
-    let (binder, feed) = bus.delivery_feed().await?;
-    let hub = Hub::new(binder, hub::BACKLOG);
-    let serving = cancel.child_token();
-    let feed_lost = CancellationToken::new();
-    let feed_task = tokio::spawn({
-        let (hub, serving, feed_lost) = (hub.clone(), serving.clone(), feed_lost.clone());
-        async move {
-            hub.run_feed(feed).await;
-            feed_lost.cancel();
-            serving.cancel();
-        }
-    });
-    let chat = ChatContext {
-        bus: bus.clone(),
-        hub,
-        settings: ChatSettings {
-            source_language: settings.source_language.clone(),
-            languages: settings.languages.clone(),
-            max_text_bytes: settings.max_text_bytes,
-            max_chat_id_bytes: 200,
-            max_sender_bytes: 256,
-        },
-    };
-    let limits = QueryLimits { max_depth: settings.max_query_depth, max_complexity: settings.max_query_complexity };
-    let schema = build_schema(Arc::new(chat), limits);
-    let state = AppState {
-        shared: SharedSubscriptions::new(schema.clone()),
-        schema,
-        bus: bus.clone(),
-        limits: SocketLimits {
-            max_subscriptions_per_connection: settings.max_subscriptions_per_connection,
-            connection_init_timeout: settings.connection_init_timeout,
-            max_message_bytes: settings.max_text_bytes * 4 + 16 * 1024,
-            send_queue_frames: settings.subscriber_buffer,
-        },
-        shutdown: serving.clone(),
-        sockets: TaskTracker::new(),
-    };
-    let sockets = state.sockets.clone();
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("failed to listen on {}", settings.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "gateway serving GraphQL on /graphql");
-    // Without TCP_NODELAY a small frame waits behind the client's delayed ACK (Nagle), adding tens of ms.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %err, "failed to set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(state)).with_graceful_shutdown(serving.cancelled_owned()).await?;
-    sockets.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, sockets.wait()).await.is_err() {
-        tracing::warn!("some sockets did not close in time");
-    }
-    feed_task.abort();
-    anyhow::ensure!(
-        cancel.is_cancelled() || !feed_lost.is_cancelled(),
-        "the broker delivery feed was lost and could not be recovered"
-    );
-    tracing::info!("gateway stopped");
-    Ok(())
 }
 
 async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -263,7 +190,7 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
         failed_watch.cancelled().await;
         stop_gateway.cancel();
     });
-    let served = serve_gateway(bus.clone(), &settings, gateway_cancel).await;
+    let served = gateway::serve(bus.clone(), &settings, gateway_cancel).await;
     cancel.cancel();
     workers.wait().await;
     bus.close().await;

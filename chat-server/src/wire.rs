@@ -1,4 +1,4 @@
-//! Wire messages between the roles: versioned JSON, as fixed in ARCHITECTURE.md.
+//! Wire messages between the roles: versioned JSON, as fixed in docs/architecture.md.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;

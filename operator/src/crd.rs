@@ -7,6 +7,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::Condition,
 };
 use kube::CustomResource;
+pub use parley_contract::provider::Provider;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -84,26 +85,6 @@ pub struct SecretKeyRef {
 pub struct BrokerSpec {
     /// The Secret key holding the AMQP URI, e.g. amqp://user:pass@host:5672/vhost.
     pub secret_ref: SecretKeyRef,
-}
-
-/// Translation providers.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Provider {
-    /// Apertium APY: rule-based, self-hosted.
-    #[default]
-    Apertium,
-    /// LibreTranslate: neural, self-hosted.
-    Libretranslate,
-}
-
-impl Provider {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Apertium => "apertium",
-            Self::Libretranslate => "libretranslate",
-        }
-    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

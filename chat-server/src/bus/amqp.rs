@@ -16,7 +16,7 @@ use lapin::{
     types::FieldTable,
     BasicProperties, Channel, Connection, ConnectionProperties,
 };
-use parley_topology::Topology;
+use parley_contract::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
 use super::{Acker, Bus, BusError, ChatBinder, DeliveryStream, Incoming, IncomingStream, Origin, Route, Source};
@@ -25,9 +25,6 @@ fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BusError {
     let action = action.into();
     move |source| BusError::Amqp { action, source }
 }
-
-/// Messages a translator holds unacked: a few hide the provider's latency without starving other replicas.
-const TRANSLATE_PREFETCH: u16 = 4;
 
 /// One connection to RabbitMQ with a confirming publish channel.
 pub struct AmqpBus {
@@ -65,7 +62,7 @@ impl AmqpBus {
         };
         let publisher = connection.create_channel().await.map_err(amqp("open the publish channel"))?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enable publisher confirms"))?;
-        parley_topology::declare(&publisher, &topology, languages).await?;
+        parley_contract::topology::declare(&publisher, &topology, languages).await?;
         tracing::info!(prefix = topology.prefix(), "connected to the broker and declared the topology");
         Ok(Self { connection, publisher, topology })
     }
@@ -161,7 +158,7 @@ impl Bus for AmqpBus {
             let (exchange, routing_key, persistent) = match route {
                 Route::Posted => (self.topology.posted_exchange(), "", true),
                 Route::Translated => (self.topology.translated_exchange(), "", true),
-                // Deliveries feed live sockets only; a lost one is recovered from history, not from disk.
+                // Deliveries feed live sockets only, so they need not survive a broker restart.
                 Route::Deliver { chat_id } => (self.topology.deliver_exchange(), *chat_id, false),
             };
             let properties = BasicProperties::default()
@@ -190,10 +187,11 @@ impl Bus for AmqpBus {
     }
 
     async fn consume(&self, source: Source<'_>) -> Result<IncomingStream, BusError> {
-        let (queue, prefetch) = match source {
-            Source::Translate { language } => (self.topology.translate_queue(language), TRANSLATE_PREFETCH),
-            Source::Fanout => (self.topology.fanout_queue(), 64),
+        let queue = match source {
+            Source::Translate { language } => self.topology.translate_queue(language),
+            Source::Fanout => self.topology.fanout_queue(),
         };
+        let prefetch = source.prefetch();
         let channel = self.connection.create_channel().await.map_err(amqp("open a consume channel"))?;
         channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(amqp("set prefetch"))?;
         let consumer = channel

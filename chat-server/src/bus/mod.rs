@@ -31,6 +31,17 @@ pub enum Source<'a> {
     Fanout,
 }
 
+impl Source<'_> {
+    /// Messages a consumer of this source may hold unacknowledged. The fanout takes what it holds as
+    /// one batch; a translator's few hide the provider's latency without starving other replicas.
+    pub const fn prefetch(self) -> u16 {
+        match self {
+            Self::Translate { .. } => 4,
+            Self::Fanout => 64,
+        }
+    }
+}
+
 /// Which route a consumed message was published to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -51,7 +62,7 @@ pub enum BusError {
         source: lapin::Error,
     },
     #[error(transparent)]
-    Topology(#[from] parley_topology::TopologyError),
+    Topology(#[from] parley_contract::topology::TopologyError),
     #[error("the in-process bus {0}")]
     InProcess(String),
     #[error("timed out {0}")]

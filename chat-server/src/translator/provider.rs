@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use parley_contract::provider::Provider as Kind;
 use serde::Deserialize;
 
 /// Why a translation failed, and whether trying again can help.
@@ -25,26 +26,13 @@ pub trait Provider: Send + Sync {
     async fn translate(&self, text: &str, from: &str, to: &str) -> Result<String, ProviderError>;
 }
 
-/// The providers this build knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    Apertium,
-    Libretranslate,
-}
-
 /// Builds the configured provider.
-pub fn build(
-    kind: ProviderKind,
-    url: &str,
-    api_key: Option<String>,
-    timeout: Duration,
-) -> reqwest::Result<Box<dyn Provider>> {
+pub fn build(kind: Kind, url: &str, api_key: Option<String>, timeout: Duration) -> reqwest::Result<Box<dyn Provider>> {
     let client = reqwest::Client::builder().timeout(timeout).connect_timeout(Duration::from_secs(5)).build()?;
     let base = url.trim_end_matches('/').to_owned();
     Ok(match kind {
-        ProviderKind::Apertium => Box::new(Apertium { client, base }),
-        ProviderKind::Libretranslate => Box::new(LibreTranslate { client, base, api_key }),
+        Kind::Apertium => Box::new(Apertium { client, base }),
+        Kind::Libretranslate => Box::new(LibreTranslate { client, base, api_key }),
     })
 }
 
@@ -145,7 +133,7 @@ struct ApertiumData {
 #[async_trait]
 impl Provider for Apertium {
     fn name(&self) -> &'static str {
-        "apertium"
+        Kind::Apertium.as_str()
     }
 
     async fn translate(&self, text: &str, from: &str, to: &str) -> Result<String, ProviderError> {
@@ -196,7 +184,7 @@ struct LibreAnswer {
 #[async_trait]
 impl Provider for LibreTranslate {
     fn name(&self) -> &'static str {
-        "libretranslate"
+        Kind::Libretranslate.as_str()
     }
 
     async fn translate(&self, text: &str, from: &str, to: &str) -> Result<String, ProviderError> {

@@ -1,13 +1,11 @@
 //! Transport behaviour of the gateway: HTTP verbs, errors that keep the socket usable, limits, shutdown.
 //! These run the standalone server on the in-process bus, so they need neither RabbitMQ nor Apertium.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::{FutureExt, StreamExt};
 use serde_json::json;
-use support::*;
 
 async fn originals_only(extra: &[&str]) -> Server {
     Server::start(&[&["standalone", "--languages", ""], extra].concat()).await

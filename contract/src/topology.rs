@@ -5,8 +5,6 @@
 //! [`delete_language`], [`delete_all`]) applies that definition to a broker over an AMQP channel.
 //! Declaring is idempotent: every role and the operator may declare the same topology at any time.
 
-#![forbid(unsafe_code)]
-
 use lapin::{
     options::{
         ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,

@@ -72,7 +72,7 @@ impl Fanout {
         while let Some(first) = next_unless_cancelled(&mut messages, &cancel).await {
             // Whatever else has already arrived joins the batch: one confirm round trip for all of it.
             let mut batch = vec![first?];
-            while batch.len() < MAX_BATCH {
+            while batch.len() < usize::from(Source::Fanout.prefetch()) {
                 match messages.next().now_or_never() {
                     Some(Some(incoming)) => batch.push(incoming?),
                     _ => break,
@@ -93,9 +93,9 @@ impl Fanout {
         for incoming in batch {
             let decoded = match incoming.origin {
                 Origin::Posted => serde_json::from_slice::<MessagePosted>(&incoming.payload)
-                    .map(|m| (m.chat_id.clone(), m.id, m.source_language.clone(), Either::Posted(m))),
+                    .map(|m| (m.chat_id.clone(), m.id, m.source_language.clone(), Received::Posted(m))),
                 Origin::Translated | Origin::Unknown => serde_json::from_slice::<MessageTranslated>(&incoming.payload)
-                    .map(|m| (m.chat_id.clone(), m.id, m.language.clone(), Either::Translated(m))),
+                    .map(|m| (m.chat_id.clone(), m.id, m.language.clone(), Received::Translated(m))),
             };
             let (chat_id, id, language, message) = match decoded {
                 Ok(decoded) => decoded,
@@ -115,8 +115,8 @@ impl Fanout {
             let seq = next + *offset;
             *offset += 1;
             let delivery = match message {
-                Either::Posted(m) => Delivery::of_original(m, seq),
-                Either::Translated(m) => Delivery::of_translation(m, seq),
+                Received::Posted(m) => Delivery::of_original(m, seq),
+                Received::Translated(m) => Delivery::of_translation(m, seq),
             };
             let payload = serde_json::to_vec(&delivery).expect("a delivery always encodes");
             staged.push(Staged { incoming, chat_id, id, language, payload });
@@ -146,9 +146,6 @@ impl Fanout {
     }
 }
 
-/// Most messages one fanout batch takes (its consumer prefetch is 64).
-const MAX_BATCH: usize = 64;
-
 struct Staged {
     incoming: Incoming,
     chat_id: String,
@@ -157,7 +154,8 @@ struct Staged {
     payload: Vec<u8>,
 }
 
-enum Either {
+/// A consumed message, decoded.
+enum Received {
     Posted(MessagePosted),
     Translated(MessageTranslated),
 }

@@ -1,7 +1,5 @@
 //! Test harness: real chat-server processes, a real Apertium APY, real RabbitMQ, and WebSocket clients for every wire mode.
 
-#![allow(dead_code)]
-
 use std::{
     net::TcpListener,
     path::PathBuf,
@@ -299,12 +297,6 @@ impl WsClient {
         self.send_json(frame).await;
     }
 
-    /// Stops operation `id`.
-    pub async fn stop(&mut self, id: &str) {
-        let kind = if self.wire == Wire::TransportWs { "complete" } else { "stop" };
-        self.send_json(json!({"type": kind, "id": id})).await;
-    }
-
     async fn next_frame(&mut self, within: Duration) -> Option<Value> {
         match self.next(within).await? {
             Received::Next { payload, .. } => Some(payload),
@@ -393,10 +385,6 @@ impl WsClient {
             assert!(Instant::now() < deadline, "subscription to {chat} never became live");
         }
     }
-
-    pub async fn close(mut self) {
-        let _ = self.ws.close(None).await;
-    }
 }
 
 /// Checks the three deliveries of "Good morning, how are you?" in English, Spanish and Catalan.
@@ -430,6 +418,7 @@ pub struct Deployment {
     pub prefix: String,
     pub apertium: Option<Apertium>,
     pub gateways: Vec<Server>,
+    #[expect(dead_code, reason = "held so the fanout process lives as long as the deployment")]
     pub fanout: Server,
     pub translators: Vec<Server>,
 }

@@ -1,8 +1,6 @@
 //! The exact laptop command, on the in-process bus and on RabbitMQ.
 
-mod support;
-
-use support::*;
+use crate::support::*;
 
 async fn chat_translates(server: &Server) {
     let chat = unique_chat();
@@ -13,20 +11,16 @@ async fn chat_translates(server: &Server) {
     assert_translated_good_morning(&messages, &id);
 }
 
+/// `chat-server standalone` translating into Spanish and Catalan with `apertium`, plus `extra` arguments.
+async fn standalone(apertium: &Apertium, extra: &[&str]) -> Server {
+    let args = ["standalone", "--languages", "es,ca", "--translator", "apertium", "--translator-url", &apertium.url];
+    Server::start(&[&args[..], extra].concat()).await
+}
+
 #[tokio::test]
 async fn standalone_on_the_in_process_bus_gives_a_translated_chat() {
     let apertium = Apertium::start().await;
-    let server = Server::start(&[
-        "standalone",
-        "--languages",
-        "es,ca",
-        "--translator",
-        "apertium",
-        "--translator-url",
-        &apertium.url,
-    ])
-    .await;
-    chat_translates(&server).await;
+    chat_translates(&standalone(&apertium, &[]).await).await;
 }
 
 #[tokio::test]
@@ -34,19 +28,6 @@ async fn standalone_on_rabbitmq_gives_a_translated_chat() {
     let apertium = Apertium::start().await;
     let prefix = unique_prefix("standalone");
     let url = amqp_url();
-    let server = Server::start(&[
-        "standalone",
-        "--languages",
-        "es,ca",
-        "--translator",
-        "apertium",
-        "--translator-url",
-        &apertium.url,
-        "--amqp-url",
-        &url,
-        "--topology-prefix",
-        &prefix,
-    ])
-    .await;
+    let server = standalone(&apertium, &["--amqp-url", &url, "--topology-prefix", &prefix]).await;
     chat_translates(&server).await;
 }

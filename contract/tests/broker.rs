@@ -4,7 +4,7 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     BasicProperties, Channel, Connection, ConnectionProperties,
 };
-use parley_topology::{declare, delete_all, delete_language, queue_depth, Topology};
+use parley_contract::topology::{declare, delete_all, delete_language, queue_depth, Topology};
 
 fn amqp_url() -> String {
     std::env::var("PARLEY_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())

@@ -11,7 +11,7 @@
 //! that could change a result, such as authorization, must become part of the key or be checked at join.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     sync::{Arc, Mutex},
 };
 
@@ -21,144 +21,14 @@ use async_graphql::{
 };
 use axum::extract::ws::Utf8Bytes;
 use futures_util::StreamExt;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::graphql::{BudgetPermit, ChatSchema};
-
-/// How a connection frames the results of one operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// graphql-transport-ws: `{"type":"next","id":…,"payload":…}`, then `{"type":"complete","id":…}`.
-    Next,
-    /// Legacy graphql-ws: `{"type":"data","id":…,"payload":…}`, then `complete`.
-    Data,
-    /// The seed's plain frames: each result alone, and nothing at the end.
-    Plain,
-}
-
-impl Framing {
-    /// The frame carrying `payload` (an encoded GraphQL response) for operation `id`.
-    pub fn result(self, id: &OperationId, payload: &Utf8Bytes) -> Utf8Bytes {
-        let kind = match self {
-            Self::Next => "next",
-            Self::Data => "data",
-            Self::Plain => return payload.clone(),
-        };
-        let mut frame = String::with_capacity(payload.len() + id.json.len() + 32);
-        frame.push_str(r#"{"type":""#);
-        frame.push_str(kind);
-        frame.push_str(r#"","id":"#);
-        frame.push_str(&id.json);
-        frame.push_str(r#","payload":"#);
-        frame.push_str(payload.as_str());
-        frame.push('}');
-        frame.into()
-    }
-
-    /// The frame that ends operation `id`, where the protocol has one.
-    pub fn complete(self, id: &OperationId) -> Option<Utf8Bytes> {
-        (self != Self::Plain).then(|| format!(r#"{{"type":"complete","id":{}}}"#, id.json).into())
-    }
-}
-
-/// A client's operation id, with its JSON encoding made once.
-#[derive(Debug, Clone)]
-pub struct OperationId {
-    pub raw: Box<str>,
-    json: Box<str>,
-}
-
-impl OperationId {
-    pub fn new(raw: &str) -> Self {
-        let json = serde_json::to_string(raw).expect("a string always encodes");
-        Self { raw: raw.into(), json: json.into() }
-    }
-}
-
-/// One item of a connection's outbox.
-pub struct Outgoing {
-    /// The frame to send, if any.
-    pub frame: Option<Utf8Bytes>,
-    /// A shared operation that ended with this item: the connection forgets it.
-    pub ended: Option<Box<str>>,
-}
-
-impl Outgoing {
-    pub fn frame(frame: Utf8Bytes) -> Self {
-        Self { frame: Some(frame), ended: None }
-    }
-}
-
-/// The frames waiting for one connection; bounded, and closed for good once it overflows.
-pub struct Outbox {
-    state: Mutex<OutboxState>,
-    ready: Notify,
-    overflow: Notify,
-    capacity: usize,
-}
-
-#[derive(Default)]
-struct OutboxState {
-    items: VecDeque<Outgoing>,
-    overflowed: bool,
-}
-
-impl Outbox {
-    pub fn new(capacity: usize) -> Self {
-        Self { state: Mutex::default(), ready: Notify::new(), overflow: Notify::new(), capacity }
-    }
-
-    /// Queues a result frame; false when the outbox is full (it is then overflowed for good) or already was.
-    pub fn push(&self, item: Outgoing) -> bool {
-        let mut state = self.state.lock().expect("outbox lock");
-        if state.overflowed {
-            return false;
-        }
-        let queued = state.items.len() < self.capacity;
-        if queued {
-            state.items.push_back(item);
-        } else {
-            state.overflowed = true;
-            state.items.clear();
-            self.overflow.notify_one();
-        }
-        drop(state);
-        self.ready.notify_one();
-        queued
-    }
-
-    /// Queues a control frame (errors, completion), which the bound does not refuse.
-    pub fn push_control(&self, item: Outgoing) {
-        let mut state = self.state.lock().expect("outbox lock");
-        if !state.overflowed {
-            state.items.push_back(item);
-            drop(state);
-            self.ready.notify_one();
-        }
-    }
-
-    /// Waits until something was queued since the last [`Outbox::take`].
-    pub async fn ready(&self) {
-        self.ready.notified().await
-    }
-
-    /// Waits until the outbox overflows, which may happen while the connection is stuck writing.
-    pub async fn overflowed(&self) {
-        self.overflow.notified().await
-    }
-
-    /// Everything queued, or `None` when the outbox overflowed and the connection must close. The
-    /// queue's memory goes with it, so an idle connection keeps none.
-    pub fn take(&self) -> Option<VecDeque<Outgoing>> {
-        let mut state = self.state.lock().expect("outbox lock");
-        (!state.overflowed).then(|| std::mem::take(&mut state.items))
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-}
+use super::{
+    framing::{Framing, OperationId},
+    outbox::{Outbox, Outgoing},
+    schema::ChatSchema,
+    socket::BudgetPermit,
+};
 
 /// What makes two subscriptions the same operation.
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -258,7 +128,12 @@ impl Group {
 /// Whether a request runs in a shared group or on its own.
 pub enum Sharing {
     Shared(Shareable),
-    Alone(Request),
+    /// Executed for this client alone: anything but a plain subscription (a query, a mutation, a
+    /// subscription with extensions, a request that does not parse).
+    Alone {
+        request: Request,
+        subscription: bool,
+    },
 }
 
 /// A subscription that can be shared, checked and keyed, not yet joined.
@@ -326,19 +201,25 @@ impl SharedSubscriptions {
     /// Checks that `request` can be shared: a subscription carrying nothing beyond query, operation
     /// name and variables. Anything else is executed on its own.
     pub fn check(&self, request: Request) -> Sharing {
-        if !request.extensions.is_empty() || !request.uploads.is_empty() {
-            return Sharing::Alone(request);
-        }
-        let Ok(variables) = serde_json::to_string(&request.variables) else {
-            return Sharing::Alone(request);
-        };
-        let key = Key { query: request.query.clone(), operation_name: request.operation_name.clone(), variables };
+        let key = (request.extensions.is_empty() && request.uploads.is_empty())
+            .then(|| serde_json::to_string(&request.variables).ok())
+            .flatten()
+            .map(|variables| Key {
+                query: request.query.clone(),
+                operation_name: request.operation_name.clone(),
+                variables,
+            });
         // A running group proves the operation is a subscription; only a new one is parsed here.
-        let running = self.groups.lock().expect("groups lock").get_key_value(&key).map(|(k, _)| k.clone());
-        match running {
-            Some(key) => Sharing::Shared(Shareable { key, request }),
-            None if is_subscription(&request) => Sharing::Shared(Shareable { key: Arc::new(key), request }),
-            None => Sharing::Alone(request),
+        if let Some(key) = &key {
+            let running = self.groups.lock().expect("groups lock").get_key_value(key).map(|(k, _)| k.clone());
+            if let Some(key) = running {
+                return Sharing::Shared(Shareable { key, request });
+            }
+        }
+        let subscription = is_subscription(&request);
+        match key {
+            Some(key) if subscription => Sharing::Shared(Shareable { key: Arc::new(key), request }),
+            _ => Sharing::Alone { request, subscription },
         }
     }
 
@@ -420,8 +301,10 @@ mod tests {
     use super::*;
     use crate::{
         bus::{memory::MemoryBus, BusError, ChatBinder},
-        graphql::{build_schema, ChatContext, ChatSettings, QueryLimits},
-        hub::{tests::delivery, Hub},
+        gateway::{
+            hub::{tests::delivery, Hub},
+            schema::{build_schema, ChatContext, ChatSettings, QueryLimits},
+        },
     };
 
     struct NoBinder;
@@ -463,7 +346,7 @@ mod tests {
     fn shareable(shared: &SharedSubscriptions, request: Request) -> Shareable {
         match shared.check(request) {
             Sharing::Shared(operation) => operation,
-            Sharing::Alone(request) => panic!("{:?} is not shareable", request.query),
+            Sharing::Alone { request, .. } => panic!("{:?} is not shareable", request.query),
         }
     }
 

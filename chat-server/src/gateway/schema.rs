@@ -1,20 +1,14 @@
 //! The GraphQL schema of the gateway: the contract's types and resolvers, apart from any transport.
 
-use std::{
-    collections::HashSet,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-};
+use std::{collections::HashSet, sync::Arc};
 
 use async_graphql::{Context, ErrorExtensions, Object, Result, Schema, SimpleObject, Subscription, ID};
 use futures_util::{stream::BoxStream, Stream, StreamExt};
 use uuid::Uuid;
 
 use crate::{
-    bus::{Bus, Route},
-    hub::{Hub, Missed},
+    bus::{Bus, BusError, Route},
+    gateway::hub::{Hub, Missed},
     wire::{now_rfc3339, Delivery, MessagePosted, WIRE_VERSION},
 };
 
@@ -62,114 +56,63 @@ fn unavailable(message: impl Into<String>) -> async_graphql::Error {
     async_graphql::Error::new(message).extend_with(|_, e| e.set("code", "UNAVAILABLE"))
 }
 
-/// How many subscriptions one WebSocket connection may hold at once.
-#[derive(Debug, Clone)]
-pub struct SubscriptionBudget {
-    active: Arc<AtomicUsize>,
-    max: usize,
-}
-
-/// Returns one unit of a [`SubscriptionBudget`] when dropped.
-pub struct BudgetPermit(Arc<AtomicUsize>);
-
-impl Drop for BudgetPermit {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl SubscriptionBudget {
-    pub fn new(max: usize) -> Self {
-        Self { active: Arc::default(), max }
-    }
-
-    pub fn acquire(&self) -> Result<BudgetPermit> {
-        let taken = self.active.fetch_add(1, Ordering::AcqRel);
-        if taken >= self.max {
-            self.active.fetch_sub(1, Ordering::AcqRel);
-            return Err(async_graphql::Error::new(format!(
-                "too many subscriptions on this connection (at most {}); complete one first",
-                self.max
-            ))
-            .extend_with(|_, e| e.set("code", "LIMIT_EXCEEDED")));
-        }
-        Ok(BudgetPermit(self.active.clone()))
-    }
-}
-
-/// A chat message: accepted (the answer to a mutation) or delivered (original or translation).
+/// A chat message: an original or a translation as delivered, or a message just accepted (the answer
+/// to `sendMessage`: the original as it will be delivered, before the fanout has given it a `seq`).
 #[derive(Clone)]
-pub enum ChatMessage {
-    Accepted(Arc<MessagePosted>),
-    Delivered(Arc<Delivery>),
+pub struct ChatMessage {
+    message: Arc<Delivery>,
+    sequenced: bool,
+}
+
+impl ChatMessage {
+    pub fn delivered(delivery: Arc<Delivery>) -> Self {
+        Self { message: delivery, sequenced: true }
+    }
+
+    fn accepted(posted: MessagePosted) -> Self {
+        Self { message: Arc::new(Delivery::of_original(posted, 0)), sequenced: false }
+    }
 }
 
 #[Object]
 impl ChatMessage {
     async fn id(&self) -> ID {
-        match self {
-            Self::Accepted(m) => ID(m.id.to_string()),
-            Self::Delivered(d) => ID(d.id.to_string()),
-        }
+        ID(self.message.id.to_string())
     }
 
     async fn chat_id(&self) -> ID {
-        match self {
-            Self::Accepted(m) => ID(m.chat_id.clone()),
-            Self::Delivered(d) => ID(d.chat_id.clone()),
-        }
+        ID(self.message.chat_id.clone())
     }
 
     /// Per-chat delivery sequence number, stamped by the fanout; null until delivered.
     async fn seq(&self) -> Option<i64> {
-        match self {
-            Self::Accepted(_) => None,
-            Self::Delivered(d) => i64::try_from(d.seq).ok(),
-        }
+        self.sequenced.then(|| i64::try_from(self.message.seq).ok()).flatten()
     }
 
     async fn sender(&self) -> Option<&str> {
-        match self {
-            Self::Accepted(m) => m.sender.as_deref(),
-            Self::Delivered(d) => d.sender.as_deref(),
-        }
+        self.message.sender.as_deref()
     }
 
     /// The language of `text`.
     async fn language(&self) -> &str {
-        match self {
-            Self::Accepted(m) => &m.source_language,
-            Self::Delivered(d) => &d.language,
-        }
+        &self.message.language
     }
 
     async fn source_language(&self) -> &str {
-        match self {
-            Self::Accepted(m) => &m.source_language,
-            Self::Delivered(d) => &d.source_language,
-        }
+        &self.message.source_language
     }
 
     /// True for the text as sent, false for a translation.
     async fn original(&self) -> bool {
-        match self {
-            Self::Accepted(_) => true,
-            Self::Delivered(d) => d.original,
-        }
+        self.message.original
     }
 
     async fn text(&self) -> &str {
-        match self {
-            Self::Accepted(m) => &m.text,
-            Self::Delivered(d) => &d.text,
-        }
+        &self.message.text
     }
 
     async fn sent_at(&self) -> &str {
-        match self {
-            Self::Accepted(m) => &m.sent_at,
-            Self::Delivered(d) => &d.sent_at,
-        }
+        &self.message.sent_at
     }
 }
 
@@ -209,6 +152,29 @@ fn check_chat_id(settings: &ChatSettings, chat_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Why a message was not posted.
+enum PostError {
+    /// The input is wrong; the GraphQL error says how.
+    Invalid(async_graphql::Error),
+    /// The bus did not take the message.
+    Unavailable { id: Uuid, source: BusError },
+}
+
+impl From<async_graphql::Error> for PostError {
+    fn from(err: async_graphql::Error) -> Self {
+        Self::Invalid(err)
+    }
+}
+
+impl From<PostError> for async_graphql::Error {
+    fn from(err: PostError) -> Self {
+        match err {
+            PostError::Invalid(err) => err,
+            PostError::Unavailable { id, source } => unavailable(format!("message {id} was not accepted: {source}")),
+        }
+    }
+}
+
 /// Validates and publishes a new message; the gateway is where message ids are born.
 async fn post(
     chat: &ChatContext,
@@ -216,24 +182,25 @@ async fn post(
     text: String,
     language: Option<String>,
     sender: Option<String>,
-) -> Result<Arc<MessagePosted>> {
+) -> Result<MessagePosted, PostError> {
     let settings = &chat.settings;
     check_chat_id(settings, &chat_id)?;
     if text.trim().is_empty() {
-        return Err(bad_input("text must not be empty"));
+        return Err(bad_input("text must not be empty").into());
     }
     if text.len() > settings.max_text_bytes {
         return Err(bad_input(format!(
             "text is {} bytes, more than the limit of {} bytes",
             text.len(),
             settings.max_text_bytes
-        )));
+        ))
+        .into());
     }
     if sender.as_ref().is_some_and(|s| s.len() > settings.max_sender_bytes) {
-        return Err(bad_input(format!("sender is longer than {} bytes", settings.max_sender_bytes)));
+        return Err(bad_input(format!("sender is longer than {} bytes", settings.max_sender_bytes)).into());
     }
     let source_language = match language {
-        Some(language) if !settings.known(&language) => return Err(settings.unknown_language(&language)),
+        Some(language) if !settings.known(&language) => return Err(settings.unknown_language(&language).into()),
         Some(language) => language,
         None => settings.source_language.clone(),
     };
@@ -246,12 +213,12 @@ async fn post(
         source_language,
         sent_at: now_rfc3339(),
     };
-    let payload = serde_json::to_vec(&posted)?;
-    chat.bus.publish(Route::Posted, &payload).await.map_err(|err| {
-        tracing::error!(id = %posted.id, error = %err, "failed to publish a message");
-        unavailable(format!("message {} was not accepted: {err}", posted.id))
-    })?;
-    Ok(Arc::new(posted))
+    let payload = serde_json::to_vec(&posted).expect("a message always encodes");
+    if let Err(source) = chat.bus.publish(Route::Posted, &payload).await {
+        tracing::error!(id = %posted.id, error = %source, "failed to publish a message");
+        return Err(PostError::Unavailable { id: posted.id, source });
+    }
+    Ok(posted)
 }
 
 pub struct MutationRoot;
@@ -270,7 +237,7 @@ impl MutationRoot {
         sender: Option<String>,
     ) -> Result<ChatMessage> {
         let chat = ctx.data_unchecked::<Arc<ChatContext>>();
-        post(chat, chat_id.0, text, language, sender).await.map(ChatMessage::Accepted)
+        Ok(post(chat, chat_id.0, text, language, sender).await.map(ChatMessage::accepted)?)
     }
 
     /// The seed's mutation: sends `message` to `chatId` in the source language.
@@ -278,20 +245,13 @@ impl MutationRoot {
         let chat = ctx.data_unchecked::<Arc<ChatContext>>();
         let entry = match post(chat, chat_id, message, None, None).await {
             Ok(posted) => EventDetails { event_id: Some(posted.id.to_string()), error_message: None, error_code: None },
-            Err(err)
-                if err
-                    .extensions
-                    .as_ref()
-                    .and_then(|e| e.get("code"))
-                    .is_some_and(|c| matches!(c, async_graphql::Value::String(s) if s == "UNAVAILABLE")) =>
-            {
-                EventDetails {
-                    event_id: None,
-                    error_message: Some(err.message),
-                    error_code: Some("Unavailable".into()),
-                }
-            }
-            Err(err) => return Err(err),
+            // EventBridge reports a failed entry in the result, not as an error of the call.
+            Err(err @ PostError::Unavailable { .. }) => EventDetails {
+                event_id: None,
+                error_message: Some(async_graphql::Error::from(err).message),
+                error_code: Some("Unavailable".into()),
+            },
+            Err(PostError::Invalid(err)) => return Err(err),
         };
         let failed = i32::from(entry.event_id.is_none());
         Ok(PutEventResult { entries: Some(vec![Some(entry)]), failed_entries: Some(failed) })
@@ -306,21 +266,17 @@ where
     T: Send + 'static,
     F: Fn(&Arc<Delivery>) -> Option<T> + Send + 'static,
 {
-    let permit = match ctx.data_opt::<SubscriptionBudget>() {
-        Some(budget) => Some(budget.acquire()?),
-        None => None,
-    };
     let chat = ctx.data_unchecked::<Arc<ChatContext>>();
     check_chat_id(&chat.settings, chat_id)?;
     let subscription =
         chat.hub.subscribe(chat_id).await.map_err(|err| unavailable(format!("cannot watch chat {chat_id}: {err}")))?;
-    Ok(futures_util::stream::unfold(Some((subscription, permit, keep)), |state| async move {
-        let (mut subscription, permit, keep) = state?;
+    Ok(futures_util::stream::unfold(Some((subscription, keep)), |state| async move {
+        let (mut subscription, keep) = state?;
         loop {
             match subscription.recv().await {
                 Ok(delivery) => {
                     if let Some(item) = keep(&delivery) {
-                        return Some((Ok(item), Some((subscription, permit, keep))));
+                        return Some((Ok(item), Some((subscription, keep))));
                     }
                 }
                 Err(Missed::Lagged(n)) => {
@@ -353,7 +309,7 @@ impl SubscriptionRoot {
         let wanted: Option<HashSet<String>> = languages.map(|l| l.into_iter().collect());
         deliveries(ctx, &chat_id, move |d| {
             let keep = d.original || wanted.as_ref().is_none_or(|w| w.contains(&d.language));
-            keep.then(|| ChatMessage::Delivered(d.clone()))
+            keep.then(|| ChatMessage::delivered(d.clone()))
         })
         .await
     }

@@ -1,11 +1,9 @@
 //! The chat over RabbitMQ as separate processes, with real Apertium translations.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 #[tokio::test]
 async fn graphql_transport_ws_subscriber_receives_the_original_and_apertium_translations() {

@@ -1,17 +1,15 @@
 //! Failure paths over RabbitMQ: nothing is dropped silently.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use lapin::{Connection, ConnectionProperties};
-use support::*;
 
 async fn dead_letters(prefix: &str) -> Option<u32> {
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let topology = parley_topology::Topology::new(prefix).unwrap();
-    parley_topology::queue_depth(&channel, &topology.dead_letters()).await.unwrap().map(|d| d.messages)
+    let topology = parley_contract::topology::Topology::new(prefix).unwrap();
+    parley_contract::topology::queue_depth(&channel, &topology.dead_letters()).await.unwrap().map(|d| d.messages)
 }
 
 #[tokio::test]

@@ -1,0 +1,81 @@
+//! The gateway's HTTP surface: axum routes around the schema, apart from its meaning.
+//!
+//! `/graphql` serves queries and mutations over `POST` and `GET`, and upgrades to WebSocket for
+//! subscriptions (see [`socket`](super::socket)); `/` serves GraphiQL; `/healthz` and `/readyz` the
+//! health of the process.
+
+use std::sync::Arc;
+
+use async_graphql::http::GraphiQLSource;
+use async_graphql_axum::GraphQLResponse;
+use axum::{
+    body::Bytes,
+    extract::{ws::rejection::WebSocketUpgradeRejection, ws::WebSocketUpgrade, RawQuery, State},
+    http::StatusCode,
+    response::{Html, IntoResponse, Response},
+    routing::get,
+    Router,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{
+    groups::SharedSubscriptions,
+    schema::ChatSchema,
+    socket::{self, SocketLimits},
+};
+use crate::bus::Bus;
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub schema: ChatSchema,
+    /// Subscriptions executed once per distinct operation.
+    pub shared: Arc<SharedSubscriptions>,
+    pub bus: Arc<dyn Bus>,
+    pub limits: SocketLimits,
+    pub shutdown: CancellationToken,
+    /// Upgraded sockets outlive axum's graceful shutdown; this lets the server wait for their close frames.
+    pub sockets: TaskTracker,
+}
+
+/// The gateway's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(graphiql))
+        .route("/graphql", get(graphql_get).post(graphql_post))
+        .merge(crate::health::routes({
+            let bus = state.bus.clone();
+            move || bus.is_ready()
+        }))
+        .layer(axum::extract::DefaultBodyLimit::max(state.limits.max_message_bytes))
+        .with_state(state)
+}
+
+async fn graphiql() -> Html<String> {
+    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql").finish())
+}
+
+/// JSON bodies only, read under the router's body limit.
+async fn graphql_post(State(state): State<AppState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<async_graphql::BatchRequest>(&body) {
+        Ok(batch) => GraphQLResponse::from(state.schema.execute_batch(batch).await).into_response(),
+        Err(err) => {
+            let error = serde_json::json!({"errors": [{"message": format!("invalid GraphQL request body: {err}")}]});
+            (StatusCode::BAD_REQUEST, axum::Json(error)).into_response()
+        }
+    }
+}
+
+async fn graphql_get(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Ok(upgrade) = upgrade {
+        return socket::upgrade(state, upgrade);
+    }
+    match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
+        Ok(request) => GraphQLResponse::from(state.schema.execute(request).await).into_response(),
+        Err(err) => (StatusCode::BAD_REQUEST, format!("invalid GraphQL GET request: {err}")).into_response(),
+    }
+}

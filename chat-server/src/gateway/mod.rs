@@ -1,0 +1,97 @@
+//! The gateway role: GraphQL over HTTP and WebSocket for clients, fed by this process's delivery queue.
+//!
+//! - [`schema`]: the GraphQL types and resolvers, apart from any transport;
+//! - [`http`]: the axum routes; [`socket`]: the WebSocket connection loop and its limits;
+//! - [`framing`]: how each wire protocol frames a result; [`outbox`]: a connection's bounded send queue;
+//! - [`groups`]: identical subscriptions executed once and shared; [`hub`]: per chat, the deliveries
+//!   of the bus handed to the local subscribers.
+
+pub mod framing;
+pub mod groups;
+pub mod http;
+pub mod hub;
+pub mod outbox;
+pub mod schema;
+pub mod socket;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use axum::serve::ListenerExt;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{bus::Bus, config::Settings};
+use groups::SharedSubscriptions;
+use http::AppState;
+use hub::Hub;
+use schema::{build_schema, ChatContext, ChatSettings, QueryLimits};
+use socket::SocketLimits;
+
+/// How long open sockets get to receive their close frame after the listener stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves until `cancel` fires or the delivery feed is lost for good (then it fails, so the pod restarts).
+/// The caller closes the bus, after whatever else still uses it has stopped.
+pub async fn serve(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+    let (binder, feed) = bus.delivery_feed().await?;
+    let hub = Hub::new(binder, hub::BACKLOG);
+    let serving = cancel.child_token();
+    let feed_lost = CancellationToken::new();
+    let feed_task = tokio::spawn({
+        let (hub, serving, feed_lost) = (hub.clone(), serving.clone(), feed_lost.clone());
+        async move {
+            hub.run_feed(feed).await;
+            feed_lost.cancel();
+            serving.cancel();
+        }
+    });
+    let chat = ChatContext {
+        bus: bus.clone(),
+        hub,
+        settings: ChatSettings {
+            source_language: settings.source_language.clone(),
+            languages: settings.languages.clone(),
+            max_text_bytes: settings.max_text_bytes,
+            max_chat_id_bytes: 200,
+            max_sender_bytes: 256,
+        },
+    };
+    let limits = QueryLimits { max_depth: settings.max_query_depth, max_complexity: settings.max_query_complexity };
+    let schema = build_schema(Arc::new(chat), limits);
+    let state = AppState {
+        shared: SharedSubscriptions::new(schema.clone()),
+        schema,
+        bus: bus.clone(),
+        limits: SocketLimits {
+            max_subscriptions_per_connection: settings.max_subscriptions_per_connection,
+            connection_init_timeout: settings.connection_init_timeout,
+            max_message_bytes: settings.max_text_bytes * 4 + 16 * 1024,
+            send_queue_frames: settings.subscriber_buffer,
+        },
+        shutdown: serving.clone(),
+        sockets: TaskTracker::new(),
+    };
+    let sockets = state.sockets.clone();
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", settings.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "gateway serving GraphQL on /graphql");
+    // Without TCP_NODELAY a small frame waits behind the client's delayed ACK (Nagle), adding tens of ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %err, "failed to set TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, http::router(state)).with_graceful_shutdown(serving.cancelled_owned()).await?;
+    sockets.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, sockets.wait()).await.is_err() {
+        tracing::warn!("some sockets did not close in time");
+    }
+    feed_task.abort();
+    anyhow::ensure!(
+        cancel.is_cancelled() || !feed_lost.is_cancelled(),
+        "the broker delivery feed was lost and could not be recovered"
+    );
+    tracing::info!("gateway stopped");
+    Ok(())
+}

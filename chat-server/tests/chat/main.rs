@@ -1,0 +1,8 @@
+//! chat-server's integration tests, as one test binary: real chat-server processes on a real RabbitMQ
+//! with real Apertium APYs. `cargo test -p chat-server --test chat <module>::` runs one part.
+
+mod end_to_end;
+mod failures;
+mod protocol;
+mod standalone;
+mod support;

@@ -1,0 +1,186 @@
+//! The chat server's configuration: one set of settings that is at once its flags, its `PARLEY_*`
+//! environment variables (with the `cli` feature) and the keys of its TOML file, which the operator
+//! renders into every ChatDeployment's ConfigMap.
+//!
+//! Every setting is optional here so the three sources can be layered; the chat server resolves
+//! defaults. Secrets (the broker URL, API keys) never go into the file: the operator passes them as
+//! environment variables from Secrets.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::provider::Provider;
+
+/// The name of the configuration file in the operator's ConfigMap.
+pub const FILE_NAME: &str = "chat-server.toml";
+
+/// How the chat server writes its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every setting of the chat server. Field names are the file's kebab-case keys and, upper-cased
+/// with `PARLEY_`, the environment variables.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ChatServerConfig {
+    /// Address to serve GraphQL (gateway) or health endpoints (other roles) on. [default: 0.0.0.0:8080]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_LISTEN", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Required except in standalone mode.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_AMQP_URL", global = true, hide_env_values = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_url: Option<String>,
+    /// Prefix of every exchange and queue. [default: parley.local]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_TOPOLOGY_PREFIX", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_prefix: Option<String>,
+    /// Language of messages sent without one (ISO 639-1), or "auto". [default: en]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SOURCE_LANGUAGE", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_language: Option<String>,
+    /// Comma-separated target languages, e.g. "es,ca"; "" for none.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_LANGUAGES", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub languages: Option<String>,
+    /// Translation provider.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_TRANSLATOR", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translator: Option<Provider>,
+    /// Base URL of the translation provider, e.g. http://127.0.0.1:2737.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_TRANSLATOR_URL", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translator_url: Option<String>,
+    /// API key of the translation provider, if it needs one.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_TRANSLATOR_API_KEY", global = true, hide_env_values = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translator_api_key: Option<String>,
+    /// Seconds one provider call may take. [default: 30]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_TRANSLATOR_TIMEOUT_SECS", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translator_timeout_secs: Option<u64>,
+    /// Longest message text accepted, in bytes. [default: 4096]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_MAX_TEXT_BYTES", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_text_bytes: Option<usize>,
+    /// Deepest GraphQL selection accepted. [default: 10]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_MAX_QUERY_DEPTH", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_query_depth: Option<usize>,
+    /// Highest GraphQL complexity accepted. [default: 200]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_MAX_QUERY_COMPLEXITY", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_query_complexity: Option<usize>,
+    /// Subscriptions one WebSocket connection may hold at once. [default: 100]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_MAX_SUBSCRIPTIONS_PER_CONNECTION", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_subscriptions_per_connection: Option<usize>,
+    /// Seconds a WebSocket client has to send connection_init. [default: 10]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_CONNECTION_INIT_TIMEOUT_SECS", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_init_timeout_secs: Option<u64>,
+    /// Frames that may wait for one WebSocket connection before it is closed as a slow consumer (1008). [default: 1024]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SUBSCRIBER_BUFFER", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscriber_buffer: Option<usize>,
+    /// Log format. [default: text]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_LOG_FORMAT", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// A configuration file that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct FileError(#[from] toml::de::Error);
+
+impl ChatServerConfig {
+    /// These settings over `lower`: each setting this one leaves unset comes from `lower`.
+    pub fn over(self, lower: Self) -> Self {
+        macro_rules! layered {
+            ($($field:ident),+ $(,)?) => { Self { $($field: self.$field.or(lower.$field)),+ } };
+        }
+        layered!(
+            listen,
+            amqp_url,
+            topology_prefix,
+            source_language,
+            languages,
+            translator,
+            translator_url,
+            translator_api_key,
+            translator_timeout_secs,
+            max_text_bytes,
+            max_query_depth,
+            max_query_complexity,
+            max_subscriptions_per_connection,
+            connection_init_timeout_secs,
+            subscriber_buffer,
+            log_format,
+        )
+    }
+
+    /// Parses a configuration file; unknown keys are an error.
+    pub fn from_toml(text: &str) -> Result<Self, FileError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Renders the settings that are set as a configuration file.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the configuration always renders as TOML")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered_by_the_operator() -> ChatServerConfig {
+        ChatServerConfig {
+            topology_prefix: Some("parley.events.town-hall".into()),
+            source_language: Some("en".into()),
+            languages: Some("de,fr".into()),
+            translator: Some(Provider::Libretranslate),
+            translator_url: Some("http://libretranslate.translation:5000".into()),
+            log_format: Some(LogFormat::Json),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_rendered_file_reads_back_as_the_same_settings() {
+        let config = ChatServerConfig { listen: Some("0.0.0.0:8080".parse().unwrap()), ..rendered_by_the_operator() };
+        assert_eq!(ChatServerConfig::from_toml(&config.to_toml()).unwrap(), config);
+    }
+
+    #[test]
+    fn the_file_uses_kebab_case_keys_and_leaves_unset_settings_out() {
+        assert_eq!(
+            rendered_by_the_operator().to_toml(),
+            "topology-prefix = \"parley.events.town-hall\"\nsource-language = \"en\"\nlanguages = \"de,fr\"\n\
+             translator = \"libretranslate\"\ntranslator-url = \"http://libretranslate.translation:5000\"\n\
+             log-format = \"json\"\n"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error() {
+        let err = ChatServerConfig::from_toml("langauges = \"de\"\n").unwrap_err();
+        assert!(err.to_string().contains("langauges"), "{err}");
+    }
+
+    #[test]
+    fn the_upper_layer_wins_and_the_lower_fills_the_gaps() {
+        let upper = ChatServerConfig { max_text_bytes: Some(200), ..Default::default() };
+        let lower = ChatServerConfig { max_text_bytes: Some(100), languages: Some("de".into()), ..Default::default() };
+        let merged = upper.over(lower);
+        assert_eq!((merged.max_text_bytes, merged.languages.as_deref()), (Some(200), Some("de")));
+    }
+}
