@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Checks the Helm chart with Helm's own engine (helm-python-sdk): lint, render every values variant,
-schema rejections, CRD and RBAC in sync with what the operator generates, README values table in sync.
+schema rejections, CRD and RBAC in sync with what the operator generates, the chart README's values table in sync.
 
 Usage: check_chart.py OUT_DIR  — rendered manifests go to OUT_DIR/<variant>/, for the typed-parsing test.
 """
@@ -112,12 +112,12 @@ def flatten(values, prefix=""):
 
 
 def readme_table():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Helm values", 1)[1].split("\n#", 1)[0]
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("## Values", 1)[1].split("\n#", 1)[0]
     documented = set(re.findall(r"^\| `([^`]+)` \|", section, re.M))
     actual = set(flatten(yaml.safe_load((CHART / "values.yaml").read_text())))
     check(documented == actual,
-          f"README values table matches values.yaml (missing: {sorted(actual - documented)}, stale: {sorted(documented - actual)})")
+          f"the chart README's values table matches values.yaml (missing: {sorted(actual - documented)}, stale: {sorted(documented - actual)})")
 
 
 def main():

@@ -2,20 +2,18 @@
 
 #![forbid(unsafe_code)]
 
-pub mod apply;
-pub mod autoscale;
-pub mod broker;
-pub mod build;
 pub mod controller;
 pub mod crd;
+pub mod events;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
 pub mod keda;
 pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod rbac;
+pub mod reconcile;
 pub mod run;
-pub mod status;
-pub mod validate;
 
 use kube::CustomResourceExt;
 

@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use parley_operator::{controller::Settings, run::RunOptions};
+use parley_operator::{reconcile::Settings, run::RunOptions};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 

@@ -10,21 +10,22 @@ pub const DEPLOYMENT_LABEL: &str = "chat.parley.dev/deployment";
 pub const ROLE_LABEL: &str = "chat.parley.dev/role";
 pub const LANGUAGE_LABEL: &str = "chat.parley.dev/language";
 pub const MANAGED_BY: &str = "parley-operator";
-pub const CONFIG_FILE: &str = "chat-server.toml";
+pub const CONFIG_FILE: &str = parley_contract::config::FILE_NAME;
 pub const CONFIG_DIR: &str = "/etc/parley";
 pub const HTTP_PORT: i32 = 8080;
 pub const SERVICE_PORT: i32 = 80;
 
-/// The roles a ChatDeployment runs.
+/// The parts of a ChatDeployment, as its objects' `app.kubernetes.io/component` and
+/// `chat.parley.dev/role` labels name them: the three roles, and the configuration they share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub enum Component {
     Gateway,
     Fanout,
     Translator,
     Config,
 }
 
-impl Role {
+impl Component {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Gateway => "gateway",
@@ -73,11 +74,11 @@ impl Names {
         format!("{}.{}.svc:{SERVICE_PORT}", self.gateway(), self.namespace)
     }
 
-    /// Labels that select one role's pods (and one language's, for translators).
-    pub fn selector(&self, role: Role, language: Option<&str>) -> BTreeMap<String, String> {
+    /// Labels that select one component's pods (and one language's, for translators).
+    pub fn selector(&self, component: Component, language: Option<&str>) -> BTreeMap<String, String> {
         let mut labels = BTreeMap::from([
             ("app.kubernetes.io/instance".to_owned(), self.instance.clone()),
-            ("app.kubernetes.io/component".to_owned(), role.as_str().to_owned()),
+            ("app.kubernetes.io/component".to_owned(), component.as_str().to_owned()),
         ]);
         if let Some(language) = language {
             labels.insert(LANGUAGE_LABEL.to_owned(), language.to_owned());
@@ -86,14 +87,14 @@ impl Names {
     }
 
     /// The recommended labels plus Parley's own, on every owned object.
-    pub fn labels(&self, role: Role, language: Option<&str>) -> BTreeMap<String, String> {
-        let mut labels = self.selector(role, language);
+    pub fn labels(&self, component: Component, language: Option<&str>) -> BTreeMap<String, String> {
+        let mut labels = self.selector(component, language);
         labels.extend([
             ("app.kubernetes.io/name".to_owned(), "parley".to_owned()),
             ("app.kubernetes.io/part-of".to_owned(), "parley".to_owned()),
             ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
             (DEPLOYMENT_LABEL.to_owned(), self.instance.clone()),
-            (ROLE_LABEL.to_owned(), role.as_str().to_owned()),
+            (ROLE_LABEL.to_owned(), component.as_str().to_owned()),
         ]);
         labels
     }

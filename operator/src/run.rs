@@ -25,10 +25,11 @@ use kube::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    controller::{error_policy, reconcile, Context, Settings},
+    controller::{error_policy, reconcile},
     crd::ChatDeployment,
     leader::{LeaderElector, RENEW_DEADLINE, RENEW_INTERVAL},
     metrics::Metrics,
+    reconcile::{Context, Settings},
 };
 
 /// Options of `operator run`.

@@ -21,22 +21,16 @@ use kube::{
     Api, Client, Resource, ResourceExt,
 };
 use lapin::{Connection, ConnectionProperties};
+use parley_contract::topology::Topology;
 use parley_operator::{
-    controller::{reconcile, Context, Error, Settings},
-    crd::{
-        BrokerSpec, ChatDeployment, ChatDeploymentSpec, LanguageSpec, Phase, Provider, RoleOverrides, RoleSpec,
-        SecretKeyRef, TranslationSpec,
-    },
+    controller::reconcile,
+    crd::{AutoscalingMode, AutoscalingSpec, ChatDeployment, LanguageSpec, Phase},
+    fixtures::{self, NAME},
+    keda::{ScaledObject, TriggerAuthentication},
     metrics::Metrics,
     names::FINALIZER,
+    reconcile::{Context, Error, Settings},
 };
-use parley_operator::{
-    crd::{AutoscalingMode, AutoscalingSpec},
-    keda::{ScaledObject, TriggerAuthentication},
-};
-use parley_topology::Topology;
-
-const NAME: &str = "town-hall";
 
 fn amqp_url() -> String {
     std::env::var("PARLEY_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -50,27 +44,9 @@ fn unique_namespace() -> String {
 }
 
 fn chat(namespace: &str, languages: &[(&str, i32)]) -> ChatDeployment {
-    let mut chat = ChatDeployment::new(
-        NAME,
-        ChatDeploymentSpec {
-            broker: BrokerSpec { secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "uri".into() } },
-            source_language: "en".into(),
-            translation: TranslationSpec {
-                provider: Provider::Apertium,
-                url: "http://apertium:2737".into(),
-                api_key_secret_ref: None,
-            },
-            languages: languages
-                .iter()
-                .map(|(c, r)| LanguageSpec { code: (*c).into(), replicas: Some(*r), autoscaling: None })
-                .collect(),
-            gateway: RoleSpec::default(),
-            fanout: RoleSpec::default(),
-            translator: RoleOverrides::default(),
-            image: None,
-            drain_timeout_seconds: 300,
-        },
-    );
+    let languages: Vec<(&str, Option<i32>)> =
+        languages.iter().map(|(code, replicas)| (*code, Some(*replicas))).collect();
+    let mut chat = fixtures::chat(&languages);
     chat.metadata.namespace = Some(namespace.into());
     // kube-fake-client 0.3 rejects a JSON-patch `test` of an absent /metadata/finalizers, which a real
     // API server treats as null; a second finalizer keeps the path present so the real code path runs.
@@ -218,7 +194,7 @@ impl Harness {
 async fn queue_exists(queue: &str) -> bool {
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
-    parley_topology::queue_depth(&channel, queue).await.unwrap().is_some()
+    parley_contract::topology::queue_depth(&channel, queue).await.unwrap().is_some()
 }
 
 fn condition(chat: &ChatDeployment, kind: &str) -> (String, String) {
@@ -388,18 +364,7 @@ async fn a_removed_language_with_a_backlog_keeps_its_queue_until_the_drain_timeo
     let h = Harness::new(chat(&unique_namespace(), &[("de", 1), ("fr", 1)]), &amqp_url()).await;
     h.reconcile().await.unwrap();
     // One accepted message waits for the French translator.
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .basic_publish(
-            h.topology().posted_exchange().as_str().into(),
-            "".into(),
-            Default::default(),
-            b"{}",
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    publish_posted(&h.topology(), 1).await;
 
     h.edit(|c| c.spec.languages.retain(|l| l.code == "de")).await;
     h.reconcile().await.unwrap();
@@ -425,17 +390,12 @@ async fn a_removed_language_with_a_backlog_keeps_its_queue_until_the_drain_timeo
 
 fn autoscaled(namespace: &str, mode: AutoscalingMode, window: i64) -> ChatDeployment {
     let mut chat = chat(namespace, &[]);
-    chat.spec.languages = vec![LanguageSpec {
-        code: "fr".into(),
-        replicas: None,
-        autoscaling: Some(AutoscalingSpec {
-            mode,
-            min_replicas: 1,
-            max_replicas: 10,
-            target_backlog: 5,
-            scale_down_stabilization_seconds: window,
-        }),
-    }];
+    let autoscaling = AutoscalingSpec {
+        target_backlog: 5,
+        scale_down_stabilization_seconds: window,
+        ..fixtures::autoscaling(mode, 1, 10)
+    };
+    chat.spec.languages = vec![fixtures::autoscaled("fr", autoscaling)];
     chat
 }
 
@@ -455,7 +415,7 @@ async fn publish_posted(topology: &Topology, count: usize) {
             .unwrap();
     }
     // A passive declare waits for the publishes ahead of it on this channel.
-    parley_topology::queue_depth(&channel, &topology.fanout_queue()).await.unwrap();
+    parley_contract::topology::queue_depth(&channel, &topology.fanout_queue()).await.unwrap();
 }
 
 async fn translator_replicas(h: &Harness) -> Option<i32> {
@@ -538,17 +498,12 @@ async fn every_request_a_reconcile_makes_is_allowed_by_the_rbac_rules_and_every_
     // language, and stray owned objects of every kind for prune to delete.
     let namespace = unique_namespace();
     let mut chat = autoscaled(&namespace, AutoscalingMode::Builtin, 120);
-    chat.spec.languages.push(LanguageSpec {
-        code: "it".into(),
-        replicas: None,
-        autoscaling: Some(AutoscalingSpec {
-            mode: AutoscalingMode::Keda,
-            min_replicas: 1,
-            max_replicas: 3,
-            target_backlog: 10,
-            scale_down_stabilization_seconds: 60,
-        }),
-    });
+    let keda = AutoscalingSpec {
+        target_backlog: 10,
+        scale_down_stabilization_seconds: 60,
+        ..fixtures::autoscaling(AutoscalingMode::Keda, 1, 3)
+    };
+    chat.spec.languages.push(fixtures::autoscaled("it", keda));
     chat.spec.languages.push(LanguageSpec { code: "de".into(), replicas: Some(1), autoscaling: None });
     let h = Harness::with_keda(chat, &amqp_url()).await;
     let create = kube::api::PostParams::default();

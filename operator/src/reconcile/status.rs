@@ -9,9 +9,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
 };
 
+use super::validate::{Scaling, SpecError, ValidatedChat};
 use crate::{
     crd::{ChatDeploymentStatus, GatewayStatus, Phase, RoleStatus, TranslatorStatus},
-    validate::{SpecError, ValidatedChat},
+    events::Reason,
 };
 
 pub const READY: &str = "Ready";
@@ -129,19 +130,26 @@ fn role_condition(kind: &str, what: &str, o: &Observed, generation: Option<i64>,
     condition(kind, ok, reason, message, generation, now)
 }
 
-/// The status of a valid ChatDeployment.
-// Each argument is a separate observation of this reconcile; bundling them would only rename them.
-#[allow(clippy::too_many_arguments)]
+/// What one reconcile found, for the status.
+#[derive(Debug, Clone, Copy)]
+pub struct Findings<'a> {
+    /// The Deployments as the API server returned them from the apply.
+    pub deployments: &'a [Deployment],
+    pub broker: &'a BrokerReport,
+    /// Removed languages still draining.
+    pub draining: &'a [Draining],
+    pub scaling: &'a ScalingReport,
+}
+
+/// The status of a valid ChatDeployment of `generation`, keeping the transition times of `previous`.
 pub fn compute(
     chat: &ValidatedChat,
     generation: Option<i64>,
-    deployments: &[Deployment],
-    broker: &BrokerReport,
-    draining: &[Draining],
-    scaling: &ScalingReport,
+    found: Findings<'_>,
     previous: &[Condition],
     now: &Time,
 ) -> ChatDeploymentStatus {
+    let Findings { deployments, broker, draining, scaling } = found;
     let names = &chat.names;
     let gateway = observe(deployments, &names.gateway());
     let fanout = observe(deployments, &names.fanout());
@@ -232,10 +240,7 @@ pub fn compute(
     };
     let mut conditions = vec![ready];
     conditions.extend(parts);
-    let autoscaled = chat
-        .languages
-        .iter()
-        .any(|l| matches!(l.scaling, crate::validate::Scaling::Builtin(_) | crate::validate::Scaling::Keda(_)));
+    let autoscaled = chat.languages.iter().any(|l| matches!(l.scaling, Scaling::Builtin(_) | Scaling::Keda(_)));
     if autoscaled {
         conditions.push(match &scaling.keda {
             Some((languages, false)) => condition(
@@ -277,7 +282,7 @@ pub fn invalid(
     let mut status = previous.cloned().unwrap_or_default();
     let previous_conditions = std::mem::take(&mut status.conditions);
     let mut conditions: Vec<Condition> = previous_conditions.iter().filter(|c| c.type_ != READY).cloned().collect();
-    conditions.insert(0, condition(READY, false, "InvalidSpec", message, generation, now));
+    conditions.insert(0, condition(READY, false, Reason::InvalidSpec.as_str(), message, generation, now));
     status.conditions = carry_transitions(conditions, &previous_conditions);
     status.phase = Some(Phase::Degraded);
     status.observed_generation = generation;
@@ -290,7 +295,7 @@ mod tests {
     use kube::api::ObjectMeta;
 
     use super::*;
-    use crate::validate::{tests::chat, validate};
+    use crate::{fixtures::chat, reconcile::validate::validate};
 
     fn time(s: &str) -> Time {
         Time(s.parse().unwrap())
@@ -310,14 +315,6 @@ mod tests {
         }
     }
 
-    fn valid() -> ValidatedChat {
-        validate(&chat(&[("de", Some(1))]), "img").unwrap()
-    }
-
-    fn ok_broker() -> BrokerReport {
-        BrokerReport::Ready { backlogs: [("de".to_owned(), 4)].into() }
-    }
-
     fn all_ready() -> Vec<Deployment> {
         vec![
             deployment("town-hall-gateway", 2, 2),
@@ -326,22 +323,64 @@ mod tests {
         ]
     }
 
+    /// One status computation: `town-hall` with `de`, everything ready, the broker answering, no
+    /// previous status, at 2026-01-01T00:00:00Z; each method changes one of those.
+    struct Case {
+        generation: Option<i64>,
+        deployments: Vec<Deployment>,
+        broker: BrokerReport,
+        previous: Vec<Condition>,
+        now: Time,
+    }
+
+    fn case() -> Case {
+        Case {
+            generation: Some(3),
+            deployments: all_ready(),
+            broker: BrokerReport::Ready { backlogs: [("de".to_owned(), 4)].into() },
+            previous: Vec::new(),
+            now: time("2026-01-01T00:00:00Z"),
+        }
+    }
+
+    impl Case {
+        fn generation(self, generation: i64) -> Self {
+            Self { generation: Some(generation), ..self }
+        }
+
+        fn deployment(mut self, index: usize, deployment: Deployment) -> Self {
+            self.deployments[index] = deployment;
+            self
+        }
+
+        fn no_deployments(self) -> Self {
+            Self { deployments: Vec::new(), ..self }
+        }
+
+        fn broker(self, broker: BrokerReport) -> Self {
+            Self { broker, ..self }
+        }
+
+        fn after(self, previous: &ChatDeploymentStatus, now: &str) -> Self {
+            Self { previous: previous.conditions.clone(), now: time(now), ..self }
+        }
+
+        fn compute(&self) -> ChatDeploymentStatus {
+            let valid = validate(&chat(&[("de", Some(1))]), "img").unwrap();
+            let scaling = ScalingReport::default();
+            let found =
+                Findings { deployments: &self.deployments, broker: &self.broker, draining: &[], scaling: &scaling };
+            compute(&valid, self.generation, found, &self.previous, &self.now)
+        }
+    }
+
     fn get<'a>(s: &'a ChatDeploymentStatus, kind: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == kind).unwrap()
     }
 
     #[test]
     fn all_deployments_ready_makes_the_chat_ready() {
-        let s = compute(
-            &valid(),
-            Some(3),
-            &all_ready(),
-            &ok_broker(),
-            &[],
-            &ScalingReport::default(),
-            &[],
-            &time("2026-01-01T00:00:00Z"),
-        );
+        let s = case().compute();
         assert_eq!(s.phase, Some(Phase::Ready));
         for kind in [READY, BROKER_READY, GATEWAY_READY, TRANSLATORS_READY, FANOUT_READY] {
             assert_eq!(get(&s, kind).status, "True", "{kind}");
@@ -353,18 +392,7 @@ mod tests {
 
     #[test]
     fn a_translator_not_ready_makes_the_chat_progressing() {
-        let mut d = all_ready();
-        d[2] = deployment("town-hall-translator-de", 1, 0);
-        let s = compute(
-            &valid(),
-            Some(3),
-            &d,
-            &ok_broker(),
-            &[],
-            &ScalingReport::default(),
-            &[],
-            &time("2026-01-01T00:00:00Z"),
-        );
+        let s = case().deployment(2, deployment("town-hall-translator-de", 1, 0)).compute();
         assert_eq!(s.phase, Some(Phase::Progressing));
         assert_eq!(get(&s, TRANSLATORS_READY).status, "False");
         assert!(get(&s, TRANSLATORS_READY).message.contains("de (0/1)"));
@@ -373,16 +401,7 @@ mod tests {
 
     #[test]
     fn nothing_created_yet_is_pending() {
-        let s = compute(
-            &valid(),
-            Some(1),
-            &[],
-            &ok_broker(),
-            &[],
-            &ScalingReport::default(),
-            &[],
-            &time("2026-01-01T00:00:00Z"),
-        );
+        let s = case().generation(1).no_deployments().compute();
         assert_eq!(s.phase, Some(Phase::Pending));
         assert_eq!(get(&s, GATEWAY_READY).reason, "NotCreated");
     }
@@ -390,16 +409,7 @@ mod tests {
     #[test]
     fn a_broker_failure_degrades_the_chat_with_its_reason() {
         let broker = BrokerReport::Failed { reason: "BrokerUnreachable".into(), message: "connection refused".into() };
-        let s = compute(
-            &valid(),
-            Some(1),
-            &all_ready(),
-            &broker,
-            &[],
-            &ScalingReport::default(),
-            &[],
-            &time("2026-01-01T00:00:00Z"),
-        );
+        let s = case().generation(1).broker(broker).compute();
         assert_eq!(s.phase, Some(Phase::Degraded));
         let c = get(&s, BROKER_READY);
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "BrokerUnreachable"));
@@ -408,39 +418,14 @@ mod tests {
 
     #[test]
     fn transition_time_changes_only_when_a_condition_flips() {
-        let first = compute(
-            &valid(),
-            Some(1),
-            &all_ready(),
-            &ok_broker(),
-            &[],
-            &ScalingReport::default(),
-            &[],
-            &time("2026-01-01T00:00:00Z"),
-        );
-        let same = compute(
-            &valid(),
-            Some(1),
-            &all_ready(),
-            &ok_broker(),
-            &[],
-            &ScalingReport::default(),
-            &first.conditions,
-            &time("2026-01-01T01:00:00Z"),
-        );
+        let first = case().generation(1).compute();
+        let same = case().generation(1).after(&first, "2026-01-01T01:00:00Z").compute();
         assert_eq!(get(&same, READY).last_transition_time, time("2026-01-01T00:00:00Z"));
-        let mut d = all_ready();
-        d[0] = deployment("town-hall-gateway", 2, 1);
-        let flipped = compute(
-            &valid(),
-            Some(1),
-            &d,
-            &ok_broker(),
-            &[],
-            &ScalingReport::default(),
-            &same.conditions,
-            &time("2026-01-01T02:00:00Z"),
-        );
+        let flipped = case()
+            .generation(1)
+            .deployment(0, deployment("town-hall-gateway", 2, 1))
+            .after(&same, "2026-01-01T02:00:00Z")
+            .compute();
         assert_eq!(get(&flipped, GATEWAY_READY).last_transition_time, time("2026-01-01T02:00:00Z"));
         assert_eq!(get(&flipped, BROKER_READY).last_transition_time, time("2026-01-01T00:00:00Z"));
     }
@@ -468,16 +453,7 @@ mod tests {
 
     #[test]
     fn an_invalid_spec_sets_ready_false_and_keeps_other_conditions() {
-        let before = compute(
-            &valid(),
-            Some(1),
-            &all_ready(),
-            &ok_broker(),
-            &[],
-            &ScalingReport::default(),
-            &[],
-            &time("2026-01-01T00:00:00Z"),
-        );
+        let before = case().generation(1).compute();
         let s = invalid(
             Some(&before),
             &[SpecError::DuplicateLanguage("de".into())],

@@ -1,19 +1,56 @@
-//! The pod template every role shares: restricted security, probes on the health endpoints, config and secrets.
+//! The Deployment every role runs in: one skeleton, and the pod template all three share (restricted
+//! security, probes on the health endpoints, the configuration file and the secrets).
 
 use k8s_openapi::{
-    api::core::v1::{
-        Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-        HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
-        SecurityContext, Volume, VolumeMount,
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{
+            Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+            HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+            SecurityContext, Volume, VolumeMount,
+        },
     },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
 };
 
+use super::{metadata, Inputs};
 use crate::{
     crd::{RoleOverrides, SecretKeyRef},
-    names::{Role, CONFIG_DIR, CONFIG_FILE, CONFIG_HASH_ANNOTATION, HTTP_PORT},
-    validate::ValidatedChat,
+    names::{Component, CONFIG_DIR, CONFIG_FILE, CONFIG_HASH_ANNOTATION, HTTP_PORT},
+    reconcile::validate::ValidatedChat,
 };
+
+/// One role's Deployment, as the build step wants it.
+pub struct Workload<'a> {
+    pub role: Component,
+    /// The target language, for translators.
+    pub language: Option<&'a str>,
+    pub name: String,
+    /// `None` leaves the field to whoever else scales the Deployment.
+    pub replicas: Option<i32>,
+    /// The `chat-server` subcommand and its arguments.
+    pub args: Vec<String>,
+    pub overrides: &'a RoleOverrides,
+}
+
+/// The Deployment of one role (and language, for translators).
+pub fn deployment(chat: &ValidatedChat, inputs: &Inputs, workload: Workload<'_>, config_hash: &str) -> Deployment {
+    let names = &chat.names;
+    let Workload { role, language, name, replicas, args, overrides } = workload;
+    Deployment {
+        metadata: metadata(names, name, role, language, inputs),
+        spec: Some(DeploymentSpec {
+            replicas,
+            selector: LabelSelector { match_labels: Some(names.selector(role, language)), ..Default::default() },
+            template: template(chat, role, language, args, overrides, config_hash),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
 
 /// UID and GID of the chat-server image's non-root user.
 const RUN_AS: i64 = 65532;
@@ -55,9 +92,9 @@ fn runtime_default() -> Option<SeccompProfile> {
 }
 
 /// The pod template of one role (and language, for translators) running `chat-server <args>`.
-pub fn template(
+fn template(
     chat: &ValidatedChat,
-    role: Role,
+    role: Component,
     language: Option<&str>,
     args: Vec<String>,
     overrides: &RoleOverrides,
@@ -78,7 +115,7 @@ pub fn template(
         env("PARLEY_LISTEN", &format!("0.0.0.0:{HTTP_PORT}")),
         env_from_secret("PARLEY_AMQP_URL", &chat.broker),
     ];
-    if role == Role::Translator {
+    if role == Component::Translator {
         if let Some(key) = &chat.api_key {
             env_vars.push(env_from_secret("PARLEY_TRANSLATOR_API_KEY", key));
         }

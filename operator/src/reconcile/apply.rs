@@ -17,9 +17,9 @@ use kube::{
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
-    build::Desired,
     keda::{ScaledObject, TriggerAuthentication},
     names::{Names, FIELD_MANAGER},
+    reconcile::build::Desired,
 };
 
 async fn apply_one<K>(client: &Client, namespace: &str, object: &K) -> Result<K, kube::Error>

@@ -4,19 +4,18 @@ use std::collections::BTreeMap;
 
 use super::{metadata, Inputs};
 use crate::{
-    autoscale::Bounds,
     keda::{
         AuthenticationRef, ScaleTargetRef, ScaledObject, ScaledObjectSpec, SecretTargetRef, Trigger,
         TriggerAuthentication, TriggerAuthenticationSpec,
     },
-    names::Role,
-    validate::ValidatedChat,
+    names::Component,
+    reconcile::{autoscale::Bounds, validate::ValidatedChat},
 };
 
 pub fn trigger_authentication(chat: &ValidatedChat, inputs: &Inputs) -> TriggerAuthentication {
     let names = &chat.names;
     TriggerAuthentication {
-        metadata: metadata(names, names.broker_auth(), Role::Translator, None, inputs),
+        metadata: metadata(names, names.broker_auth(), Component::Translator, None, inputs),
         spec: TriggerAuthenticationSpec {
             secret_target_ref: vec![SecretTargetRef {
                 parameter: "host".into(),
@@ -29,13 +28,12 @@ pub fn trigger_authentication(chat: &ValidatedChat, inputs: &Inputs) -> TriggerA
 
 pub fn scaled_object(chat: &ValidatedChat, code: &str, bounds: &Bounds, inputs: &Inputs) -> ScaledObject {
     let names = &chat.names;
-    let queue =
-        parley_topology::Topology::new(chat.topology_prefix.as_str()).expect("validated prefix").translate_queue(code);
+    let queue = chat.topology.translate_queue(code);
     let behavior = serde_json::json!({"horizontalPodAutoscalerConfig": {"behavior": {"scaleDown": {
         "stabilizationWindowSeconds": bounds.scale_down_window.as_secs()
     }}}});
     ScaledObject {
-        metadata: metadata(names, names.translator(code), Role::Translator, Some(code), inputs),
+        metadata: metadata(names, names.translator(code), Component::Translator, Some(code), inputs),
         spec: ScaledObjectSpec {
             scale_target_ref: ScaleTargetRef { name: names.translator(code) },
             min_replica_count: bounds.min,

@@ -3,42 +3,43 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use lapin::{Connection, ConnectionProperties};
-use parley_topology::Topology;
+use parley_contract::topology::Topology;
 
-use crate::status::{BrokerReport, Draining};
+use super::{
+    observe::SecretError,
+    status::{BrokerReport, Draining},
+};
+use crate::events::Reason;
 
 /// How long one broker step may take before the broker counts as unreachable.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why the broker step failed; the variant name is the BrokerReady condition reason.
+/// Why the broker step failed; [`BrokerError::reason`] is the BrokerReady condition reason.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    #[error("broker Secret {0} not found")]
-    SecretNotFound(String),
-    #[error("broker Secret {secret} has no key {key}")]
-    SecretKeyMissing { secret: String, key: String },
+    #[error("broker {0}")]
+    Secret(#[from] SecretError),
     #[error("broker unreachable: {0}")]
     Unreachable(String),
     #[error("failed to declare the topology: {0}")]
-    Topology(#[from] parley_topology::TopologyError),
+    Topology(#[from] parley_contract::topology::TopologyError),
     #[error("failed to open a channel: {0}")]
     Channel(lapin::Error),
 }
 
 impl BrokerError {
-    /// The PascalCase reason for conditions and Events, also the metric label.
-    pub fn reason(&self) -> &'static str {
+    /// The reason for conditions and Events, also the metric label.
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::SecretNotFound(_) => "BrokerSecretNotFound",
-            Self::SecretKeyMissing { .. } => "BrokerSecretKeyMissing",
-            Self::Unreachable(_) => "BrokerUnreachable",
-            Self::Topology(_) => "TopologyFailed",
-            Self::Channel(_) => "BrokerUnreachable",
+            Self::Secret(SecretError::NotFound(_)) => Reason::BrokerSecretNotFound,
+            Self::Secret(SecretError::KeyMissing { .. }) => Reason::BrokerSecretKeyMissing,
+            Self::Unreachable(_) | Self::Channel(_) => Reason::BrokerUnreachable,
+            Self::Topology(_) => Reason::TopologyFailed,
         }
     }
 
     pub fn report(&self) -> BrokerReport {
-        BrokerReport::Failed { reason: self.reason().into(), message: self.to_string() }
+        BrokerReport::Failed { reason: self.reason().as_str().into(), message: self.to_string() }
     }
 }
 
@@ -74,20 +75,20 @@ pub async fn sync(
     let connection = connect(url).await?;
     let result = async {
         let channel = connection.create_channel().await.map_err(BrokerError::Channel)?;
-        parley_topology::declare(&channel, topology, languages).await?;
+        parley_contract::topology::declare(&channel, topology, languages).await?;
         let mut outcome = SyncOutcome::default();
         for language in languages {
             // A missing queue closes the channel, so each look gets its own.
             let look = connection.create_channel().await.map_err(BrokerError::Channel)?;
-            let depth = parley_topology::queue_depth(&look, &topology.translate_queue(language)).await?;
+            let depth = parley_contract::topology::queue_depth(&look, &topology.translate_queue(language)).await?;
             outcome.backlogs.insert(language.clone(), depth.map_or(0, |d| i64::from(d.messages)));
         }
         for removed in draining {
             // Stop the removed language's queue from taking new messages, so it can drain.
             let unbind = connection.create_channel().await.map_err(BrokerError::Channel)?;
-            parley_topology::unbind_language(&unbind, topology, &removed.language).await?;
+            parley_contract::topology::unbind_language(&unbind, topology, &removed.language).await?;
             let look = connection.create_channel().await.map_err(BrokerError::Channel)?;
-            let backlog = parley_topology::queue_depth(&look, &topology.translate_queue(&removed.language))
+            let backlog = parley_contract::topology::queue_depth(&look, &topology.translate_queue(&removed.language))
                 .await?
                 .map(|d| i64::from(d.messages));
             let timed_out = elapsed(&removed.since) >= drain_timeout;
@@ -95,7 +96,7 @@ pub async fn sync(
                 None => {}
                 Some(left) if left == 0 || timed_out => {
                     let delete = connection.create_channel().await.map_err(BrokerError::Channel)?;
-                    parley_topology::delete_language(&delete, topology, &removed.language, false).await?;
+                    parley_contract::topology::delete_language(&delete, topology, &removed.language, false).await?;
                     outcome.deleted.push((removed.language.clone(), left));
                 }
                 Some(left) => {
@@ -116,7 +117,7 @@ pub async fn remove(url: &str, topology: &Topology, languages: &[String]) -> Res
     let connection = connect(url).await?;
     let result = async {
         let channel = connection.create_channel().await.map_err(BrokerError::Channel)?;
-        parley_topology::delete_all(&channel, topology, languages).await?;
+        parley_contract::topology::delete_all(&channel, topology, languages).await?;
         Ok(())
     }
     .await;

@@ -5,8 +5,10 @@
 
 use std::time::Duration;
 
+use parley_contract::topology::{self, Topology};
+
+use super::autoscale::Bounds;
 use crate::{
-    autoscale::Bounds,
     crd::{AutoscalingMode, ChatDeployment, Provider, RoleOverrides, SecretKeyRef},
     names::Names,
 };
@@ -45,13 +47,6 @@ pub enum SpecError {
     InvalidAutoscaling { code: String, reason: String },
 }
 
-impl SpecError {
-    /// Stable label for metrics and condition reasons.
-    pub fn reason(&self) -> &'static str {
-        "InvalidSpec"
-    }
-}
-
 /// Who decides a language's translator replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scaling {
@@ -83,7 +78,7 @@ pub struct RolePlan {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedChat {
     pub names: Names,
-    pub topology_prefix: String,
+    pub topology: Topology,
     pub source_language: String,
     pub languages: Vec<Language>,
     pub provider: Provider,
@@ -145,17 +140,17 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     let spec = &chat.spec;
 
     let source = spec.source_language.clone();
-    if source != "auto" && parley_topology::validate_language(&source).is_err() {
+    if source != "auto" && topology::validate_language(&source).is_err() {
         errors.push(SpecError::InvalidSourceLanguage(source.clone()));
     }
-    if source == "auto" && spec.translation.provider == Provider::Apertium {
+    if source == "auto" && !spec.translation.provider.detects_language() {
         errors.push(SpecError::AutoSourceUnsupported);
     }
 
     let mut languages: Vec<Language> = Vec::new();
     for language in &spec.languages {
         let code = language.code.clone();
-        if parley_topology::validate_language(&code).is_err() {
+        if topology::validate_language(&code).is_err() {
             errors.push(SpecError::InvalidLanguage(code));
             continue;
         }
@@ -197,7 +192,7 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     let fanout = replicas("fanout.replicas", spec.fanout.replicas, DEFAULT_FANOUT_REPLICAS);
     check_name(names.gateway(), &mut errors);
     check_name(names.fanout(), &mut errors);
-    let topology = parley_topology::Topology::for_chat_deployment(&namespace, &name);
+    let topology = Topology::for_chat_deployment(&namespace, &name);
     if let Err(err) = &topology {
         errors.push(SpecError::Topology(err.to_string()));
     }
@@ -205,7 +200,7 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     match (gateway, fanout, topology) {
         (Ok(gateway), Ok(fanout), Ok(topology)) if errors.is_empty() => Ok(ValidatedChat {
             names,
-            topology_prefix: topology.prefix().to_owned(),
+            topology,
             source_language: source,
             languages,
             provider: spec.translation.provider,
@@ -227,41 +222,9 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::crd::{BrokerSpec, ChatDeploymentSpec, LanguageSpec, RoleSpec, TranslationSpec};
-
-    pub fn chat(languages: &[(&str, Option<i32>)]) -> ChatDeployment {
-        let mut chat = ChatDeployment::new(
-            "town-hall",
-            ChatDeploymentSpec {
-                broker: BrokerSpec { secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "uri".into() } },
-                source_language: "en".into(),
-                translation: TranslationSpec {
-                    provider: Provider::Apertium,
-                    url: "http://apertium.translation:2737".into(),
-                    api_key_secret_ref: None,
-                },
-                languages: languages
-                    .iter()
-                    .map(|(code, replicas)| LanguageSpec {
-                        code: (*code).into(),
-                        replicas: *replicas,
-                        autoscaling: None,
-                    })
-                    .collect(),
-                gateway: RoleSpec::default(),
-                fanout: RoleSpec::default(),
-                translator: RoleOverrides::default(),
-                image: None,
-                drain_timeout_seconds: 300,
-            },
-        );
-        chat.metadata.namespace = Some("events".into());
-        chat.metadata.uid = Some("4b1c9d2e-0000-4000-8000-000000000001".into());
-        chat.metadata.generation = Some(3);
-        chat
-    }
+    use crate::fixtures::{autoscaling, chat};
 
     fn errors(chat: &ChatDeployment) -> Vec<SpecError> {
         validate(chat, "parley/chat-server:test").unwrap_err()
@@ -280,7 +243,7 @@ pub(crate) mod tests {
             ]
         );
         assert_eq!(valid.image, "img:1");
-        assert_eq!(valid.topology_prefix, "parley.events.town-hall");
+        assert_eq!(valid.topology.prefix(), "parley.events.town-hall");
     }
 
     #[test]
@@ -338,29 +301,19 @@ pub(crate) mod tests {
         assert!(errors(&c).iter().any(|e| matches!(e, SpecError::NameTooLong { .. })));
     }
 
-    fn autoscaling(min: i32, max: i32) -> crate::crd::AutoscalingSpec {
-        crate::crd::AutoscalingSpec {
-            mode: AutoscalingMode::Builtin,
-            min_replicas: min,
-            max_replicas: max,
-            target_backlog: 100,
-            scale_down_stabilization_seconds: 120,
-        }
-    }
-
     #[test]
     fn autoscaling_with_fixed_replicas_is_rejected() {
         let mut c = chat(&[("de", Some(2))]);
-        c.spec.languages[0].autoscaling = Some(autoscaling(1, 3));
+        c.spec.languages[0].autoscaling = Some(autoscaling(AutoscalingMode::Builtin, 1, 3));
         assert_eq!(errors(&c), vec![SpecError::ReplicasAndAutoscaling("de".into())]);
     }
 
     #[test]
     fn autoscaling_bounds_must_be_ordered() {
         let mut c = chat(&[("de", None)]);
-        c.spec.languages[0].autoscaling = Some(autoscaling(5, 2));
+        c.spec.languages[0].autoscaling = Some(autoscaling(AutoscalingMode::Builtin, 5, 2));
         assert!(matches!(errors(&c)[..], [SpecError::InvalidAutoscaling { .. }]));
-        c.spec.languages[0].autoscaling = Some(autoscaling(0, 4));
+        c.spec.languages[0].autoscaling = Some(autoscaling(AutoscalingMode::Builtin, 0, 4));
         let valid = validate(&c, "img").unwrap();
         assert!(matches!(valid.languages[0].scaling, Scaling::Builtin(Bounds { min: 0, max: 4, .. })));
     }

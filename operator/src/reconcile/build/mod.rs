@@ -2,10 +2,8 @@
 
 mod autoscaling;
 mod config;
-mod fanout;
 mod gateway;
-mod pod;
-mod translator;
+mod workload;
 
 use k8s_openapi::{
     api::{
@@ -18,11 +16,12 @@ use k8s_openapi::{
 
 use std::collections::BTreeMap;
 
+use super::validate::{Scaling, ValidatedChat};
 use crate::{
     keda::{ScaledObject, TriggerAuthentication},
-    names::{Names, Role},
-    validate::{Scaling, ValidatedChat},
+    names::{Component, Names},
 };
+use workload::Workload;
 
 /// What the build step needs besides the validated model: facts read from the cluster beforehand.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,8 +65,36 @@ impl Desired {
 pub fn build(chat: &ValidatedChat, inputs: &Inputs) -> Desired {
     let config_map = config::config_map(chat, inputs);
     let config_hash = config::config_hash(&config_map, &inputs.secrets_digest);
-    let mut deployments =
-        vec![gateway::deployment(chat, inputs, &config_hash), fanout::deployment(chat, inputs, &config_hash)];
+    let names = &chat.names;
+    let deployment = |workload: Workload<'_>| workload::deployment(chat, inputs, workload, &config_hash);
+    let mut deployments = vec![
+        deployment(Workload {
+            role: Component::Gateway,
+            language: None,
+            name: names.gateway(),
+            replicas: Some(chat.gateway.replicas),
+            args: vec!["gateway".into()],
+            overrides: &chat.gateway.overrides,
+        }),
+        deployment(Workload {
+            role: Component::Fanout,
+            language: None,
+            name: names.fanout(),
+            replicas: Some(chat.fanout.replicas),
+            args: vec!["fanout".into()],
+            overrides: &chat.fanout.overrides,
+        }),
+    ];
+    let translator = |code: &str, replicas| {
+        deployment(Workload {
+            role: Component::Translator,
+            language: Some(code),
+            name: names.translator(code),
+            replicas,
+            args: vec!["translator".into(), "--language".into(), code.to_owned()],
+            overrides: &chat.translator,
+        })
+    };
     for language in &chat.languages {
         let replicas = match language.scaling {
             Scaling::Fixed(n) => Some(n),
@@ -75,10 +102,10 @@ pub fn build(chat: &ValidatedChat, inputs: &Inputs) -> Desired {
             // Left to KEDA's HPA, to `kubectl scale` or to an HPA: not fought.
             Scaling::Keda(_) | Scaling::Unmanaged => None,
         };
-        deployments.push(translator::deployment(chat, &language.code, replicas, inputs, &config_hash));
+        deployments.push(translator(&language.code, replicas));
     }
     for (code, replicas) in &inputs.draining {
-        deployments.push(translator::deployment(chat, code, Some(*replicas), inputs, &config_hash));
+        deployments.push(translator(code, Some(*replicas)));
     }
     let mut scaled_objects = Vec::new();
     if inputs.keda_installed {
@@ -101,11 +128,11 @@ pub fn build(chat: &ValidatedChat, inputs: &Inputs) -> Desired {
 }
 
 /// Metadata of an owned object.
-fn metadata(names: &Names, name: String, role: Role, language: Option<&str>, inputs: &Inputs) -> ObjectMeta {
+fn metadata(names: &Names, name: String, component: Component, language: Option<&str>, inputs: &Inputs) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: Some(names.namespace.clone()),
-        labels: Some(names.labels(role, language)),
+        labels: Some(names.labels(component, language)),
         owner_references: Some(vec![inputs.owner.clone()]),
         ..Default::default()
     }
@@ -114,7 +141,7 @@ fn metadata(names: &Names, name: String, role: Role, language: Option<&str>, inp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validate::{tests::chat, validate};
+    use crate::{fixtures::chat, reconcile::validate::validate};
 
     pub fn inputs() -> Inputs {
         Inputs::new(
@@ -211,14 +238,8 @@ mod tests {
     }
 
     fn autoscaled(mode: crate::crd::AutoscalingMode) -> ValidatedChat {
-        let mut c = chat(&[("de", None)]);
-        c.spec.languages[0].autoscaling = Some(crate::crd::AutoscalingSpec {
-            mode,
-            min_replicas: 0,
-            max_replicas: 10,
-            target_backlog: 100,
-            scale_down_stabilization_seconds: 120,
-        });
+        let mut c = chat(&[]);
+        c.spec.languages = vec![crate::fixtures::autoscaled("de", crate::fixtures::autoscaling(mode, 0, 10))];
         validate(&c, "img").unwrap()
     }
 

@@ -1,12 +1,19 @@
-//! Autoscaling (pure): a language's queue backlog and its recent recommendations → translator replicas.
+//! Autoscale (pure): each builtin-autoscaled language's queue backlog and recent recommendations →
+//! its translator replicas, and what changed.
 //!
 //! `recommend = clamp(ceil(backlog / targetBacklog), min, max)`. Scaling up happens at once; scaling
 //! down goes only as low as the highest recommendation within the stabilization window, so a
 //! backlog that dips and returns does not make replicas flap (the HPA's rule).
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::jiff::Timestamp;
+
+use super::{
+    status::ScalingReport,
+    validate::{Language, Scaling},
+};
+use crate::crd::ChatDeploymentStatus;
 
 /// The bounds of one language, resolved from its spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +55,81 @@ pub fn decide(current: i32, backlog: i64, bounds: &Bounds, history: &mut History
     }
     let stabilized = history.0.iter().map(|(_, r)| *r).max().unwrap_or(recommended);
     stabilized.min(current).clamp(bounds.min, upper)
+}
+
+/// A language whose replicas the builtin autoscaler changes now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub language: String,
+    pub from: i32,
+    pub to: i32,
+    pub backlog: i64,
+    pub target_backlog: i64,
+}
+
+/// The builtin autoscaler's decisions for one ChatDeployment in one reconcile.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Desired replicas and last scale times, for the build and status steps.
+    pub report: ScalingReport,
+    /// The backlog of every builtin-autoscaled language that could be read.
+    pub backlogs: BTreeMap<String, i64>,
+    pub changes: Vec<Change>,
+}
+
+/// Decides the replicas of every language in builtin mode. `current` holds the replicas the
+/// Deployments have now, `backlogs` the queue depths (`None` when the broker could not be asked:
+/// then nothing changes), and `histories` each language's recommendations, kept between reconciles.
+pub fn plan(
+    languages: &[Language],
+    current: &BTreeMap<String, i32>,
+    backlogs: Option<&BTreeMap<String, i64>>,
+    histories: &mut BTreeMap<String, History>,
+    previous: Option<&ChatDeploymentStatus>,
+    now: Timestamp,
+) -> Plan {
+    let mut plan = Plan::default();
+    let last_scale = |language: &str| {
+        previous
+            .and_then(|s| s.translators.iter().find(|t| t.language == language))
+            .and_then(|t| t.last_scale_time.clone())
+    };
+    for language in languages {
+        let Scaling::Builtin(bounds) = language.scaling else {
+            continue;
+        };
+        let code = &language.code;
+        let existing = current.get(code).copied();
+        let now_replicas = existing.unwrap_or(bounds.min);
+        let backlog = backlogs.and_then(|b| b.get(code)).copied();
+        let desired = match backlog {
+            None => now_replicas.clamp(bounds.min, bounds.max),
+            Some(backlog) => {
+                plan.backlogs.insert(code.clone(), backlog);
+                let history = histories.entry(code.clone()).or_insert_with(|| History::starting_at(now, now_replicas));
+                decide(now_replicas, backlog, &bounds, history, now)
+            }
+        };
+        plan.report.desired.insert(code.clone(), desired);
+        match existing {
+            Some(from) if from != desired => {
+                plan.report.last_scale.insert(code.clone(), now.to_string());
+                plan.changes.push(Change {
+                    language: code.clone(),
+                    from,
+                    to: desired,
+                    backlog: backlog.unwrap_or_default(),
+                    target_backlog: bounds.target_backlog,
+                });
+            }
+            _ => {
+                if let Some(at) = last_scale(code) {
+                    plan.report.last_scale.insert(code.clone(), at);
+                }
+            }
+        }
+    }
+    plan
 }
 
 #[cfg(test)]

@@ -1,0 +1,69 @@
+//! The reasons of the Events (and condition reasons) the operator writes, in one enum.
+
+use kube::runtime::events::EventType;
+
+/// A PascalCase Event reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The spec cannot be reconciled (Warning).
+    InvalidSpec,
+    /// An owned object no longer in the spec was deleted.
+    Pruned,
+    /// The builtin autoscaler changed a language's replicas.
+    TranslatorScaled,
+    /// A removed language's queue was deleted: drained (Normal) or after the drain timeout (Warning).
+    LanguageQueueDeleted,
+    /// The finalizer deleted the broker topology.
+    TopologyRemoved,
+    /// The finalizer let go without deleting the broker topology (Warning).
+    TopologyLeftBehind,
+    /// The broker did not answer (Warning).
+    BrokerUnreachable,
+    /// The broker Secret does not exist (Warning).
+    BrokerSecretNotFound,
+    /// The broker Secret lacks the referenced key (Warning).
+    BrokerSecretKeyMissing,
+    /// The broker refused to declare the topology (Warning).
+    TopologyFailed,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidSpec => "InvalidSpec",
+            Self::Pruned => "Pruned",
+            Self::TranslatorScaled => "TranslatorScaled",
+            Self::LanguageQueueDeleted => "LanguageQueueDeleted",
+            Self::TopologyRemoved => "TopologyRemoved",
+            Self::TopologyLeftBehind => "TopologyLeftBehind",
+            Self::BrokerUnreachable => "BrokerUnreachable",
+            Self::BrokerSecretNotFound => "BrokerSecretNotFound",
+            Self::BrokerSecretKeyMissing => "BrokerSecretKeyMissing",
+            Self::TopologyFailed => "TopologyFailed",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One Event to publish on the ChatDeployment being reconciled.
+#[derive(Debug, Clone)]
+pub struct Note {
+    pub kind: EventType,
+    pub reason: Reason,
+    pub text: String,
+}
+
+impl Note {
+    pub fn normal(reason: Reason, text: impl Into<String>) -> Self {
+        Self { kind: EventType::Normal, reason, text: text.into() }
+    }
+
+    pub fn warning(reason: Reason, text: impl Into<String>) -> Self {
+        Self { kind: EventType::Warning, reason, text: text.into() }
+    }
+}

@@ -1,0 +1,327 @@
+//! The reconcile pipeline of one ChatDeployment, one module per step, in the order they run:
+//!
+//! 1. [`validate`] (pure): the spec → a [`ValidatedChat`](validate::ValidatedChat) with defaults resolved;
+//! 2. [`observe`]: the referenced Secrets, the owned Deployments' replicas, whether KEDA is installed;
+//! 3. [`broker`]: declare the topology, read the backlogs, drain removed languages;
+//! 4. [`autoscale`] (pure): replicas of the languages the builtin autoscaler scales;
+//! 5. [`build`] (pure): every object the ChatDeployment should own;
+//! 6. [`apply`]: server-side apply, then prune what is owned but no longer wanted;
+//! 7. [`status`] (pure): conditions, phase and per-role status from what the steps found.
+//!
+//! [`cleanup`] is the finalizer's pipeline: stop the pods, then delete the broker topology.
+
+pub mod apply;
+pub mod autoscale;
+pub mod broker;
+pub mod build;
+pub mod observe;
+pub mod status;
+pub mod validate;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use k8s_openapi::{api::apps::v1::Deployment, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, Recorder, Reporter},
+    },
+    Api, Client, Resource, ResourceExt,
+};
+use parley_contract::topology::Topology;
+
+use crate::{
+    crd::{ChatDeployment, ChatDeploymentStatus, Phase},
+    events::{Note, Reason},
+    metrics::{LanguageLabels, Metrics},
+    names::{Names, FIELD_MANAGER},
+};
+use autoscale::History;
+use broker::BrokerError;
+use build::{build, Inputs};
+use status::{BrokerReport, Findings};
+use validate::{validate, Scaling};
+
+/// Requeue interval of a healthy ChatDeployment, to refresh backlogs.
+const RESYNC: Duration = Duration::from_secs(60);
+/// Requeue interval while something is still converging.
+const CONVERGING: Duration = Duration::from_secs(10);
+/// After this long in deletion, an unreachable broker no longer blocks removing the finalizer.
+const CLEANUP_GRACE: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Not an error: a step waits for the cluster and asks to be retried.
+    #[error("waiting: {0}")]
+    Waiting(String),
+}
+
+impl Error {
+    /// A stable label for metrics.
+    pub fn metric_label(&self) -> String {
+        match self {
+            Self::Kube(_) => "kube".into(),
+            Self::Broker(err) => err.reason().as_str().into(),
+            Self::Finalizer(_) => "finalizer".into(),
+            Self::Waiting(_) => "waiting".into(),
+        }
+    }
+}
+
+/// Settings of the operator process.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub default_image: String,
+    /// How often languages with builtin autoscaling have their backlog polled.
+    pub autoscale_interval: Duration,
+}
+
+impl Settings {
+    pub fn new(default_image: impl Into<String>) -> Self {
+        Self { default_image: default_image.into(), autoscale_interval: Duration::from_secs(10) }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub reporter: Reporter,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    /// Consecutive failures by ChatDeployment, for the error backoff.
+    pub(crate) failures: Mutex<HashMap<String, u32>>,
+    /// Recent autoscaling recommendations by ChatDeployment and language (lost on restart, which only delays scale-down).
+    histories: Mutex<HashMap<String, BTreeMap<String, History>>>,
+}
+
+impl Context {
+    pub fn new(client: Client, reporter: Reporter, metrics: Arc<Metrics>, settings: Settings) -> Self {
+        Self { client, reporter, metrics, settings, failures: Mutex::default(), histories: Mutex::default() }
+    }
+
+    async fn publish(&self, chat: &ChatDeployment, note: Note) {
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        let event = Event {
+            type_: note.kind,
+            reason: note.reason.as_str().into(),
+            note: Some(note.text),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = recorder.publish(&event, &chat.object_ref(&())).await {
+            tracing::warn!(error = %err, reason = %note.reason, "failed to publish an Event");
+        }
+    }
+}
+
+/// `namespace/name` of a ChatDeployment, for logs and per-object state.
+pub fn key(chat: &ChatDeployment) -> String {
+    format!("{}/{}", chat.namespace().unwrap_or_default(), chat.name_any())
+}
+
+fn elapsed_since(since: &str) -> Duration {
+    since.parse::<Timestamp>().ok().and_then(|t| Timestamp::now().duration_since(t).try_into().ok()).unwrap_or_default()
+}
+
+async fn patch_status(ctx: &Context, chat: &ChatDeployment, status: ChatDeploymentStatus) -> Result<(), Error> {
+    let api: Api<ChatDeployment> = Api::namespaced(ctx.client.clone(), &chat.namespace().unwrap_or_default());
+    let patch = serde_json::json!({"status": status});
+    api.patch_status(&chat.name_any(), &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+/// Brings the cluster and the broker to what `chat` asks for, then writes its status.
+pub async fn apply(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> {
+    let now = Time(Timestamp::now());
+    let valid = match validate(chat, &ctx.settings.default_image) {
+        Ok(valid) => valid,
+        Err(errors) => {
+            let status = status::invalid(chat.status.as_ref(), &errors, chat.meta().generation, &now);
+            let flipped = chat.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions);
+            patch_status(ctx, chat, status).await?;
+            if flipped {
+                let text = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                ctx.publish(chat, Note::warning(Reason::InvalidSpec, text)).await;
+            }
+            ctx.metrics.error(Reason::InvalidSpec.as_str());
+            // A bad spec will not fix itself: wait for the next edit instead of retrying.
+            return Ok(Action::await_change());
+        }
+    };
+    let observed = observe::observe(&ctx.client, &valid).await?;
+
+    // The broker first: its backlogs drive the autoscaler and decide which removed languages still drain.
+    let draining = status::draining(chat.status.as_ref(), &valid.language_codes(), &now.0.to_string());
+    let synced = match observed.broker_url() {
+        Ok(url) => {
+            let drain_timeout = Duration::from_secs(valid.drain_timeout_seconds.max(0) as u64);
+            let languages = valid.language_codes();
+            broker::sync(&url, &valid.topology, &languages, draining.clone(), drain_timeout, elapsed_since).await
+        }
+        Err(err) => Err(err.into()),
+    };
+    let (report, still_draining, failure, deleted) = match synced {
+        Ok(outcome) => (BrokerReport::Ready { backlogs: outcome.backlogs }, outcome.draining, None, outcome.deleted),
+        // Without the broker nothing is known to have drained: keep every draining Deployment.
+        Err(err) => (err.report(), draining, Some(err), Vec::new()),
+    };
+    let backlogs = match &report {
+        BrokerReport::Ready { backlogs } => Some(backlogs),
+        BrokerReport::Failed { .. } => None,
+    };
+
+    let plan = {
+        let mut histories = ctx.histories.lock().expect("histories lock");
+        let histories = histories.entry(key(chat)).or_default();
+        autoscale::plan(
+            &valid.languages,
+            &observed.translator_replicas,
+            backlogs,
+            histories,
+            chat.status.as_ref(),
+            now.0,
+        )
+    };
+    record_scaling(&ctx.metrics, &valid.names, &plan);
+    let mut scaling = plan.report.clone();
+    let keda_languages: Vec<String> =
+        valid.languages.iter().filter(|l| matches!(l.scaling, Scaling::Keda(_))).map(|l| l.code.clone()).collect();
+    if !keda_languages.is_empty() {
+        scaling.keda = Some((keda_languages, observed.keda_installed));
+    }
+
+    let owner = chat.controller_owner_ref(&()).expect("a stored ChatDeployment has a uid");
+    let mut inputs = Inputs::new(owner, observed.secrets_digest());
+    inputs.scaled = scaling.desired.clone();
+    inputs.keda_installed = observed.keda_installed;
+    // A removed language keeps translating its accepted messages until its queue is drained.
+    inputs.draining = still_draining
+        .iter()
+        .map(|d| (d.language.clone(), observed.translator_replicas.get(&d.language).copied().unwrap_or(1).max(1)))
+        .collect();
+    let desired = build(&valid, &inputs);
+    let applied = apply::apply(&ctx.client, &valid.names.namespace, &desired).await?;
+
+    let mut notes = Vec::new();
+    for pruned in apply::prune(&ctx.client, &valid.names, &desired, observed.keda_installed).await? {
+        notes.push(Note::normal(Reason::Pruned, format!("deleted {pruned}, no longer in the spec")));
+    }
+    notes.extend(plan.changes.iter().map(|c| {
+        let text = format!(
+            "scaled translator {} from {} to {} replicas (backlog {}, target {} per replica)",
+            c.language, c.from, c.to, c.backlog, c.target_backlog
+        );
+        Note::normal(Reason::TranslatorScaled, text)
+    }));
+    for (language, lost) in &deleted {
+        notes.push(if *lost == 0 {
+            Note::normal(Reason::LanguageQueueDeleted, format!("deleted the drained queue of removed language {language}"))
+        } else {
+            Note::warning(
+                Reason::LanguageQueueDeleted,
+                format!("deleted the queue of removed language {language} after the drain timeout with {lost} messages untranslated"),
+            )
+        });
+    }
+    if let Some(err) = &failure {
+        notes.push(Note::warning(err.reason(), err.to_string()));
+    }
+    for note in notes {
+        ctx.publish(chat, note).await;
+    }
+
+    let found = Findings { deployments: &applied, broker: &report, draining: &still_draining, scaling: &scaling };
+    let previous = chat.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let status = status::compute(&valid, chat.meta().generation, found, previous, &now);
+    let ready = status.phase == Some(Phase::Ready);
+    patch_status(ctx, chat, status).await?;
+    if let Some(err) = failure {
+        // Everything else is applied; the broker is retried with backoff.
+        return Err(err.into());
+    }
+    ctx.failures.lock().expect("failures lock").remove(&key(chat));
+    let autoscaling = valid.languages.iter().any(|l| matches!(l.scaling, Scaling::Builtin(_)));
+    let next = if autoscaling {
+        ctx.settings.autoscale_interval
+    } else if ready && still_draining.is_empty() {
+        RESYNC
+    } else {
+        CONVERGING
+    };
+    Ok(Action::requeue(next))
+}
+
+/// The autoscaler's readings and decisions as metrics.
+fn record_scaling(metrics: &Metrics, names: &Names, plan: &autoscale::Plan) {
+    let labels = |language: &str| LanguageLabels {
+        namespace: names.namespace.clone(),
+        chat: names.instance.clone(),
+        language: language.to_owned(),
+    };
+    for (language, backlog) in &plan.backlogs {
+        metrics.backlog.get_or_create(&labels(language)).set(*backlog);
+    }
+    for (language, desired) in &plan.report.desired {
+        metrics.desired_replicas.get_or_create(&labels(language)).set(i64::from(*desired));
+    }
+}
+
+/// The finalizer: deletes the owned Deployments, then (once they are gone) the broker topology.
+pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> {
+    let namespace = chat.namespace().unwrap_or_default();
+    let mut languages: Vec<String> = chat.spec.languages.iter().map(|l| l.code.clone()).collect();
+    languages.extend(chat.status.iter().flat_map(|s| s.translators.iter().map(|t| t.language.clone())));
+    languages.sort();
+    languages.dedup();
+    languages.retain(|l| parley_contract::topology::validate_language(l).is_ok());
+    let Ok(topology) = Topology::for_chat_deployment(&namespace, &chat.name_any()) else {
+        // No valid prefix means nothing was ever declared: never hold deletion for it.
+        return Ok(Action::await_change());
+    };
+    // Running pods declare the topology again when they reconnect: remove them first.
+    let names = Names::new(&chat.name_any(), &namespace);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let owned = deployments.list(&ListParams::default().labels(&names.owned_selector())).await?;
+    if !owned.items.is_empty() {
+        for deployment in owned.items {
+            deployments.delete(&deployment.name_any(), &kube::api::DeleteParams::background()).await?;
+        }
+        return Err(Error::Waiting(format!("deleting the Deployments of {} before its topology", key(chat))));
+    }
+    let removed = match observe::secret_value(&ctx.client, &namespace, &chat.spec.broker.secret_ref).await? {
+        Ok(url) => broker::remove(String::from_utf8_lossy(&url).trim(), &topology, &languages).await,
+        Err(err) => Err(err.into()),
+    };
+    match removed {
+        Ok(()) => {
+            let text = format!("deleted {}.* from the broker", topology.prefix());
+            ctx.publish(chat, Note::normal(Reason::TopologyRemoved, text)).await;
+            Ok(Action::await_change())
+        }
+        Err(err) => {
+            let deleting_for =
+                chat.meta().deletion_timestamp.as_ref().map(|t| elapsed_since(&t.0.to_string())).unwrap_or_default();
+            let secret_gone = matches!(err, BrokerError::Secret(_));
+            if secret_gone || deleting_for >= CLEANUP_GRACE {
+                // Never block deletion forever: say what was left behind instead.
+                let text = format!("left {}.* on the broker: {err}", topology.prefix());
+                ctx.publish(chat, Note::warning(Reason::TopologyLeftBehind, text)).await;
+                Ok(Action::await_change())
+            } else {
+                ctx.publish(chat, Note::warning(err.reason(), err.to_string())).await;
+                Err(err.into())
+            }
+        }
+    }
+}

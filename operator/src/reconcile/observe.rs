@@ -1,0 +1,107 @@
+//! Observe: read, once per reconcile, what the later steps need from the cluster: the referenced
+//! Secrets, the replicas of the owned translator Deployments, and whether KEDA is installed.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
+use kube::{api::ListParams, Api, Client, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use super::validate::{Scaling, ValidatedChat};
+use crate::{crd::SecretKeyRef, keda::ScaledObject, names::LANGUAGE_LABEL};
+
+/// A referenced Secret key that is not there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("Secret {0} not found")]
+    NotFound(String),
+    #[error("Secret {secret} has no key {key}")]
+    KeyMissing { secret: String, key: String },
+}
+
+/// What the cluster holds for one ChatDeployment.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// The broker URI's Secret value, as stored.
+    pub broker_secret: Result<Vec<u8>, SecretError>,
+    /// The provider's API key from its Secret, when the spec references one.
+    pub api_key: Option<Result<Vec<u8>, SecretError>>,
+    /// The replicas each owned translator Deployment has now, by language.
+    pub translator_replicas: BTreeMap<String, i32>,
+    /// Whether the KEDA CRDs are installed; only asked when a language uses KEDA.
+    pub keda_installed: bool,
+}
+
+impl Observed {
+    /// The broker URI, trimmed.
+    pub fn broker_url(&self) -> Result<String, SecretError> {
+        self.broker_secret.clone().map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+    }
+
+    /// A digest of the referenced Secrets' data (or of what is missing), so pods roll when a credential changes.
+    pub fn secrets_digest(&self) -> String {
+        let mut hasher = Sha256::new();
+        let broker = self.broker_secret.as_ref().map(Vec::as_slice);
+        let api_key = self.api_key.as_ref().map(|key| key.as_ref().map(Vec::as_slice));
+        for part in std::iter::once(broker).chain(api_key) {
+            match part {
+                Ok(bytes) => hasher.update(bytes),
+                Err(err) => hasher.update(err.to_string().as_bytes()),
+            }
+            hasher.update([0]);
+        }
+        hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Reads everything in one pass. An API error fails the whole step: hashing a transient read failure
+/// into the pod template would roll every pod twice.
+pub async fn observe(client: &Client, chat: &ValidatedChat) -> Result<Observed, kube::Error> {
+    let namespace = &chat.names.namespace;
+    let broker_secret = secret_value(client, namespace, &chat.broker).await?;
+    let api_key = match &chat.api_key {
+        Some(reference) => Some(secret_value(client, namespace, reference).await?),
+        None => None,
+    };
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let translator_replicas = deployments
+        .list(&ListParams::default().labels(&chat.names.owned_selector()))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|d| {
+            let language = d.labels().get(LANGUAGE_LABEL).cloned()?;
+            Some((language, d.spec.and_then(|s| s.replicas)?))
+        })
+        .collect();
+    let uses_keda = chat.languages.iter().any(|l| matches!(l.scaling, Scaling::Keda(_)));
+    let keda_installed = uses_keda && keda_installed(client, namespace).await?;
+    Ok(Observed { broker_secret, api_key, translator_replicas, keda_installed })
+}
+
+/// A Secret key's value; `Ok(Err(..))` when the Secret or the key does not exist.
+pub async fn secret_value(
+    client: &Client,
+    namespace: &str,
+    reference: &SecretKeyRef,
+) -> Result<Result<Vec<u8>, SecretError>, kube::Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let Some(secret) = secrets.get_opt(&reference.name).await? else {
+        return Ok(Err(SecretError::NotFound(reference.name.clone())));
+    };
+    Ok(secret
+        .data
+        .and_then(|mut data| data.remove(&reference.key))
+        .map(|bytes| bytes.0)
+        .ok_or_else(|| SecretError::KeyMissing { secret: reference.name.clone(), key: reference.key.clone() }))
+}
+
+/// Whether the KEDA CRDs are installed in the cluster.
+async fn keda_installed(client: &Client, namespace: &str) -> Result<bool, kube::Error> {
+    let api: Api<ScaledObject> = Api::namespaced(client.clone(), namespace);
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(err) => Err(err),
+    }
+}
