@@ -7,7 +7,7 @@
 //! connection that lets it overflow is closed as a slow consumer instead of growing memory.
 //!
 //! Sharing is sound because a result depends only on the operation and the schema's data: the
-//! connection's own data (its subscription budget) is checked before joining. Anything per-connection
+//! connection's own limits (its subscription budget) are checked by the transport before joining. Anything per-connection
 //! that could change a result, such as authorization, must become part of the key or be checked at join.
 
 use std::{
@@ -27,7 +27,6 @@ use super::{
     framing::{Framing, OperationId},
     outbox::{Outbox, Outgoing},
     schema::ChatSchema,
-    socket::BudgetPermit,
 };
 
 /// What makes two subscriptions the same operation.
@@ -154,7 +153,6 @@ pub struct Membership {
     key: Arc<Key>,
     group: Arc<Group>,
     slot: usize,
-    _permit: Option<BudgetPermit>,
 }
 
 impl Drop for Membership {
@@ -230,7 +228,6 @@ impl SharedSubscriptions {
         id: OperationId,
         framing: Framing,
         outbox: Arc<Outbox>,
-        permit: Option<BudgetPermit>,
     ) -> Membership {
         let Shareable { key, request } = operation;
         let member = Member { id, framing, outbox };
@@ -248,7 +245,7 @@ impl SharedSubscriptions {
         if let Some(request) = start {
             tokio::spawn(self.clone().run(key.clone(), group.clone(), request));
         }
-        Membership { shared: self.clone(), key, group, slot, _permit: permit }
+        Membership { shared: self.clone(), key, group, slot }
     }
 
     /// Executes one group's operation until it ends or its last member leaves.
@@ -384,7 +381,7 @@ mod tests {
         let (a, b, c) = (Arc::new(Outbox::new(8)), Arc::new(Outbox::new(8)), Arc::new(Outbox::new(8)));
         let join = |outbox: &Arc<Outbox>, id: &str, chat: &str, framing| {
             let operation = shareable(&shared, request(chat));
-            shared.join(operation, OperationId::new(id), framing, outbox.clone(), None)
+            shared.join(operation, OperationId::new(id), framing, outbox.clone())
         };
         let first = join(&a, "1", "room", Framing::Next);
         let second = join(&b, "7", "room", Framing::Data);
@@ -428,7 +425,7 @@ mod tests {
         let (shared, _hub) = setup();
         let outbox = Arc::new(Outbox::new(8));
         let operation = shareable(&shared, request(""));
-        let _member = shared.join(operation, OperationId::new("x"), Framing::Next, outbox.clone(), None);
+        let _member = shared.join(operation, OperationId::new("x"), Framing::Next, outbox.clone());
         let got = frames(&outbox, 2).await;
         assert!(got[0].contains("chatId must not be empty"), "{got:?}");
         assert_eq!(got[1], r#"{"type":"complete","id":"x"}"#);

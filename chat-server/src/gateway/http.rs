@@ -6,6 +6,11 @@
 
 use std::sync::Arc;
 
+use super::{
+    schema::ChatSchema,
+    socket::{self, Sockets},
+};
+use crate::bus::Bus;
 use async_graphql::http::GraphiQLSource;
 use async_graphql_axum::GraphQLResponse;
 use axum::{
@@ -16,26 +21,13 @@ use axum::{
     routing::get,
     Router,
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
-
-use super::{
-    groups::SharedSubscriptions,
-    schema::ChatSchema,
-    socket::{self, SocketLimits},
-};
-use crate::bus::Bus;
 
 /// Everything the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub schema: ChatSchema,
-    /// Subscriptions executed once per distinct operation.
-    pub shared: Arc<SharedSubscriptions>,
     pub bus: Arc<dyn Bus>,
-    pub limits: SocketLimits,
-    pub shutdown: CancellationToken,
-    /// Upgraded sockets outlive axum's graceful shutdown; this lets the server wait for their close frames.
-    pub sockets: TaskTracker,
+    pub sockets: Sockets,
 }
 
 /// The gateway's routes.
@@ -47,7 +39,7 @@ pub fn router(state: AppState) -> Router {
             let bus = state.bus.clone();
             move || bus.is_ready()
         }))
-        .layer(axum::extract::DefaultBodyLimit::max(state.limits.max_message_bytes))
+        .layer(axum::extract::DefaultBodyLimit::max(state.sockets.limits.max_message_bytes))
         .with_state(state)
 }
 
@@ -72,7 +64,7 @@ async fn graphql_get(
     RawQuery(query): RawQuery,
 ) -> Response {
     if let Ok(upgrade) = upgrade {
-        return socket::upgrade(state, upgrade);
+        return socket::upgrade(state.sockets, upgrade);
     }
     match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
         Ok(request) => GraphQLResponse::from(state.schema.execute(request).await).into_response(),

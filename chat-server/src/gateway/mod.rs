@@ -25,7 +25,7 @@ use groups::SharedSubscriptions;
 use http::AppState;
 use hub::Hub;
 use schema::{build_schema, ChatContext, ChatSettings, QueryLimits};
-use socket::SocketLimits;
+use socket::{SocketLimits, Sockets};
 
 /// How long open sockets get to receive their close frame after the listener stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,10 +58,9 @@ pub async fn serve(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationT
     };
     let limits = QueryLimits { max_depth: settings.max_query_depth, max_complexity: settings.max_query_complexity };
     let schema = build_schema(Arc::new(chat), limits);
-    let state = AppState {
+    let sockets = Sockets {
         shared: SharedSubscriptions::new(schema.clone()),
-        schema,
-        bus: bus.clone(),
+        schema: schema.clone(),
         limits: SocketLimits {
             max_subscriptions_per_connection: settings.max_subscriptions_per_connection,
             connection_init_timeout: settings.connection_init_timeout,
@@ -69,9 +68,10 @@ pub async fn serve(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationT
             send_queue_frames: settings.subscriber_buffer,
         },
         shutdown: serving.clone(),
-        sockets: TaskTracker::new(),
+        tracker: TaskTracker::new(),
     };
-    let sockets = state.sockets.clone();
+    let open_sockets = sockets.tracker.clone();
+    let state = AppState { schema, bus: bus.clone(), sockets };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;
@@ -83,8 +83,8 @@ pub async fn serve(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationT
         }
     });
     axum::serve(listener, http::router(state)).with_graceful_shutdown(serving.cancelled_owned()).await?;
-    sockets.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, sockets.wait()).await.is_err() {
+    open_sockets.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, open_sockets.wait()).await.is_err() {
         tracing::warn!("some sockets did not close in time");
     }
     feed_task.abort();

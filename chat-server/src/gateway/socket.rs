@@ -30,13 +30,26 @@ use futures_util::{
     SinkExt, StreamExt,
 };
 use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     framing::{Framing, OperationId},
-    groups::{refused, Membership, Shareable, Sharing},
-    http::AppState,
+    groups::{refused, Membership, Shareable, SharedSubscriptions, Sharing},
     outbox::{Outbox, Outgoing},
+    schema::ChatSchema,
 };
+
+/// What every socket of the gateway shares.
+#[derive(Clone)]
+pub struct Sockets {
+    pub schema: ChatSchema,
+    /// Subscriptions executed once per distinct operation.
+    pub shared: Arc<SharedSubscriptions>,
+    pub limits: SocketLimits,
+    pub shutdown: CancellationToken,
+    /// Upgraded sockets outlive axum's graceful shutdown; this lets the server wait for their close frames.
+    pub tracker: TaskTracker,
+}
 
 /// Close code for a server going away (RFC 6455).
 const GOING_AWAY: u16 = 1001;
@@ -107,7 +120,7 @@ enum Wire {
 }
 
 /// Upgrades a `GET /graphql` to a WebSocket speaking the subprotocol the client asked for.
-pub fn upgrade(state: AppState, upgrade: WebSocketUpgrade) -> Response {
+pub fn upgrade(state: Sockets, upgrade: WebSocketUpgrade) -> Response {
     let upgrade = upgrade
         .protocols(["graphql-transport-ws", "graphql-ws"])
         .max_message_size(state.limits.max_message_bytes)
@@ -121,7 +134,7 @@ pub fn upgrade(state: AppState, upgrade: WebSocketUpgrade) -> Response {
         _ => Wire::Plain,
     };
     upgrade.on_upgrade(move |socket| {
-        let tracker = state.sockets.clone();
+        let tracker = state.tracker.clone();
         tracker.track_future(serve(socket, wire, state))
     })
 }
@@ -133,7 +146,7 @@ fn close_frame(code: u16, reason: &str) -> Message {
 /// What runs under one client operation id.
 enum Running {
     /// A member of a shared group; it leaves the group when dropped.
-    Shared { _membership: Membership },
+    Shared { _membership: Membership, _permit: BudgetPermit },
     /// Executed on its own; a subscription holds a unit of the budget until it ends.
     Alone { _permit: Option<BudgetPermit> },
 }
@@ -144,13 +157,13 @@ struct Connection {
     outbox: Arc<Outbox>,
     running: HashMap<Box<str>, Running>,
     budget: SubscriptionBudget,
-    state: AppState,
+    state: Sockets,
 }
 
 type Flow = ControlFlow<()>;
 
 impl Connection {
-    fn new(sink: SplitSink<WebSocket, Message>, state: AppState) -> Self {
+    fn new(sink: SplitSink<WebSocket, Message>, state: Sockets) -> Self {
         Self {
             sink,
             outbox: Arc::new(Outbox::new(state.limits.send_queue_frames)),
@@ -217,8 +230,8 @@ impl Connection {
     fn start_shared(&mut self, operation: Shareable, id: OperationId, framing: Framing) {
         if let Some(permit) = self.permit(&id, framing) {
             let raw = id.raw.clone();
-            let membership = self.state.shared.join(operation, id, framing, self.outbox.clone(), Some(permit));
-            self.running.insert(raw, Running::Shared { _membership: membership });
+            let membership = self.state.shared.join(operation, id, framing, self.outbox.clone());
+            self.running.insert(raw, Running::Shared { _membership: membership, _permit: permit });
         }
     }
 }
@@ -247,7 +260,7 @@ enum Output {
 }
 
 impl Protocol {
-    fn new(wire: Wire, state: &AppState) -> Self {
+    fn new(wire: Wire, state: &Sockets) -> Self {
         match wire {
             Wire::GraphQL(protocol) => {
                 let (to_machine, mut input) = mpsc::unbounded_channel::<serde_json::Result<ClientMessage>>();
@@ -421,7 +434,7 @@ fn ended_operation(text: &str) -> Option<String> {
 }
 
 /// Serves one upgraded socket until either side ends it or the gateway shuts down.
-async fn serve(socket: WebSocket, wire: Wire, state: AppState) {
+async fn serve(socket: WebSocket, wire: Wire, state: Sockets) {
     let (sink, mut source) = socket.split();
     let shutdown = state.shutdown.clone();
     let init_timeout = state.limits.connection_init_timeout;

@@ -5,24 +5,15 @@
 //! down goes only as low as the highest recommendation within the stabilization window, so a
 //! backlog that dips and returns does not make replicas flap (the HPA's rule).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use k8s_openapi::jiff::Timestamp;
 
 use super::{
     status::ScalingReport,
-    validate::{Language, Scaling},
+    validate::{Bounds, Language, Scaling},
 };
 use crate::crd::ChatDeploymentStatus;
-
-/// The bounds of one language, resolved from its spec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bounds {
-    pub min: i32,
-    pub max: i32,
-    pub target_backlog: i64,
-    pub scale_down_window: Duration,
-}
 
 /// Replicas wanted for `backlog` ready messages, within the bounds.
 pub fn recommend(backlog: i64, bounds: &Bounds) -> i32 {
@@ -134,6 +125,8 @@ pub fn plan(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn bounds(min: i32, max: i32) -> Bounds {

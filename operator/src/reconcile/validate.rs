@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use parley_contract::topology::{self, Topology};
 
-use super::autoscale::Bounds;
 use crate::{
     crd::{AutoscalingMode, ChatDeployment, Provider, RoleOverrides, SecretKeyRef},
     names::Names,
@@ -45,6 +44,15 @@ pub enum SpecError {
     ReplicasAndAutoscaling(String),
     #[error("languages[{code}].autoscaling: {reason}")]
     InvalidAutoscaling { code: String, reason: String },
+}
+
+/// The bounds of one language, resolved from its spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub min: i32,
+    pub max: i32,
+    pub target_backlog: i64,
+    pub scale_down_window: Duration,
 }
 
 /// Who decides a language's translator replicas.

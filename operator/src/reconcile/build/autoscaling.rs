@@ -9,7 +9,7 @@ use crate::{
         TriggerAuthentication, TriggerAuthenticationSpec,
     },
     names::Component,
-    reconcile::{autoscale::Bounds, validate::ValidatedChat},
+    reconcile::validate::{Bounds, ValidatedChat},
 };
 
 pub fn trigger_authentication(chat: &ValidatedChat, inputs: &Inputs) -> TriggerAuthentication {
