@@ -63,6 +63,10 @@ pub struct Settings {
     pub max_subscriptions_per_connection: usize,
     pub connection_init_timeout: Duration,
     pub subscriber_buffer: usize,
+    /// Where the history is kept; `None` means the role's default (memory for standalone and the fanout).
+    pub history_url: Option<String>,
+    /// How long deliveries stay in the history; `None` keeps them.
+    pub history_retention: Option<Duration>,
     pub log_format: LogFormat,
 }
 
@@ -127,6 +131,15 @@ impl Settings {
             )?,
             connection_init_timeout: Duration::from_secs(o.connection_init_timeout_secs.unwrap_or(10)),
             subscriber_buffer: positive("subscriber-buffer", o.subscriber_buffer, 1024)?,
+            history_url: o.history_url.filter(|u| !u.is_empty()),
+            history_retention: match o.history_retention.filter(|r| !r.is_empty()) {
+                None => None,
+                Some(text) => {
+                    Some(humantime::parse_duration(&text).map_err(|e| {
+                        invalid("history-retention", format!("{text:?} is not a duration like 30d: {e}"))
+                    })?)
+                }
+            },
             log_format: o.log_format.unwrap_or(LogFormat::Text),
         })
     }

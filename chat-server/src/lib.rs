@@ -3,7 +3,8 @@
 //! - [`gateway`]: GraphQL over HTTP and WebSocket for clients;
 //! - [`translator`]: one language's translations, from a provider;
 //! - [`fanout`]: sequencing, de-duplication and routing of every delivery to the gateways;
-//! - [`bus`]: RabbitMQ, or an in-process stand-in, below all three;
+//! - [`bus`]: RabbitMQ, or an in-process stand-in, below all three; [`history`]: the chat history
+//!   the fanout writes and the gateways read;
 //! - [`roles`]: starting each role; [`config`], [`health`] and [`wire`] are shared by all of them.
 
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@ pub mod config;
 pub mod fanout;
 pub mod gateway;
 pub mod health;
+pub mod history;
 pub mod roles;
 pub mod translator;
 pub mod wire;

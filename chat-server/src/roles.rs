@@ -12,16 +12,51 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bus::{amqp::AmqpBus, memory::MemoryBus, Bus},
     config::{Role, Settings},
-    fanout::Fanout,
+    fanout::{self, Fanout},
     gateway,
+    history::{self, History},
     translator::{provider, RetryPolicy, Translator},
 };
+
+/// One role of a standalone process, to run on the workers' runtime.
+type RoleFuture = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Deliveries one retention pass deletes at a time.
+const RETENTION_BATCH: u32 = 1000;
+
+/// How often retention runs: often enough to stay close to the limit, rarely enough to cost nothing.
+fn retention_interval(retention: Duration) -> Duration {
+    (retention / 100).clamp(Duration::from_secs(10), Duration::from_secs(600))
+}
+
+/// Keeps `history` within `--history-retention` until `cancel` fires, when one is set.
+fn spawn_retention(history: &Arc<dyn History>, settings: &Settings, cancel: &CancellationToken) {
+    if let Some(retention) = settings.history_retention {
+        let every = retention_interval(retention);
+        tokio::spawn(fanout::enforce_retention(history.clone(), retention, every, RETENTION_BATCH, cancel.clone()));
+    }
+}
+
+/// The history a gateway reads: only a shared store makes sense, the fanout being another process.
+async fn gateway_history(settings: &Settings) -> anyhow::Result<Option<Arc<dyn History>>> {
+    match settings.history_url.as_deref() {
+        None => {
+            tracing::info!("no --history-url: history queries answer HISTORY_DISABLED");
+            Ok(None)
+        }
+        Some("memory:") => anyhow::bail!(
+            "a gateway cannot read the fanout's in-memory history: give it the fanout's postgres:// --history-url"
+        ),
+        Some(url) => Ok(Some(history::connect(url, false).await?)),
+    }
+}
 
 pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     match role {
         Role::Gateway => {
+            let history = gateway_history(&settings).await?;
             let bus = connect(&settings, &settings.languages, "gateway", &cancel).await?;
-            let served = gateway::serve(bus.clone(), &settings, cancel).await;
+            let served = gateway::serve(bus.clone(), history, &settings, cancel).await;
             bus.close().await;
             served
         }
@@ -43,12 +78,28 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
             .await
         }
         Role::Fanout => {
+            let url = settings.history_url.clone().unwrap_or_else(|| {
+                tracing::warn!(
+                    "no --history-url: keeping history in memory; seq numbering restarts when another fanout takes over"
+                );
+                "memory:".into()
+            });
+            // The memory store must outlive reconnects, or numbering would restart with each.
+            let memory =
+                (url == "memory:").then(|| Arc::new(history::memory::MemoryHistory::default()) as Arc<dyn History>);
             supervised(&settings, "fanout", &cancel, |current| {
-                let (settings, cancel) = (settings.clone(), cancel.clone());
+                let (settings, cancel, url, memory) = (settings.clone(), cancel.clone(), url.clone(), memory.clone());
                 async move {
+                    let history = match memory {
+                        Some(memory) => memory,
+                        None => history::connect(&url, true).await?,
+                    };
+                    let attempt = cancel.child_token();
+                    spawn_retention(&history, &settings, &attempt);
                     let bus = connect(&settings, &settings.languages, "fanout", &cancel).await?;
                     current.set(bus.clone());
-                    let result = Fanout::new(bus.clone()).run(cancel).await;
+                    let result = Fanout::new(bus.clone(), history).run(cancel).await;
+                    attempt.cancel();
                     bus.close().await;
                     result.map_err(anyhow::Error::from)
                 }
@@ -157,6 +208,14 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
     if !settings.languages.is_empty() {
         settings.provider().context("standalone mode translates into the given --languages")?;
     }
+    let history = match settings.history_url.as_deref() {
+        Some(url) => history::connect(url, true).await?,
+        None => {
+            tracing::info!("no --history-url: keeping history in memory (bounded, lost on exit)");
+            Arc::new(history::memory::MemoryHistory::default())
+        }
+    };
+    spawn_retention(&history, &settings, &cancel);
     let bus: Arc<dyn Bus> = match settings.amqp_url {
         Some(_) => connect(&settings, &settings.languages, "standalone", &cancel).await?,
         None => {
@@ -164,25 +223,42 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
             Arc::new(MemoryBus::new(&settings.languages))
         }
     };
-    let workers = TaskTracker::new();
-    let failed = CancellationToken::new();
-    let mut roles: Vec<(String, std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>)> = Vec::new();
-    roles.push(("fanout".into(), Box::pin(Fanout::new(bus.clone()).run(cancel.clone()))));
+    let mut roles: Vec<(String, RoleFuture)> = Vec::new();
+    let fanout = Fanout::new(bus.clone(), history.clone()).run(cancel.clone());
+    roles.push(("fanout".into(), Box::pin(async move { Ok(fanout.await?) })));
     for language in &settings.languages {
         let translator = translator(&settings, language, Some(bus.clone()), &cancel).await?;
         let stop = cancel.clone();
-        roles.push((format!("translator-{language}"), Box::pin(async move { translator.run(stop).await })));
+        roles.push((format!("translator-{language}"), Box::pin(async move { Ok(translator.run(stop).await?) })));
     }
-    for (name, role) in roles {
+    // The workers get a runtime of their own: behind thousands of busy connection tasks they would
+    // fall behind the gateway's sockets.
+    let failed = CancellationToken::new();
+    let workers = {
         let failed = failed.clone();
-        workers.spawn(async move {
-            if let Err(err) = role.await {
-                tracing::error!(role = name, error = %err, "role failed");
-                failed.cancel();
-            }
-        });
-    }
-    workers.close();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("parley-workers")
+            .enable_all()
+            .build()
+            .context("failed to start the workers' runtime")?;
+        std::thread::Builder::new().name("parley-workers".into()).spawn(move || {
+            runtime.block_on(async move {
+                let tracker = TaskTracker::new();
+                for (name, role) in roles {
+                    let failed = failed.clone();
+                    tracker.spawn(async move {
+                        if let Err(err) = role.await {
+                            tracing::error!(role = name, error = format!("{err:#}"), "role failed");
+                            failed.cancel();
+                        }
+                    });
+                }
+                tracker.close();
+                tracker.wait().await;
+            })
+        })?
+    };
     let gateway_cancel = cancel.child_token();
     let stop_gateway = gateway_cancel.clone();
     let failed_watch = failed.clone();
@@ -190,9 +266,9 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
         failed_watch.cancelled().await;
         stop_gateway.cancel();
     });
-    let served = gateway::serve(bus.clone(), &settings, gateway_cancel).await;
+    let served = gateway::serve(bus.clone(), Some(history), &settings, gateway_cancel).await;
     cancel.cancel();
-    workers.wait().await;
+    let _ = tokio::task::spawn_blocking(move || workers.join()).await;
     bus.close().await;
     served?;
     anyhow::ensure!(!failed.is_cancelled(), "a role failed; see the log above");

@@ -18,6 +18,9 @@ pub struct MessagePosted {
     pub text: String,
     pub source_language: String,
     pub sent_at: String,
+    /// The message this one answers, in the same chat (threads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<Uuid>,
 }
 
 /// One translation of a [`MessagePosted`], as a translator publishes it to `<P>.translated`.
@@ -38,6 +41,8 @@ pub struct MessageTranslated {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<String>,
     pub sent_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<Uuid>,
 }
 
 /// The `provider` of a translation that is the original text, already in the target language.
@@ -60,6 +65,8 @@ pub struct Delivery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<String>,
     pub sent_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<Uuid>,
 }
 
 impl Delivery {
@@ -76,6 +83,7 @@ impl Delivery {
             text: posted.text,
             sender: posted.sender,
             sent_at: posted.sent_at,
+            reply_to: posted.reply_to,
         }
     }
 
@@ -92,6 +100,7 @@ impl Delivery {
             text: translated.text,
             sender: translated.sender,
             sent_at: translated.sent_at,
+            reply_to: translated.reply_to,
         }
     }
 }
@@ -115,6 +124,7 @@ mod tests {
             text: "hi".into(),
             source_language: "en".into(),
             sent_at: "2026-01-01T00:00:00.000Z".into(),
+            reply_to: None,
         };
         let json = serde_json::to_value(&posted).unwrap();
         assert_eq!(
@@ -137,9 +147,11 @@ mod tests {
             source_language: "en".into(),
             sender: Some("ana".into()),
             sent_at: now_rfc3339(),
+            reply_to: Some(Uuid::now_v7()),
         };
         let d = Delivery::of_translation(t.clone(), 7);
         assert_eq!((d.id, d.seq, d.original), (t.id, 7, false));
         assert_eq!((d.language.as_str(), d.source_language.as_str()), ("es", "en"));
+        assert_eq!(d.reply_to, t.reply_to, "a translation belongs to the thread of its original");
     }
 }

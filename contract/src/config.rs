@@ -90,6 +90,15 @@ pub struct ChatServerConfig {
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SUBSCRIBER_BUFFER", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscriber_buffer: Option<usize>,
+    /// Chat history store: postgres://user:pass@host/db, or memory: (in this process, bounded, lost on
+    /// exit). The fanout writes it; gateways read it. [default: memory: for standalone and the fanout, none for gateways]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_HISTORY_URL", global = true, hide_env_values = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_url: Option<String>,
+    /// How long deliveries stay in the history, e.g. 30d or 12h; kept forever when unset.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_HISTORY_RETENTION", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_retention: Option<String>,
     /// Log format. [default: text]
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_LOG_FORMAT", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -123,6 +132,8 @@ impl ChatServerConfig {
             max_subscriptions_per_connection,
             connection_init_timeout_secs,
             subscriber_buffer,
+            history_url,
+            history_retention,
             log_format,
         )
     }

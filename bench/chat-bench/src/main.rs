@@ -1,34 +1,41 @@
 //! chat-bench: opens N graphql-transport-ws subscribers over K chats (and several gateways, source
 //! addresses and worker processes), sends R messages per second per chat with `sendMessage`, and
-//! measures every delivery's end-to-end latency.
+//! measures every delivery's end-to-end latency, from just before the mutation is sent to the moment
+//! the subscriber reads the frame.
 //!
-//! The parent process spawns W workers (itself with `--worker i/W`); each holds its share of the
-//! subscribers on a single-threaded runtime and reports a latency histogram when told to stop.
+//! - Deliveries are counted in the sending window only; what arrives after it is the drain, reported
+//!   apart, so a server that builds a backlog cannot score as if it kept up.
+//! - `--search` finds the *sustained rate*: the highest rate at which every delivery arrives (reach
+//!   1.0) and p99 stays under `--p99-limit-ms`, by doubling, then bisecting, with the subscribers
+//!   connected throughout.
+//! - The subscribers live in worker processes (by default at least two) that read raw bytes and scan
+//!   for the benchmark's marks; `--probe N` adds N subscribers in a separate process, each on its own
+//!   thread with blocking reads, whose latencies show whether the workers add any of their own.
+
+mod tally;
+mod wire;
+mod worker;
 
 use std::{
-    cell::RefCell,
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     path::PathBuf,
     process::{Command, Stdio},
-    rc::Rc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
-use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+use tally::PhaseReport;
+use worker::Target;
 
 /// A process may hold at most 20,000 open files here; leave room for the rest.
 const SUBSCRIBERS_PER_WORKER: usize = 18_000;
 const SEND: &str = "mutation($chatId: ID!, $text: String!) { sendMessage(chatId: $chatId, text: $text) { id } }";
-const SUBSCRIBE: &str = "subscription($chatId: ID!) { messages(chatId: $chatId) { id text } }";
-const MARK: &str = "\"text\":\"bench ";
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -45,19 +52,19 @@ struct Args {
     /// Chats the subscribers spread over.
     #[arg(long, default_value_t = 1)]
     chats: usize,
-    /// Messages per second per chat.
+    /// Messages per second per chat (with --search, the first rate tried).
     #[arg(long, default_value_t = 10.0)]
     rate: f64,
-    /// Seconds of sending.
+    /// Seconds of sending (per step, with --search).
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Worker processes; by default enough to stay under the per-process file limit.
+    /// Worker processes; by default two, or more to stay under the per-process file limit.
     #[arg(long)]
     workers: Option<usize>,
     /// Loopback source addresses to connect from, e.g. 127.0.0.2-127.0.0.20.
     #[arg(long)]
     source_ips: Option<String>,
-    /// Server process ids whose RSS is summed at the end.
+    /// Server process ids whose RSS and CPU time are reported.
     #[arg(long, value_delimiter = ',')]
     server_pid: Vec<u32>,
     /// Write the results here as JSON.
@@ -69,49 +76,30 @@ struct Args {
     /// Connections a worker opens at once.
     #[arg(long, default_value_t = 200)]
     connect_concurrency: usize,
+    /// Extra subscribers in an independent probe process, one thread each.
+    #[arg(long, default_value_t = 0)]
+    probe: usize,
+    /// Find the sustained rate instead of measuring one rate.
+    #[arg(long)]
+    search: bool,
+    /// Most steps of the search.
+    #[arg(long, default_value_t = 8)]
+    search_steps: usize,
+    /// The p99 a sustained rate must stay under, in ms.
+    #[arg(long, default_value_t = 250.0)]
+    p99_limit_ms: f64,
     #[arg(long, hide = true)]
     worker: Option<String>,
+    #[arg(long, hide = true)]
+    probe_worker: bool,
 }
 
-/// What a worker reports.
-#[derive(Serialize, Deserialize, Default)]
-struct WorkerReport {
-    connected_per_chat: Vec<u64>,
-    received: u64,
-    /// (latency µs, count) pairs of the worker's histogram.
-    latencies: Vec<(u64, u64)>,
-    /// Per broadcast (send timestamp in ns), the slowest subscriber's latency in µs.
-    slowest: Vec<(u64, u64)>,
-    cpu_seconds: f64,
-    errors: Vec<String>,
-}
-
-/// The results, with exactly the keys the benchmark documents.
-#[derive(Serialize, Debug)]
-struct Summary {
-    connected: u64,
-    deliveries_per_sec: f64,
-    reach: f64,
-    latency_ms: Percentiles,
-    last_subscriber_ms_p99: f64,
-    client_cpu_seconds: f64,
-    server_rss_bytes: u64,
-}
-
-#[derive(Serialize, Debug)]
-struct Percentiles {
-    p50: f64,
-    p95: f64,
-    p99: f64,
-    max: f64,
-}
-
-fn now_nanos() -> u64 {
+pub fn now_nanos() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_nanos() as u64
 }
 
-/// This process's CPU time (user + system) from /proc.
-fn cpu_seconds(pid: &str) -> f64 {
+/// A process's CPU time (user + system) from /proc.
+pub fn cpu_seconds(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> =
         stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
@@ -139,144 +127,85 @@ fn source_ips(spec: Option<&str>) -> anyhow::Result<Vec<Ipv4Addr>> {
     Ok(ips)
 }
 
-/// The latency in µs carried by a `next` frame's text, if it is one of ours.
-fn latency_of(frame: &str, now: u64) -> Option<(u64, u64)> {
-    let start = frame.find(MARK)? + MARK.len();
-    let digits = &frame[start..];
-    let end = digits.find(|c: char| !c.is_ascii_digit())?;
-    let sent: u64 = digits[..end].parse().ok()?;
-    Some((sent, now.saturating_sub(sent) / 1000))
+fn chat_name(chat: usize) -> String {
+    format!("bench-{chat}")
 }
 
-async fn subscribe(
-    url: &str,
-    source: Ipv4Addr,
-    chat: usize,
-) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
-    let ws_url = url.replacen("http://", "ws://", 1);
-    let mut request = ws_url.as_str().into_client_request()?;
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
-    let host = request.uri().host().context("url has no host")?.to_owned();
-    let port = request.uri().port_u16().unwrap_or(80);
-    let server: SocketAddr = tokio::net::lookup_host((host.as_str(), port)).await?.next().context("no address")?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-    let stream = socket.connect(server).await?;
-    stream.set_nodelay(true)?;
-    let (mut ws, _) = tokio_tungstenite::client_async(request, stream).await?;
-    ws.send(Message::Text(json!({"type": "connection_init", "payload": {}}).to_string().into())).await?;
-    loop {
-        match ws.next().await.context("closed before connection_ack")?? {
-            Message::Text(text) if text.contains("connection_ack") => break,
-            Message::Text(text) => bail!("unexpected frame before connection_ack: {text}"),
-            _ => {}
-        }
-    }
-    let subscribe = json!({"type": "subscribe", "id": "1", "payload": {"query": SUBSCRIBE, "variables": {"chatId": format!("bench-{chat}")}}});
-    ws.send(Message::Text(subscribe.to_string().into())).await?;
-    Ok(ws)
+/// The subscribers of worker `index` of `count`.
+fn worker_targets(args: &Args, index: usize, count: usize) -> anyhow::Result<Vec<Target>> {
+    let ips = source_ips(args.source_ips.as_deref())?;
+    (0..args.subscribers)
+        .filter(|i| i % count == index)
+        .map(|i| Target::parse(&args.url[i % args.url.len()], ips[i % ips.len()], chat_name(i % args.chats)))
+        .collect()
 }
 
-#[derive(Default)]
-struct Tally {
-    received: u64,
-    latencies: Option<Histogram<u64>>,
-    slowest: HashMap<u64, u64>,
-    errors: Vec<String>,
+fn probe_targets(args: &Args) -> anyhow::Result<Vec<Target>> {
+    (0..args.probe)
+        .map(|i| Target::parse(&args.url[i % args.url.len()], Ipv4Addr::LOCALHOST, chat_name(i % args.chats)))
+        .collect()
 }
 
-/// One worker: subscribes its share, says `ready`, counts deliveries until `stop` arrives on stdin.
-fn run_worker(args: &Args, index: usize, count: usize) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async {
-        let ips = source_ips(args.source_ips.as_deref())?;
-        let tally = Rc::new(RefCell::new(Tally {
-            latencies: Some(Histogram::new_with_bounds(1, 600_000_000, 3)?),
-            ..Default::default()
-        }));
-        let mut connected_per_chat = vec![0u64; args.chats];
-        let mine: Vec<usize> = (0..args.subscribers).filter(|i| i % count == index).collect();
-        let limit = Rc::new(tokio::sync::Semaphore::new(args.connect_concurrency));
-        let mut pending = Vec::new();
-        for i in mine {
-            let (url, chat, source) = (args.url[i % args.url.len()].clone(), i % args.chats, ips[i % ips.len()]);
-            let limit = limit.clone();
-            pending.push(tokio::task::spawn_local(async move {
-                let _permit = limit.acquire().await;
-                (chat, subscribe(&url, source, chat).await)
-            }));
-        }
-        let mut streams = Vec::new();
-        for task in pending {
-            match task.await? {
-                (chat, Ok(ws)) => {
-                    connected_per_chat[chat] += 1;
-                    streams.push(ws);
-                }
-                (_, Err(err)) => tally.borrow_mut().errors.push(format!("subscribe: {err:#}")),
+/// A worker or probe process, spoken to over its stdin and stdout.
+struct Child {
+    process: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    /// Ready subscribers by chat.
+    ready: BTreeMap<String, u64>,
+    cpu_before: f64,
+}
+
+impl Child {
+    fn spawn(extra: &[String]) -> anyhow::Result<Self> {
+        // Children get the same arguments, without `--workers N`, plus their role.
+        let mut inherited = Vec::new();
+        let mut given = std::env::args().skip(1);
+        while let Some(arg) = given.next() {
+            if arg == "--workers" {
+                given.next();
+            } else if !arg.starts_with("--workers=") {
+                inherited.push(arg);
             }
         }
-        for mut ws in streams {
-            let tally = tally.clone();
-            tokio::task::spawn_local(async move {
-                while let Some(frame) = ws.next().await {
-                    let Ok(Message::Text(text)) = frame else { continue };
-                    let mut t = tally.borrow_mut();
-                    match latency_of(text.as_str(), now_nanos()) {
-                        Some((sent, micros)) => {
-                            t.received += 1;
-                            let _ = t.latencies.as_mut().expect("histogram").record(micros.max(1));
-                            let slowest = t.slowest.entry(sent).or_default();
-                            *slowest = (*slowest).max(micros);
-                        }
-                        None if text.contains("\"error\"") || text.contains("\"complete\"") => {
-                            t.errors.push(format!("server ended the subscription: {text}"));
-                            break;
-                        }
-                        None => {}
-                    }
-                }
-            });
-        }
-        println!("{}", json!({"ready": connected_per_chat.iter().sum::<u64>()}));
-        std::io::stdout().flush()?;
-        let mut line = String::new();
-        let stop = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line));
-        let _ = stop.await;
-        let t = tally.borrow();
-        let latencies = t.latencies.as_ref().expect("histogram");
-        let report = WorkerReport {
-            connected_per_chat,
-            received: t.received,
-            latencies: latencies.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect(),
-            slowest: t.slowest.iter().map(|(k, v)| (*k, *v)).collect(),
-            cpu_seconds: cpu_seconds("self"),
-            errors: t.errors.iter().take(5).cloned().collect(),
-        };
-        println!("{}", serde_json::to_string(&report)?);
-        std::io::stdout().flush()?;
-        Ok::<_, anyhow::Error>(())
-    })?;
-    // The subscribers' sockets close with the process.
-    std::process::exit(0)
-}
+        let mut process = Command::new(std::env::current_exe()?)
+            .args(&inherited)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("failed to spawn a worker")?;
+        let lines = BufReader::new(process.stdout.take().expect("piped")).lines();
+        let mut child = Self { process, lines, ready: BTreeMap::new(), cpu_before: 0.0 };
+        let hello = child.next_json()?;
+        child.ready = serde_json::from_value(hello["ready"].clone())?;
+        Ok(child)
+    }
 
-struct Worker {
-    child: std::process::Child,
-    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-}
-
-impl Worker {
     fn next_json(&mut self) -> anyhow::Result<serde_json::Value> {
         let line = self.lines.next().context("worker exited early")??;
         serde_json::from_str(&line).with_context(|| format!("worker said: {line}"))
     }
+
+    fn report(&mut self, phase: u32, window_end: u64) -> anyhow::Result<PhaseReport> {
+        writeln!(self.process.stdin.as_mut().expect("piped"), "report {phase} {window_end}")?;
+        let mut report: PhaseReport = serde_json::from_value(self.next_json()?)?;
+        let total = report.cpu_seconds;
+        report.cpu_seconds -= self.cpu_before;
+        self.cpu_before = total;
+        Ok(report)
+    }
+
+    fn stop(mut self) {
+        let _ = writeln!(self.process.stdin.as_mut().expect("piped"), "stop");
+        let _ = self.process.wait();
+    }
 }
 
-async fn send_messages(args: &Args) -> anyhow::Result<Vec<u64>> {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
-    let period = Duration::from_secs_f64(1.0 / args.rate);
+/// Sends `rate` messages per second to every chat for `duration`; returns the confirmed sends per
+/// chat and the wall-clock end of the sending window (ns).
+async fn send_messages(args: &Args, phase: u32, rate: f64) -> anyhow::Result<(Vec<u64>, u64)> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let period = Duration::from_secs_f64(1.0 / rate);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.duration);
     let mut tasks = Vec::new();
     for chat in 0..args.chats {
@@ -288,7 +217,8 @@ async fn send_messages(args: &Args) -> anyhow::Result<Vec<u64>> {
             let mut in_flight = tokio::task::JoinSet::new();
             while tokio::time::Instant::now() < deadline {
                 ticks.tick().await;
-                let body = json!({"query": SEND, "variables": {"chatId": format!("bench-{chat}"), "text": format!("bench {}", now_nanos())}});
+                let body =
+                    json!({"query": SEND, "variables": {"chatId": chat_name(chat), "text": wire::text(phase, now_nanos())}});
                 let (client, url) = (client.clone(), url.clone());
                 in_flight.spawn(async move {
                     let response = client.post(&url).json(&body).send().await.ok()?;
@@ -299,120 +229,244 @@ async fn send_messages(args: &Args) -> anyhow::Result<Vec<u64>> {
                     sent += u64::from(matches!(done, Ok(Some(()))));
                 }
             }
+            let window_end = now_nanos();
             while let Some(done) = in_flight.join_next().await {
                 sent += u64::from(matches!(done, Ok(Some(()))));
             }
-            sent
+            (sent, window_end)
         }));
     }
     let mut sent = Vec::new();
+    let mut window_end = 0;
     for task in tasks {
-        sent.push(task.await?);
+        let (n, end) = task.await?;
+        sent.push(n);
+        window_end = window_end.max(end);
     }
-    Ok(sent)
+    Ok((sent, window_end))
 }
 
-fn percentile_ms(h: &Histogram<u64>, q: f64) -> f64 {
-    if h.is_empty() {
-        return 0.0;
-    }
-    h.value_at_quantile(q) as f64 / 1000.0
+#[derive(Serialize, Debug, Clone)]
+struct Percentiles {
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    max: f64,
 }
 
-fn run(args: Args) -> anyhow::Result<Summary> {
-    if args.subscribers == 0 || args.chats == 0 || args.rate <= 0.0 {
-        bail!("--subscribers, --chats and --rate must be positive");
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        let at = |q| if h.is_empty() { 0.0 } else { h.value_at_quantile(q) as f64 / 1000.0 };
+        Self { p50: at(0.50), p95: at(0.95), p99: at(0.99), max: h.max() as f64 / 1000.0 }
     }
-    let workers = args.workers.unwrap_or_else(|| args.subscribers.div_ceil(SUBSCRIBERS_PER_WORKER)).max(1);
-    let exe = std::env::current_exe()?;
-    // Workers get the same arguments without `--workers N` / `--workers=N`.
-    let mut inherited = Vec::new();
-    let mut given = std::env::args().skip(1);
-    while let Some(arg) = given.next() {
-        if arg == "--workers" {
-            given.next();
-        } else if !arg.starts_with("--workers=") {
-            inherited.push(arg);
-        }
-    }
-    let mut spawned = Vec::new();
-    for i in 0..workers {
-        let mut child = Command::new(&exe)
-            .args(&inherited)
-            .args(["--worker", &format!("{i}/{workers}")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("failed to spawn a worker")?;
-        let lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-        spawned.push(Worker { child, lines });
-    }
-    let mut connected = 0;
-    for worker in &mut spawned {
-        connected += worker.next_json()?["ready"].as_u64().unwrap_or(0);
-    }
-    eprintln!("chat-bench: {connected} of {} subscribers connected over {workers} worker(s)", args.subscribers);
-    // Let the servers finish binding the chats before the clock starts.
-    std::thread::sleep(Duration::from_secs(1));
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let started = Instant::now();
-    let sent = runtime.block_on(send_messages(&args))?;
-    let sending = started.elapsed();
-    std::thread::sleep(Duration::from_secs(args.drain));
-    let server_rss_bytes = args.server_pid.iter().map(|pid| rss_bytes(*pid)).sum();
+}
 
-    let mut latencies = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+/// Deliveries and latencies of a group of subscribers.
+#[derive(Serialize, Debug, Clone)]
+struct Observed {
+    connected: u64,
+    expected: u64,
+    received: u64,
+    reach: f64,
+    latency_ms: Percentiles,
+}
+
+/// One measured rate.
+#[derive(Serialize, Debug, Clone)]
+struct Row {
+    /// Messages per second per chat.
+    rate: f64,
+    connected: u64,
+    sent: u64,
+    /// Deliveries received within the sending window, per second of it.
+    deliveries_per_sec: f64,
+    /// Deliveries that arrived after the window closed.
+    drained: u64,
+    reach: f64,
+    latency_ms: Percentiles,
+    last_subscriber_ms_p99: f64,
+    client_cpu_seconds: f64,
+    server_cpu_seconds: f64,
+    server_rss_bytes: u64,
+    /// What the probe's subscribers saw, when there is a probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probe: Option<Observed>,
+}
+
+impl Row {
+    fn passes(&self, args: &Args) -> bool {
+        self.reach >= 1.0 && self.latency_ms.p99 < args.p99_limit_ms
+    }
+}
+
+fn merge(reports: &[PhaseReport]) -> anyhow::Result<(Histogram<u64>, HashMap<u64, u64>)> {
+    let mut latencies = tally::histogram();
     let mut slowest: HashMap<u64, u64> = HashMap::new();
-    let mut connected_per_chat = vec![0u64; args.chats];
-    let (mut received, mut cpu) = (0u64, cpu_seconds("self"));
-    for worker in &mut spawned {
-        writeln!(worker.child.stdin.as_mut().expect("piped"), "stop")?;
-        let report: WorkerReport = serde_json::from_value(worker.next_json()?)?;
-        for (chat, n) in report.connected_per_chat.iter().enumerate() {
-            connected_per_chat[chat] += n;
+    for report in reports {
+        for (value, count) in &report.latencies {
+            latencies.record_n(*value, *count)?;
         }
-        received += report.received;
-        cpu += report.cpu_seconds;
-        for (value, count) in report.latencies {
-            latencies.record_n(value, count)?;
+        for (sent, micros) in &report.slowest {
+            let entry = slowest.entry(*sent).or_default();
+            *entry = (*entry).max(*micros);
         }
-        for (sent_at, micros) in report.slowest {
-            let entry = slowest.entry(sent_at).or_default();
-            *entry = (*entry).max(micros);
-        }
-        for error in report.errors {
+        for error in &report.errors {
             eprintln!("chat-bench worker: {error}");
         }
-        let _ = worker.child.wait();
     }
-    let expected: u64 = sent.iter().zip(&connected_per_chat).map(|(s, c)| s * c).sum();
-    let mut last = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    Ok((latencies, slowest))
+}
+
+fn expected(sent: &[u64], ready: &BTreeMap<String, u64>) -> u64 {
+    sent.iter().enumerate().map(|(chat, n)| n * ready.get(&chat_name(chat)).copied().unwrap_or(0)).sum()
+}
+
+fn server_cpu(pids: &[u32]) -> f64 {
+    pids.iter().map(|pid| cpu_seconds(&pid.to_string())).sum()
+}
+
+/// Sends one phase at `rate` and gathers what every process saw.
+fn measure(
+    args: &Args,
+    runtime: &tokio::runtime::Runtime,
+    workers: &mut [Child],
+    probe: Option<&mut Child>,
+    phase: u32,
+    rate: f64,
+) -> anyhow::Result<Row> {
+    let server_before = server_cpu(&args.server_pid);
+    let started = Instant::now();
+    let (sent, window_end) = runtime.block_on(send_messages(args, phase, rate))?;
+    let window = started.elapsed().min(Duration::from_secs(args.duration)).max(Duration::from_millis(1));
+    std::thread::sleep(Duration::from_secs(args.drain));
+    let server_cpu_seconds = server_cpu(&args.server_pid) - server_before;
+    let mut ready = BTreeMap::<String, u64>::new();
+    let mut reports = Vec::new();
+    for worker in workers.iter_mut() {
+        for (chat, n) in &worker.ready {
+            *ready.entry(chat.clone()).or_default() += n;
+        }
+        reports.push(worker.report(phase, window_end)?);
+    }
+    let (latencies, slowest) = merge(&reports)?;
+    let mut last = tally::histogram();
     for micros in slowest.values() {
         last.record((*micros).max(1))?;
     }
-    Ok(Summary {
-        connected,
-        deliveries_per_sec: received as f64 / sending.as_secs_f64(),
-        reach: if expected == 0 { 0.0 } else { received as f64 / expected as f64 },
-        latency_ms: Percentiles {
-            p50: percentile_ms(&latencies, 0.50),
-            p95: percentile_ms(&latencies, 0.95),
-            p99: percentile_ms(&latencies, 0.99),
-            max: latencies.max() as f64 / 1000.0,
-        },
-        last_subscriber_ms_p99: percentile_ms(&last, 0.99),
-        client_cpu_seconds: cpu,
-        server_rss_bytes,
+    let received: u64 = reports.iter().map(|r| r.received).sum();
+    let in_window: u64 = reports.iter().map(|r| r.in_window).sum();
+    let expected_total = expected(&sent, &ready);
+    let probe = match probe {
+        Some(probe) => {
+            let report = probe.report(phase, window_end)?;
+            let (latencies, _) = merge(std::slice::from_ref(&report))?;
+            let expected = expected(&sent, &probe.ready);
+            Some(Observed {
+                connected: probe.ready.values().sum(),
+                expected,
+                received: report.received,
+                reach: if expected == 0 { 0.0 } else { report.received as f64 / expected as f64 },
+                latency_ms: Percentiles::of(&latencies),
+            })
+        }
+        None => None,
+    };
+    Ok(Row {
+        rate,
+        connected: ready.values().sum(),
+        sent: sent.iter().sum(),
+        deliveries_per_sec: in_window as f64 / window.as_secs_f64(),
+        drained: received - in_window,
+        reach: if expected_total == 0 { 0.0 } else { received as f64 / expected_total as f64 },
+        latency_ms: Percentiles::of(&latencies),
+        last_subscriber_ms_p99: Percentiles::of(&last).p99,
+        client_cpu_seconds: reports.iter().map(|r| r.cpu_seconds).sum(),
+        server_cpu_seconds,
+        server_rss_bytes: args.server_pid.iter().map(|pid| rss_bytes(*pid)).sum(),
+        probe,
     })
+}
+
+/// The next rate of the search: doubling while every step passes, then bisecting.
+fn next_rate(rate: f64, passed: bool, best: Option<f64>, failed: Option<f64>) -> Option<f64> {
+    let next = match (passed, best, failed) {
+        (true, _, None) => rate * 2.0,
+        (true, _, Some(failed)) => (rate + failed) / 2.0,
+        (false, Some(best), _) => (best + rate) / 2.0,
+        (false, None, _) => rate / 2.0,
+    };
+    // Within 10% of the bound, or below one message a second, the search has said what it can.
+    let settled = match (best, failed) {
+        (Some(best), Some(failed)) => failed / best < 1.1,
+        (None, Some(_)) => next < 1.0,
+        _ => false,
+    };
+    (!settled).then_some(next)
+}
+
+fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
+    if args.subscribers == 0 || args.chats == 0 || args.rate <= 0.0 {
+        bail!("--subscribers, --chats and --rate must be positive");
+    }
+    let count = args.workers.unwrap_or(2).max(args.subscribers.div_ceil(SUBSCRIBERS_PER_WORKER)).max(1);
+    let mut workers = Vec::new();
+    for i in 0..count {
+        workers.push(Child::spawn(&["--worker".into(), format!("{i}/{count}")])?);
+    }
+    let mut probe = if args.probe > 0 { Some(Child::spawn(&["--probe-worker".into()])?) } else { None };
+    let connected: u64 = workers.iter().map(|w| w.ready.values().sum::<u64>()).sum();
+    eprintln!("chat-bench: {connected} of {} subscribers connected over {count} worker(s)", args.subscribers);
+    // Let the servers finish binding the chats before the clock starts.
+    std::thread::sleep(Duration::from_secs(1));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let result = if args.search {
+        let (mut rate, mut best, mut failed) = (args.rate, None, None);
+        let mut steps = Vec::new();
+        for phase in 0..args.search_steps as u32 {
+            let row = measure(args, &runtime, &mut workers, probe.as_mut(), phase, rate)?;
+            let passed = row.passes(args);
+            eprintln!(
+                "chat-bench: {rate:.1}/s per chat: reach {:.4}, p99 {:.1} ms: {}",
+                row.reach,
+                row.latency_ms.p99,
+                if passed { "sustained" } else { "not sustained" }
+            );
+            steps.push(row);
+            if passed {
+                best = Some(best.map_or(rate, |b: f64| b.max(rate)));
+            } else {
+                failed = Some(failed.map_or(rate, |f: f64| f.min(rate)));
+                // A backlog left by a failed step must not count against the next one.
+                std::thread::sleep(Duration::from_secs(args.drain * 2));
+            }
+            match next_rate(rate, passed, best, failed) {
+                Some(next) => rate = next,
+                None => break,
+            }
+        }
+        json!({"sustained_rate": best.unwrap_or(0.0), "p99_limit_ms": args.p99_limit_ms, "steps": steps})
+    } else {
+        serde_json::to_value(measure(args, &runtime, &mut workers, probe.as_mut(), 0, args.rate)?)?
+    };
+    for worker in workers {
+        worker.stop();
+    }
+    if let Some(probe) = probe {
+        probe.stop();
+    }
+    Ok(result)
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(worker) = args.worker.clone() {
         let (index, count) = worker.split_once('/').context("--worker i/n")?;
-        return run_worker(&args, index.parse()?, count.parse()?);
+        return worker::run_worker(worker_targets(&args, index.parse()?, count.parse()?)?, args.connect_concurrency);
     }
-    let summary = run(args.clone())?;
+    if args.probe_worker {
+        return worker::run_probe(probe_targets(&args)?);
+    }
+    let summary = run(&args)?;
     let text = serde_json::to_string_pretty(&summary)?;
     println!("{text}");
     if let Some(path) = &args.json {
@@ -426,16 +480,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn latency_is_read_from_the_text_of_a_next_frame() {
-        let frame = r#"{"type":"next","id":"1","payload":{"data":{"messages":{"id":"x","text":"bench 1000000"}}}}"#;
-        assert_eq!(latency_of(frame, 3_500_000), Some((1_000_000, 2500)));
-        assert_eq!(latency_of(r#"{"type":"next","payload":{"data":{"messages":{"text":"hi"}}}}"#, 1), None);
-    }
-
-    #[test]
     fn source_ips_are_a_loopback_range() {
         assert_eq!(source_ips(Some("127.0.0.2-127.0.0.4")).unwrap().len(), 3);
         assert!(source_ips(Some("10.0.0.1-10.0.0.2")).is_err());
         assert_eq!(source_ips(None).unwrap(), vec![Ipv4Addr::LOCALHOST]);
+    }
+
+    #[test]
+    fn the_search_doubles_while_it_passes_then_bisects() {
+        assert_eq!(next_rate(100.0, true, Some(100.0), None), Some(200.0));
+        assert_eq!(next_rate(200.0, false, Some(100.0), Some(200.0)), Some(150.0));
+        assert_eq!(next_rate(150.0, true, Some(150.0), Some(200.0)), Some(175.0));
+        assert_eq!(next_rate(190.0, false, Some(180.0), Some(190.0)), None, "within 10%");
+        assert_eq!(next_rate(100.0, false, None, Some(100.0)), Some(50.0));
     }
 }

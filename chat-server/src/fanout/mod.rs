@@ -1,76 +1,57 @@
-//! The fanout role: stamps per-chat sequence numbers, drops duplicates, and publishes deliveries keyed by chat id.
+//! The fanout role: the one writer of chat history. It consumes originals and translations, has the
+//! history store give each a per-chat `seq` (or recognise a redelivery), publishes the deliveries
+//! keyed by chat id, and acks only once both the store and the publish are confirmed.
 
-use std::{
-    collections::{HashMap, HashSet, VecDeque},
-    sync::Arc,
-};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use futures_util::{FutureExt, StreamExt};
-
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
     bus::{next_unless_cancelled, Bus, BusError, Incoming, Origin, Route, Source},
+    history::{Appended, History, HistoryError},
     wire::{Delivery, MessagePosted, MessageTranslated},
 };
 
-/// Per-chat sequence numbers and a bounded memory of what was already delivered.
-///
-/// Reserving a number and committing it are separate so that a delivery the bus did not confirm
-/// leaves no trace: its redelivery gets the same number and is not mistaken for a duplicate.
-pub struct Sequencer {
-    next: HashMap<String, u64>,
-    seen: HashSet<(Uuid, String)>,
-    order: VecDeque<(Uuid, String)>,
-    capacity: usize,
-}
-
-impl Sequencer {
-    /// Remembers the last `capacity` deliveries for duplicate detection.
-    pub fn new(capacity: usize) -> Self {
-        Self { next: HashMap::new(), seen: HashSet::new(), order: VecDeque::new(), capacity }
-    }
-
-    /// The number the next delivery of `chat_id` gets, or `None` if (`id`, `language`) was delivered already.
-    pub fn reserve(&self, chat_id: &str, id: Uuid, language: &str) -> Option<u64> {
-        if self.seen.contains(&(id, language.to_owned())) {
-            return None;
-        }
-        Some(self.next.get(chat_id).copied().unwrap_or(1))
-    }
-
-    /// Records that the delivery reserved for (`id`, `language`) in `chat_id` was published.
-    pub fn commit(&mut self, chat_id: &str, id: Uuid, language: &str) {
-        *self.next.entry(chat_id.to_owned()).or_insert(1) += 1;
-        let key = (id, language.to_owned());
-        if self.seen.insert(key.clone()) {
-            self.order.push_back(key);
-        }
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.seen.remove(&old);
-            }
-        }
-    }
+/// Why the fanout stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FanoutError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("failed to store a batch of deliveries: {0}")]
+    History(#[from] HistoryError),
 }
 
 /// Consumes `<P>.fanout` and publishes every new original and translation as a [`Delivery`].
 pub struct Fanout {
     pub bus: Arc<dyn Bus>,
-    pub sequencer: Sequencer,
+    pub history: Arc<dyn History>,
+}
+
+/// A consumed message, decoded into the delivery it becomes (its `seq` not given yet).
+fn decode(incoming: &Incoming) -> serde_json::Result<Delivery> {
+    match incoming.origin {
+        Origin::Posted => {
+            serde_json::from_slice::<MessagePosted>(&incoming.payload).map(|m| Delivery::of_original(m, 0))
+        }
+        Origin::Translated | Origin::Unknown => {
+            serde_json::from_slice::<MessageTranslated>(&incoming.payload).map(|m| Delivery::of_translation(m, 0))
+        }
+    }
 }
 
 impl Fanout {
-    pub fn new(bus: Arc<dyn Bus>) -> Self {
-        Self { bus, sequencer: Sequencer::new(1 << 20) }
+    pub fn new(bus: Arc<dyn Bus>, history: Arc<dyn History>) -> Self {
+        Self { bus, history }
     }
 
-    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), BusError> {
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), FanoutError> {
         let mut messages = self.bus.consume(Source::Fanout).await?;
         tracing::info!("fanout consuming");
         while let Some(first) = next_unless_cancelled(&mut messages, &cancel).await {
-            // Whatever else has already arrived joins the batch: one confirm round trip for all of it.
+            // Whatever else has already arrived joins the batch: one store transaction and one
+            // confirm round trip for all of it.
             let mut batch = vec![first?];
             while batch.len() < usize::from(Source::Fanout.prefetch()) {
                 match messages.next().now_or_never() {
@@ -84,123 +65,162 @@ impl Fanout {
         Ok(())
     }
 
-    /// Sequences a batch in arrival order, publishes its deliveries, and acks each message only after
-    /// every delivery is confirmed (or requeues the batch, leaving its sequence numbers unused).
-    async fn handle(&mut self, batch: Vec<Incoming>) -> Result<(), BusError> {
-        let mut staged: Vec<Staged> = Vec::with_capacity(batch.len());
-        let mut taken: HashMap<String, u64> = HashMap::new();
-        let mut seen: HashSet<(Uuid, String)> = HashSet::new();
+    /// Stores a batch in arrival order, publishes its deliveries, and acks each message only after
+    /// the store and every publish are confirmed. A batch that cannot be stored goes back to the queue.
+    async fn handle(&self, batch: Vec<Incoming>) -> Result<(), FanoutError> {
+        let mut held: Vec<Incoming> = Vec::with_capacity(batch.len());
+        let mut deliveries: Vec<Delivery> = Vec::with_capacity(batch.len());
+        let mut in_batch: HashSet<(Uuid, String)> = HashSet::new();
         for incoming in batch {
-            let decoded = match incoming.origin {
-                Origin::Posted => serde_json::from_slice::<MessagePosted>(&incoming.payload)
-                    .map(|m| (m.chat_id.clone(), m.id, m.source_language.clone(), Received::Posted(m))),
-                Origin::Translated | Origin::Unknown => serde_json::from_slice::<MessageTranslated>(&incoming.payload)
-                    .map(|m| (m.chat_id.clone(), m.id, m.language.clone(), Received::Translated(m))),
-            };
-            let (chat_id, id, language, message) = match decoded {
-                Ok(decoded) => decoded,
+            let delivery = match decode(&incoming) {
+                Ok(delivery) => delivery,
                 Err(err) => {
                     tracing::error!(origin = ?incoming.origin, error = %err, "dead-lettering an undecodable message");
                     incoming.dead_letter().await?;
                     continue;
                 }
             };
-            let fresh = seen.insert((id, language.clone()));
-            let Some(next) = self.sequencer.reserve(&chat_id, id, &language).filter(|_| fresh) else {
-                tracing::debug!(%id, language, "dropping a duplicate");
+            if !in_batch.insert((delivery.id, delivery.language.clone())) {
+                tracing::debug!(id = %delivery.id, language = delivery.language, "dropping a duplicate within a batch");
                 incoming.ack().await?;
                 continue;
-            };
-            let offset = taken.entry(chat_id.clone()).or_default();
-            let seq = next + *offset;
-            *offset += 1;
-            let delivery = match message {
-                Received::Posted(m) => Delivery::of_original(m, seq),
-                Received::Translated(m) => Delivery::of_translation(m, seq),
-            };
-            let payload = serde_json::to_vec(&delivery).expect("a delivery always encodes");
-            staged.push(Staged { incoming, chat_id, id, language, payload });
+            }
+            held.push(incoming);
+            deliveries.push(delivery);
         }
-        if staged.is_empty() {
+        if held.is_empty() {
             return Ok(());
         }
-        let messages: Vec<(Route<'_>, &[u8])> =
-            staged.iter().map(|s| (Route::Deliver { chat_id: &s.chat_id }, s.payload.as_slice())).collect();
-        let published = self.bus.publish_all(&messages).await;
-        drop(messages);
-        match published {
-            Ok(()) => {
-                for s in staged {
-                    self.sequencer.commit(&s.chat_id, s.id, &s.language);
-                    s.incoming.ack().await?;
-                }
-            }
+        let appended = match self.history.append(deliveries).await {
+            Ok(appended) => appended,
             Err(err) => {
-                tracing::warn!(messages = staged.len(), error = %err, "deliveries not confirmed; requeueing");
-                for s in staged {
-                    s.incoming.requeue().await?;
+                for incoming in held {
+                    incoming.requeue().await?;
                 }
+                return Err(err.into());
             }
+        };
+        // A redelivered message is published again with the seq it was stored with: its first publish
+        // may not have been confirmed. Gateways recognise a copy they already handed out.
+        let payloads: Vec<(String, Vec<u8>)> = appended
+            .iter()
+            .map(|a| {
+                if let Appended::Duplicate(d) = a {
+                    tracing::debug!(id = %d.id, language = d.language, seq = d.seq, "publishing a redelivery again");
+                }
+                let d = a.delivery();
+                (d.chat_id.clone(), serde_json::to_vec(d).expect("a delivery always encodes"))
+            })
+            .collect();
+        let messages: Vec<(Route<'_>, &[u8])> =
+            payloads.iter().map(|(chat_id, payload)| (Route::Deliver { chat_id }, payload.as_slice())).collect();
+        match self.bus.publish_all(&messages).await {
+            Ok(()) => {
+                for incoming in held {
+                    incoming.ack().await?;
+                }
+                Ok(())
+            }
+            Err(err @ BusError::Nacked { .. }) => {
+                tracing::warn!(messages = held.len(), error = %err, "deliveries not confirmed; requeueing");
+                for incoming in held {
+                    incoming.requeue().await?;
+                }
+                Ok(())
+            }
+            // The channel is gone: the broker hands the unacked batch out again, in order.
+            Err(err) => Err(err.into()),
         }
-        Ok(())
     }
 }
 
-struct Staged {
-    incoming: Incoming,
-    chat_id: String,
-    id: Uuid,
-    language: String,
-    payload: Vec<u8>,
-}
-
-/// A consumed message, decoded.
-enum Received {
-    Posted(MessagePosted),
-    Translated(MessageTranslated),
+/// Deletes deliveries older than `retention`, in batches of at most `batch`, every `every`, until
+/// `cancel` fires. A separate task: it never holds up delivery.
+pub async fn enforce_retention(
+    history: Arc<dyn History>,
+    retention: Duration,
+    every: Duration,
+    batch: u32,
+    cancel: CancellationToken,
+) {
+    loop {
+        let cutoff = std::time::SystemTime::now() - retention;
+        let mut deleted = 0u64;
+        loop {
+            match history.expire(cutoff, batch).await {
+                Ok(n) => {
+                    deleted += n;
+                    if n < u64::from(batch) {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "failed to expire old deliveries; trying again later");
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                // A pause between batches leaves the database to the deliveries.
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(deleted, retention = ?retention, "expired old deliveries");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{bus::memory::MemoryBus, history::memory::MemoryHistory, wire::WIRE_VERSION};
 
-    #[test]
-    fn sequence_numbers_count_per_chat_from_one() {
-        let mut s = Sequencer::new(10);
-        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        assert_eq!(s.reserve("x", a, "en"), Some(1));
-        s.commit("x", a, "en");
-        assert_eq!(s.reserve("x", a, "es"), Some(2));
-        s.commit("x", a, "es");
-        assert_eq!(s.reserve("y", b, "en"), Some(1));
-    }
-
-    #[test]
-    fn a_redelivered_message_in_the_same_language_is_a_duplicate() {
-        let mut s = Sequencer::new(10);
-        let a = Uuid::now_v7();
-        s.commit("x", a, "en");
-        assert_eq!(s.reserve("x", a, "en"), None);
-        assert_eq!(s.reserve("x", a, "ca"), Some(2));
-    }
-
-    #[test]
-    fn an_unconfirmed_delivery_keeps_its_number_for_the_retry() {
-        let s = Sequencer::new(10);
-        let a = Uuid::now_v7();
-        assert_eq!(s.reserve("x", a, "en"), Some(1));
-        // Not committed: the publish failed and the message comes back.
-        assert_eq!(s.reserve("x", a, "en"), Some(1));
-    }
-
-    #[test]
-    fn duplicate_memory_is_bounded() {
-        let mut s = Sequencer::new(2);
-        let ids: Vec<_> = (0..3).map(|_| Uuid::now_v7()).collect();
-        for id in &ids {
-            s.commit("x", *id, "en");
+    fn posted(chat: &str, text: &str) -> MessagePosted {
+        MessagePosted {
+            v: WIRE_VERSION,
+            id: Uuid::now_v7(),
+            chat_id: chat.into(),
+            sender: None,
+            text: text.into(),
+            source_language: "en".into(),
+            sent_at: crate::wire::now_rfc3339(),
+            reply_to: None,
         }
-        assert_eq!(s.reserve("x", ids[0], "en"), Some(4), "oldest forgotten");
-        assert_eq!(s.reserve("x", ids[2], "en"), None);
+    }
+
+    #[tokio::test]
+    async fn deliveries_are_numbered_per_chat_and_a_redelivery_keeps_its_number() {
+        let bus = Arc::new(MemoryBus::new::<&str>(&[]));
+        let history = Arc::new(MemoryHistory::default());
+        let (binder, mut feed) = bus.delivery_feed().await.unwrap();
+        binder.bind("x").await.unwrap();
+        binder.bind("y").await.unwrap();
+        let cancel = CancellationToken::new();
+        let running = tokio::spawn(Fanout::new(bus.clone(), history.clone()).run(cancel.clone()));
+        let (a, b, c) = (posted("x", "a"), posted("x", "b"), posted("y", "c"));
+        let mut seen = Vec::new();
+        // The redelivery of `a` comes in a later batch, as it does from a broker.
+        for round in [vec![&a, &b, &c], vec![&a]] {
+            for message in &round {
+                bus.publish(Route::Posted, &serde_json::to_vec(message).unwrap()).await.unwrap();
+            }
+            for _ in 0..round.len() {
+                let payload = tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap();
+                let delivery: Delivery = serde_json::from_slice(&payload).unwrap();
+                seen.push((delivery.chat_id, delivery.text, delivery.seq));
+            }
+        }
+        cancel.cancel();
+        running.await.unwrap().unwrap();
+        let x: Vec<_> =
+            seen.iter().filter(|(chat, ..)| chat == "x").map(|(_, text, seq)| (text.as_str(), *seq)).collect();
+        assert_eq!(x, vec![("a", 1), ("b", 2), ("a", 1)], "the redelivery is published again with its first number");
+        assert!(seen.contains(&("y".into(), "c".into(), 1)), "each chat counts from 1: {seen:?}");
+        assert_eq!(history.last_seq("x").await.unwrap(), 2);
     }
 }

@@ -2,16 +2,18 @@
 //!
 //! The first subscriber of a chat binds it on the bus and the last one to leave unbinds it, so a
 //! gateway process receives one copy of each delivery for the chats its clients watch, decodes it
-//! once, and hands every subscriber the same `Arc`.
+//! once, and hands every subscriber the same `Arc`. A delivery the fanout publishes again (it retries
+//! a batch whose confirms it lost) is recognised by its message id and language and not handed out twice.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, RwLock},
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex as StdMutex, RwLock},
     time::Duration,
 };
 
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, Mutex};
+use uuid::Uuid;
 
 use crate::{
     bus::{BusError, ChatBinder, DeliveryStream},
@@ -19,8 +21,40 @@ use crate::{
 };
 
 struct Room {
-    tx: broadcast::Sender<Arc<Delivery>>,
+    feed: Arc<RoomFeed>,
     subscribers: usize,
+}
+
+/// Deliveries of one chat recently handed out, to recognise one published again.
+const RECENT: usize = 1024;
+
+/// (message id, language) of a delivery.
+type DeliveryKey = (Uuid, String);
+
+/// What dispatching to one chat needs.
+struct RoomFeed {
+    tx: broadcast::Sender<Arc<Delivery>>,
+    /// The keys handed out lately, as a set and in order.
+    recent: StdMutex<(HashSet<DeliveryKey>, VecDeque<DeliveryKey>)>,
+}
+
+impl RoomFeed {
+    /// False when this delivery was handed out already.
+    fn first_time(&self, delivery: &Delivery) -> bool {
+        let mut recent = self.recent.lock().expect("recent lock");
+        let (seen, order) = &mut *recent;
+        let key = (delivery.id, delivery.language.clone());
+        if !seen.insert(key.clone()) {
+            return false;
+        }
+        order.push_back(key);
+        if order.len() > RECENT {
+            if let Some(old) = order.pop_front() {
+                seen.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 /// Deliveries a chat's subscription executions may fall behind before they are dropped. They are few
@@ -35,7 +69,7 @@ pub struct Hub {
     /// Membership; held across bind and unbind so they stay in order for a chat.
     rooms: Mutex<HashMap<String, Room>>,
     /// What delivery needs, readable without waiting for a bind in progress.
-    senders: RwLock<HashMap<String, broadcast::Sender<Arc<Delivery>>>>,
+    senders: RwLock<HashMap<String, Arc<RoomFeed>>>,
     binder: Arc<dyn ChatBinder>,
     capacity: usize,
 }
@@ -91,7 +125,7 @@ impl Hub {
         let rx = match rooms.get_mut(chat_id) {
             Some(room) => {
                 room.subscribers += 1;
-                room.tx.subscribe()
+                room.feed.tx.subscribe()
             }
             None => {
                 // Holding the lock across the bind keeps a concurrent leave from unbinding under us.
@@ -99,8 +133,9 @@ impl Hub {
                     .await
                     .map_err(|_| BusError::Timeout(format!("binding chat {chat_id}")))??;
                 let (tx, rx) = broadcast::channel(self.capacity);
-                self.senders.write().expect("senders lock").insert(chat_id.to_owned(), tx.clone());
-                rooms.insert(chat_id.to_owned(), Room { tx, subscribers: 1 });
+                let feed = Arc::new(RoomFeed { tx, recent: StdMutex::default() });
+                self.senders.write().expect("senders lock").insert(chat_id.to_owned(), feed.clone());
+                rooms.insert(chat_id.to_owned(), Room { feed, subscribers: 1 });
                 rx
             }
         };
@@ -127,12 +162,16 @@ impl Hub {
         self.rooms.lock().await.len()
     }
 
-    /// Hands one delivery to every local subscriber of its chat.
+    /// Hands one delivery to every local subscriber of its chat, unless it was handed out already.
     pub async fn dispatch(&self, delivery: Arc<Delivery>) {
-        let tx = self.senders.read().expect("senders lock").get(&delivery.chat_id).cloned();
-        if let Some(tx) = tx {
+        let feed = self.senders.read().expect("senders lock").get(&delivery.chat_id).cloned();
+        if let Some(feed) = feed {
+            if !feed.first_time(&delivery) {
+                tracing::debug!(id = %delivery.id, language = delivery.language, "dropping a delivery published again");
+                return;
+            }
             // No receivers left means the last subscriber is leaving right now: nothing to do.
-            let _ = tx.send(delivery);
+            let _ = feed.tx.send(delivery);
         }
     }
 
@@ -187,6 +226,7 @@ pub(crate) mod tests {
             text: text.into(),
             sender: None,
             sent_at: String::new(),
+            reply_to: None,
         })
     }
 
@@ -223,6 +263,19 @@ pub(crate) mod tests {
         assert!(Arc::ptr_eq(&got_a, &sent) && Arc::ptr_eq(&got_b, &sent));
         hub.dispatch(delivery("d", "hi")).await;
         assert_eq!(other.recv().await.unwrap().chat_id, "d");
+    }
+
+    #[tokio::test]
+    async fn a_delivery_published_again_is_handed_out_once() {
+        let hub = Hub::new(Arc::new(RecordingBinder::default()), 8);
+        let mut subscriber = hub.subscribe("c").await.unwrap();
+        let first = delivery("c", "hi");
+        hub.dispatch(first.clone()).await;
+        hub.dispatch(Arc::new((*first).clone())).await;
+        let next = delivery("c", "next");
+        hub.dispatch(next.clone()).await;
+        assert!(Arc::ptr_eq(&subscriber.recv().await.unwrap(), &first));
+        assert!(Arc::ptr_eq(&subscriber.recv().await.unwrap(), &next), "the copy was dropped");
     }
 
     #[tokio::test]

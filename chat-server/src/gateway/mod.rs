@@ -2,15 +2,17 @@
 //!
 //! - [`schema`]: the GraphQL types and resolvers, apart from any transport;
 //! - [`http`]: the axum routes; [`socket`]: the WebSocket connection loop and its limits;
-//! - [`framing`]: how each wire protocol frames a result; [`outbox`]: a connection's bounded send queue;
-//! - [`groups`]: identical subscriptions executed once and shared; [`hub`]: per chat, the deliveries
-//!   of the bus handed to the local subscribers.
+//! - [`framing`]: how each wire protocol frames a result; [`outbox`]: what wakes a connection, and
+//!   the frames that are its own;
+//! - [`groups`]: identical subscriptions executed once, their results written once to a [`ring`] that
+//!   every member reads; [`hub`]: per chat, the deliveries of the bus handed to the local subscribers.
 
 pub mod framing;
 pub mod groups;
 pub mod http;
 pub mod hub;
 pub mod outbox;
+pub mod ring;
 pub mod schema;
 pub mod socket;
 
@@ -20,7 +22,7 @@ use anyhow::Context as _;
 use axum::serve::ListenerExt;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{bus::Bus, config::Settings};
+use crate::{bus::Bus, config::Settings, history::History};
 use groups::SharedSubscriptions;
 use http::AppState;
 use hub::Hub;
@@ -30,14 +32,57 @@ use socket::{SocketLimits, Sockets};
 /// How long open sockets get to receive their close frame after the listener stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A runtime of its own, on its own thread, for the delivery path: the hub's feed and the groups'
+/// executions. On the connections' runtime a delivery would wait behind every connection task the
+/// previous broadcast woke, at each hop from the bus to the ring.
+pub struct Dispatcher {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Dispatcher {
+    pub fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("parley-dispatch".into()).spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            })
+        })?;
+        Ok(Self { handle, stop: Some(stop), thread: Some(thread) })
+    }
+
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        // Ends the thread; its runtime drops the tasks still on it.
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Serves until `cancel` fires or the delivery feed is lost for good (then it fails, so the pod restarts).
 /// The caller closes the bus, after whatever else still uses it has stopped.
-pub async fn serve(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    bus: Arc<dyn Bus>,
+    history: Option<Arc<dyn History>>,
+    settings: &Settings,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let (binder, feed) = bus.delivery_feed().await?;
     let hub = Hub::new(binder, hub::BACKLOG);
     let serving = cancel.child_token();
     let feed_lost = CancellationToken::new();
-    let feed_task = tokio::spawn({
+    let dispatcher = Dispatcher::start().context("failed to start the dispatch thread")?;
+    let feed_task = dispatcher.handle().spawn({
         let (hub, serving, feed_lost) = (hub.clone(), serving.clone(), feed_lost.clone());
         async move {
             hub.run_feed(feed).await;
@@ -48,6 +93,7 @@ pub async fn serve(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationT
     let chat = ChatContext {
         bus: bus.clone(),
         hub,
+        history,
         settings: ChatSettings {
             source_language: settings.source_language.clone(),
             languages: settings.languages.clone(),
@@ -59,7 +105,7 @@ pub async fn serve(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationT
     let limits = QueryLimits { max_depth: settings.max_query_depth, max_complexity: settings.max_query_complexity };
     let schema = build_schema(Arc::new(chat), limits);
     let sockets = Sockets {
-        shared: SharedSubscriptions::new(schema.clone()),
+        shared: SharedSubscriptions::new(schema.clone(), settings.subscriber_buffer, dispatcher.handle().clone()),
         schema: schema.clone(),
         limits: SocketLimits {
             max_subscriptions_per_connection: settings.max_subscriptions_per_connection,
@@ -69,7 +115,9 @@ pub async fn serve(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationT
         },
         shutdown: serving.clone(),
         tracker: TaskTracker::new(),
+        closing: Arc::default(),
     };
+    sockets.watch_shutdown();
     let open_sockets = sockets.tracker.clone();
     let state = AppState { schema, bus: bus.clone(), sockets };
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -88,6 +136,7 @@ pub async fn serve(bus: Arc<dyn Bus>, settings: &Settings, cancel: CancellationT
         tracing::warn!("some sockets did not close in time");
     }
     feed_task.abort();
+    drop(dispatcher);
     anyhow::ensure!(
         cancel.is_cancelled() || !feed_lost.is_cancelled(),
         "the broker delivery feed was lost and could not be recovered"

@@ -1,25 +1,47 @@
 //! The GraphQL schema of the gateway: the contract's types and resolvers, apart from any transport.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use async_graphql::{Context, ErrorExtensions, Object, Result, Schema, SimpleObject, Subscription, ID};
 use futures_util::{stream::BoxStream, Stream, StreamExt};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::{
     bus::{Bus, BusError, Route},
     gateway::hub::{Hub, Missed},
+    history::{self, History, HistoryError, Languages, Stored},
     wire::{now_rfc3339, Delivery, MessagePosted, WIRE_VERSION},
 };
 
 /// The gateway's schema.
 pub type ChatSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
-/// What the resolvers need: the bus to publish to, the hub to subscribe to, and the chat settings.
+/// What the resolvers need: the bus to publish to, the hub to subscribe to, the history to read
+/// (when there is one), and the chat settings.
 pub struct ChatContext {
     pub bus: Arc<dyn Bus>,
     pub hub: Arc<Hub>,
+    pub history: Option<Arc<dyn History>>,
     pub settings: ChatSettings,
+}
+
+impl ChatContext {
+    fn history(&self) -> Result<&Arc<dyn History>> {
+        self.history.as_ref().ok_or_else(|| {
+            async_graphql::Error::new(
+                "this gateway keeps no history: start it with --history-url (PARLEY_HISTORY_URL) for \
+                 messages, thread, chats, replies and resuming with `after`",
+            )
+            .extend_with(|_, e| e.set("code", "HISTORY_DISABLED"))
+        })
+    }
 }
 
 /// The part of the configuration the API enforces.
@@ -46,6 +68,14 @@ impl ChatSettings {
             self.languages.join(", ")
         ))
     }
+
+    /// The languages a reader asked for, checked.
+    fn languages(&self, asked: Option<Vec<String>>) -> Result<Option<Vec<String>>> {
+        if let Some(unknown) = asked.iter().flatten().find(|l| !self.known(l)) {
+            return Err(self.unknown_language(unknown));
+        }
+        Ok(asked)
+    }
 }
 
 fn bad_input(message: impl Into<String>) -> async_graphql::Error {
@@ -56,21 +86,90 @@ fn unavailable(message: impl Into<String>) -> async_graphql::Error {
     async_graphql::Error::new(message).extend_with(|_, e| e.set("code", "UNAVAILABLE"))
 }
 
-/// A chat message: an original or a translation as delivered, or a message just accepted (the answer
-/// to `sendMessage`: the original as it will be delivered, before the fanout has given it a `seq`).
+fn history_unavailable(err: HistoryError) -> async_graphql::Error {
+    tracing::warn!(error = %err, "a history read failed");
+    unavailable(format!("the history cannot be read right now: {err}"))
+}
+
+/// A non-negative `Int` argument as a `seq`.
+fn seq_argument(name: &str, value: Option<i64>) -> Result<Option<u64>> {
+    match value {
+        Some(n) if n < 0 => Err(bad_input(format!("{name} must not be negative"))),
+        Some(n) => Ok(Some(n as u64)),
+        None => Ok(None),
+    }
+}
+
+fn parse_message_id(id: &ID, argument: &str) -> Result<Uuid> {
+    Uuid::parse_str(id).map_err(|_| bad_input(format!("{argument} {:?} is not a message id", id.as_str())))
+}
+
+/// Request data of a shared group's execution (see `groups`): the resolver reports which delivery
+/// each result comes from and when it watches its chat; `after` is left to each member's replay.
+#[derive(Default)]
+pub struct GroupFeed {
+    seq: AtomicU64,
+    watching: AtomicBool,
+    changed: Notify,
+}
+
+impl GroupFeed {
+    /// The `seq` of the delivery the latest result came from (0 for a result that came from none).
+    pub fn seq(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    fn set_seq(&self, seq: u64) {
+        self.seq.store(seq, Ordering::Release);
+    }
+
+    /// The execution watches its chat: from now on, every delivery of it reaches the results.
+    fn watch(&self) {
+        self.watching.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// The execution ended; nobody needs to wait for it any more.
+    pub fn end(&self) {
+        self.watch();
+    }
+
+    /// Waits until the execution watches its chat, or has ended.
+    pub async fn watching(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.watching.load(Ordering::Acquire) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// Request data of a member's replay: only the history after `after`, up to what was stored when the
+/// replay began. The `seq` it covered is reported to the [`GroupFeed`] it carries.
+pub struct ReplayOnly(pub Arc<GroupFeed>);
+
+/// A chat message: an original or a translation as delivered or stored, or a message just accepted
+/// (the answer to `sendMessage`: the original as it will be delivered, before it has a `seq`).
 #[derive(Clone)]
 pub struct ChatMessage {
     message: Arc<Delivery>,
     sequenced: bool,
+    reply_count: Option<i64>,
 }
 
 impl ChatMessage {
     pub fn delivered(delivery: Arc<Delivery>) -> Self {
-        Self { message: delivery, sequenced: true }
+        Self { message: delivery, sequenced: true, reply_count: None }
     }
 
     fn accepted(posted: MessagePosted) -> Self {
-        Self { message: Arc::new(Delivery::of_original(posted, 0)), sequenced: false }
+        Self { message: Arc::new(Delivery::of_original(posted, 0)), sequenced: false, reply_count: Some(0) }
+    }
+
+    fn stored(stored: Stored) -> Self {
+        Self { message: stored.delivery, sequenced: true, reply_count: Some(stored.reply_count) }
     }
 }
 
@@ -114,6 +213,26 @@ impl ChatMessage {
     async fn sent_at(&self) -> &str {
         &self.message.sent_at
     }
+
+    /// The message this one answers (threads).
+    async fn reply_to(&self) -> Option<ID> {
+        self.message.reply_to.map(|id| ID(id.to_string()))
+    }
+
+    /// Replies to this message so far, as the history has them; null on live deliveries.
+    async fn reply_count(&self) -> Option<i64> {
+        self.reply_count
+    }
+}
+
+/// One chat in the room list.
+#[derive(SimpleObject)]
+pub struct Chat {
+    id: ID,
+    /// The `seq` of the chat's latest delivery.
+    last_seq: i64,
+    /// When its latest delivery was stored (RFC 3339).
+    last_message_at: Option<String>,
 }
 
 /// The seed's `putEvent` answer, shaped like EventBridge's PutEvents result.
@@ -139,6 +258,62 @@ impl QueryRoot {
     /// Target languages this deployment serves.
     async fn languages(&self, ctx: &Context<'_>) -> Vec<String> {
         ctx.data_unchecked::<Arc<ChatContext>>().settings.languages.clone()
+    }
+
+    /// A chat's history: the newest `last` (at most 500) deliveries with `seq < before`, oldest first;
+    /// each original and its translations into `languages` (all when omitted).
+    async fn messages(
+        &self,
+        ctx: &Context<'_>,
+        chat_id: ID,
+        languages: Option<Vec<String>>,
+        #[graphql(default = 50)] last: i32,
+        before: Option<i64>,
+    ) -> Result<Vec<ChatMessage>> {
+        let chat = ctx.data_unchecked::<Arc<ChatContext>>();
+        check_chat_id(&chat.settings, &chat_id)?;
+        let languages = chat.settings.languages(languages)?;
+        if !(1..=history::MAX_PAGE as i32).contains(&last) {
+            return Err(bad_input(format!("last must be between 1 and {}", history::MAX_PAGE)));
+        }
+        let before = seq_argument("before", before)?;
+        let found = chat
+            .history()?
+            .latest(&chat_id, Languages(languages.as_deref()), last as u32, before)
+            .await
+            .map_err(history_unavailable)?;
+        Ok(found.into_iter().map(ChatMessage::stored).collect())
+    }
+
+    /// A message and every reply to it, in `seq` order, in `languages` (all when omitted).
+    async fn thread(
+        &self,
+        ctx: &Context<'_>,
+        message_id: ID,
+        languages: Option<Vec<String>>,
+    ) -> Result<Vec<ChatMessage>> {
+        let chat = ctx.data_unchecked::<Arc<ChatContext>>();
+        let id = parse_message_id(&message_id, "messageId")?;
+        let languages = chat.settings.languages(languages)?;
+        let found = chat.history()?.thread(id, Languages(languages.as_deref())).await.map_err(history_unavailable)?;
+        Ok(found.into_iter().map(ChatMessage::stored).collect())
+    }
+
+    /// The chats with messages, the most recently active first.
+    async fn chats(&self, ctx: &Context<'_>, #[graphql(default = 50)] first: i32) -> Result<Vec<Chat>> {
+        let chat = ctx.data_unchecked::<Arc<ChatContext>>();
+        if !(1..=history::MAX_PAGE as i32).contains(&first) {
+            return Err(bad_input(format!("first must be between 1 and {}", history::MAX_PAGE)));
+        }
+        let found = chat.history()?.chats(first as u32).await.map_err(history_unavailable)?;
+        Ok(found
+            .into_iter()
+            .map(|c| Chat {
+                id: ID(c.chat_id),
+                last_seq: i64::try_from(c.last_seq).unwrap_or(i64::MAX),
+                last_message_at: c.last_message_at,
+            })
+            .collect())
     }
 }
 
@@ -175,14 +350,18 @@ impl From<PostError> for async_graphql::Error {
     }
 }
 
-/// Validates and publishes a new message; the gateway is where message ids are born.
-async fn post(
-    chat: &ChatContext,
+/// A message as a client asked to send it.
+struct NewMessage {
     chat_id: String,
     text: String,
     language: Option<String>,
     sender: Option<String>,
-) -> Result<MessagePosted, PostError> {
+    reply_to: Option<ID>,
+}
+
+/// Validates and publishes a new message; the gateway is where message ids are born.
+async fn post(chat: &ChatContext, message: NewMessage) -> Result<MessagePosted, PostError> {
+    let NewMessage { chat_id, text, language, sender, reply_to } = message;
     let settings = &chat.settings;
     check_chat_id(settings, &chat_id)?;
     if text.trim().is_empty() {
@@ -204,6 +383,17 @@ async fn post(
         Some(language) => language,
         None => settings.source_language.clone(),
     };
+    let reply_to = match reply_to {
+        None => None,
+        Some(id) => {
+            let parent = parse_message_id(&id, "replyTo")?;
+            let found = chat.history()?.chat_of(parent).await.map_err(history_unavailable)?;
+            if found.as_deref() != Some(chat_id.as_str()) {
+                return Err(bad_input(format!("replyTo {parent} is not a message of chat {chat_id:?}")).into());
+            }
+            Some(parent)
+        }
+    };
     let posted = MessagePosted {
         v: WIRE_VERSION,
         id: Uuid::now_v7(),
@@ -212,6 +402,7 @@ async fn post(
         text,
         source_language,
         sent_at: now_rfc3339(),
+        reply_to,
     };
     let payload = serde_json::to_vec(&posted).expect("a message always encodes");
     if let Err(source) = chat.bus.publish(Route::Posted, &payload).await {
@@ -235,15 +426,18 @@ impl MutationRoot {
             String,
         >,
         sender: Option<String>,
+        #[graphql(desc = "The message this one answers, in the same chat (needs history)")] reply_to: Option<ID>,
     ) -> Result<ChatMessage> {
         let chat = ctx.data_unchecked::<Arc<ChatContext>>();
-        Ok(post(chat, chat_id.0, text, language, sender).await.map(ChatMessage::accepted)?)
+        let message = NewMessage { chat_id: chat_id.0, text, language, sender, reply_to };
+        Ok(post(chat, message).await.map(ChatMessage::accepted)?)
     }
 
     /// The seed's mutation: sends `message` to `chatId` in the source language.
     async fn put_event(&self, ctx: &Context<'_>, message: String, chat_id: String) -> Result<PutEventResult> {
         let chat = ctx.data_unchecked::<Arc<ChatContext>>();
-        let entry = match post(chat, chat_id, message, None, None).await {
+        let message = NewMessage { chat_id, text: message, language: None, sender: None, reply_to: None };
+        let entry = match post(chat, message).await {
             Ok(posted) => EventDetails { event_id: Some(posted.id.to_string()), error_message: None, error_code: None },
             // EventBridge reports a failed entry in the result, not as an error of the call.
             Err(err @ PostError::Unavailable { .. }) => EventDetails {
@@ -260,63 +454,143 @@ impl MutationRoot {
 
 pub struct SubscriptionRoot;
 
-/// The deliveries of one chat that pass `keep`, ending with an error if the subscriber falls behind.
-async fn deliveries<T, F>(ctx: &Context<'_>, chat_id: &str, keep: F) -> Result<BoxStream<'static, Result<T>>>
+/// Pages of stored deliveries of a chat with `after < seq <= up_to`.
+fn replay(
+    history: Arc<dyn History>,
+    chat_id: String,
+    languages: Option<Vec<String>>,
+    after: u64,
+    up_to: u64,
+) -> BoxStream<'static, Result<Arc<Delivery>>> {
+    futures_util::stream::unfold(Some(after), move |cursor| {
+        let (history, chat_id, languages) = (history.clone(), chat_id.clone(), languages.clone());
+        async move {
+            let cursor = cursor?;
+            if cursor >= up_to {
+                return None;
+            }
+            match history.range(&chat_id, Languages(languages.as_deref()), cursor, up_to, history::MAX_PAGE).await {
+                Ok(page) => {
+                    // A short page is the last; a full one is followed by the next from its last seq.
+                    let next = (page.len() == history::MAX_PAGE as usize)
+                        .then(|| page.last().map(|s| s.delivery.seq))
+                        .flatten();
+                    let items: Vec<Result<Arc<Delivery>>> = page.into_iter().map(|s| Ok(s.delivery)).collect();
+                    Some((futures_util::stream::iter(items), next))
+                }
+                Err(err) => Some((futures_util::stream::iter(vec![Err(history_unavailable(err))]), None)),
+            }
+        }
+    })
+    .flatten()
+    .boxed()
+}
+
+/// The deliveries of one chat that pass `keep`: with `after`, first those stored after it, then the
+/// live ones, with no gap and no repeat at the seam. Ends with an error if the subscriber falls behind.
+async fn deliveries<T, F>(
+    ctx: &Context<'_>,
+    chat_id: &str,
+    languages: Option<Vec<String>>,
+    after: Option<u64>,
+    keep: F,
+) -> Result<BoxStream<'static, Result<T>>>
 where
     T: Send + 'static,
     F: Fn(&Arc<Delivery>) -> Option<T> + Send + 'static,
 {
     let chat = ctx.data_unchecked::<Arc<ChatContext>>();
     check_chat_id(&chat.settings, chat_id)?;
+    let languages = chat.settings.languages(languages)?;
+    let wanted: Option<HashSet<String>> = languages.clone().map(|l| l.into_iter().collect());
+    let keep = move |d: &Arc<Delivery>| {
+        let language_ok = d.original || wanted.as_ref().is_none_or(|w| w.contains(&d.language));
+        language_ok.then(|| keep(d)).flatten()
+    };
+    // A member's replay of a shared group: history only, up to what is stored now.
+    if let Some(ReplayOnly(feed)) = ctx.data_opt::<ReplayOnly>() {
+        let history = chat.history()?.clone();
+        let up_to = history.last_seq(chat_id).await.map_err(history_unavailable)?;
+        // The member goes on with live results after this: deliveries up to here came from history.
+        feed.set_seq(up_to.max(after.unwrap_or(0)));
+        let stored = replay(history, chat_id.to_owned(), languages, after.unwrap_or(0), up_to);
+        return Ok(stored.filter_map(move |d| futures_util::future::ready(d.map(|d| keep(&d)).transpose())).boxed());
+    }
+    let feed = ctx.data_opt::<Arc<GroupFeed>>().cloned();
+    // Watch the chat before reading the history, so whatever the history misses arrives live.
     let subscription =
         chat.hub.subscribe(chat_id).await.map_err(|err| unavailable(format!("cannot watch chat {chat_id}: {err}")))?;
-    Ok(futures_util::stream::unfold(Some((subscription, keep)), |state| async move {
-        let (mut subscription, keep) = state?;
-        loop {
-            match subscription.recv().await {
-                Ok(delivery) => {
-                    if let Some(item) = keep(&delivery) {
-                        return Some((Ok(item), Some((subscription, keep))));
+    if let Some(feed) = &feed {
+        feed.watch();
+    }
+    // Executed alone (not in a group), the resolver replays history itself.
+    let (stored, seam) = match (after, &feed) {
+        (Some(after), None) => {
+            let history = chat.history()?.clone();
+            let up_to = history.last_seq(chat_id).await.map_err(history_unavailable)?;
+            (replay(history, chat_id.to_owned(), languages, after, up_to), up_to.max(after))
+        }
+        _ => (futures_util::stream::empty().boxed(), 0),
+    };
+    let lag_feed = feed.clone();
+    let live = futures_util::stream::unfold(Some(subscription), move |state| {
+        let feed = lag_feed.clone();
+        async move {
+            let mut subscription = state?;
+            loop {
+                match subscription.recv().await {
+                    Ok(delivery) if delivery.seq > seam => return Some((Ok(delivery), Some(subscription))),
+                    Ok(_) => {}
+                    Err(Missed::Lagged(n)) => {
+                        if let Some(feed) = &feed {
+                            feed.set_seq(0);
+                        }
+                        let err = async_graphql::Error::new(format!(
+                            "this subscriber fell {n} messages behind and was dropped; subscribe again"
+                        ))
+                        .extend_with(|_, e| e.set("code", "SLOW_CONSUMER"));
+                        return Some((Err(err), None));
                     }
+                    Err(Missed::Closed) => return None,
                 }
-                Err(Missed::Lagged(n)) => {
-                    let err = async_graphql::Error::new(format!(
-                        "this subscriber fell {n} messages behind and was dropped; subscribe again"
-                    ))
-                    .extend_with(|_, e| e.set("code", "SLOW_CONSUMER"));
-                    return Some((Err(err), None));
-                }
-                Err(Missed::Closed) => return None,
             }
         }
-    })
-    .boxed())
+    });
+    Ok(stored
+        .chain(live)
+        .filter_map(move |item| {
+            let kept = match item {
+                Ok(delivery) => keep(&delivery).map(|kept| {
+                    if let Some(feed) = &feed {
+                        feed.set_seq(delivery.seq);
+                    }
+                    Ok(kept)
+                }),
+                Err(err) => Some(Err(err)),
+            };
+            futures_util::future::ready(kept)
+        })
+        .boxed())
 }
 
 #[Subscription]
 impl SubscriptionRoot {
-    /// Every message of a chat: each original, and its translations into `languages` (all when omitted).
+    /// Every message of a chat: each original, and its translations into `languages` (all when
+    /// omitted). With `after`, first every stored delivery with `seq > after`, then the live ones.
     async fn messages(
         &self,
         ctx: &Context<'_>,
         chat_id: ID,
         languages: Option<Vec<String>>,
+        after: Option<i64>,
     ) -> Result<impl Stream<Item = Result<ChatMessage>>> {
-        let settings = &ctx.data_unchecked::<Arc<ChatContext>>().settings;
-        if let Some(unknown) = languages.iter().flatten().find(|l| !settings.known(l)) {
-            return Err(settings.unknown_language(unknown));
-        }
-        let wanted: Option<HashSet<String>> = languages.map(|l| l.into_iter().collect());
-        deliveries(ctx, &chat_id, move |d| {
-            let keep = d.original || wanted.as_ref().is_none_or(|w| w.contains(&d.language));
-            keep.then(|| ChatMessage::delivered(d.clone()))
-        })
-        .await
+        let after = seq_argument("after", after)?;
+        deliveries(ctx, &chat_id, languages, after, |d| Some(ChatMessage::delivered(d.clone()))).await
     }
 
     /// The seed's subscription: the text of every original and translation of a chat.
     async fn chat(&self, ctx: &Context<'_>, chat_id: String) -> Result<impl Stream<Item = Result<String>>> {
-        deliveries(ctx, &chat_id, |d| Some(d.text.clone())).await
+        deliveries(ctx, &chat_id, None, None, |d| Some(d.text.clone())).await
     }
 }
 

@@ -2,65 +2,60 @@
 //! and — when the client names no subprotocol — the seed's plain frames (`{"query","variables"}` in,
 //! `{"data":...}` out).
 //!
-//! Plain subscriptions are executed once per distinct operation in a shared group (see
-//! [`groups`](super::groups)); everything else on a GraphQL protocol goes to async-graphql's protocol
-//! state machine, and on plain frames to its own execution. The connection counts its subscriptions
-//! against `--max-subscriptions-per-connection` itself, so the schema knows nothing of sockets.
+//! The loop owns its socket and wakes for three things: a frame from the client, its [`Signal`]
+//! (new results in a group's ring, or frames in its [`Outbox`]), and shutdown. Each wake-up writes
+//! everything waiting in one flush. Plain subscriptions join a shared group (see
+//! [`groups`](super::groups)); everything else (queries, mutations, subscriptions with extensions) is
+//! executed for the connection alone, its results queued in the outbox. The connection counts its
+//! subscriptions against `--max-subscriptions-per-connection` itself, so the schema knows nothing of
+//! sockets; it speaks the two GraphQL protocols itself, with their close codes.
 
 use std::{
     collections::HashMap,
+    future::{poll_fn, Future},
     ops::ControlFlow,
+    pin::pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
+    task::Poll,
     time::Duration,
 };
 
-use async_graphql::{
-    http::{ClientMessage, WebSocket as ProtocolMachine, WebSocketProtocols, WsMessage},
-    ErrorExtensions,
-};
+use async_graphql::{http::ClientMessage, ErrorExtensions, Request};
 use axum::{
-    extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade},
+    extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade},
     response::Response,
 };
-use futures_util::{
-    stream::{BoxStream, SplitSink},
-    SinkExt, StreamExt,
-};
-use tokio::sync::mpsc;
+use futures_util::{SinkExt, StreamExt};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     framing::{Framing, OperationId},
-    groups::{refused, Membership, Shareable, SharedSubscriptions, Sharing},
-    outbox::{Outbox, Outgoing},
-    schema::ChatSchema,
+    groups::{refusal, Membership, Read, Shareable, SharedSubscriptions, Sharing},
+    outbox::{Outbox, Outgoing, Signal},
+    schema::{ChatSchema, GroupFeed, ReplayOnly},
 };
-
-/// What every socket of the gateway shares.
-#[derive(Clone)]
-pub struct Sockets {
-    pub schema: ChatSchema,
-    /// Subscriptions executed once per distinct operation.
-    pub shared: Arc<SharedSubscriptions>,
-    pub limits: SocketLimits,
-    pub shutdown: CancellationToken,
-    /// Upgraded sockets outlive axum's graceful shutdown; this lets the server wait for their close frames.
-    pub tracker: TaskTracker,
-}
 
 /// Close code for a server going away (RFC 6455).
 const GOING_AWAY: u16 = 1001;
+/// Protocol error (RFC 6455): the legacy protocol's answer to a message it cannot read.
+const PROTOCOL_ERROR: u16 = 1002;
+/// graphql-transport-ws: a message that is not one of the protocol's.
+const BAD_REQUEST: u16 = 4400;
+/// graphql-transport-ws: an operation before the connection was acknowledged.
+const UNAUTHORIZED: u16 = 4401;
 /// graphql-ws: the client did not send `connection_init` in time.
 const INIT_TIMEOUT: u16 = 4408;
 /// graphql-transport-ws: a subscribe reused the id of a running operation.
 const DUPLICATE_ID: u16 = 4409;
-/// Policy violation (RFC 6455): the client read its frames too slowly and its send queue overflowed.
+/// graphql-transport-ws: a second `connection_init`.
+const TOO_MANY_INITIALISATIONS: u16 = 4429;
+/// Policy violation (RFC 6455): the client read its frames too slowly.
 const SLOW_CONSUMER: u16 = 1008;
-/// How long a slow consumer's close frame may wait behind the frames already written.
-const SLOW_CONSUMER_GRACE: Duration = Duration::from_secs(10);
+/// How long a close frame may wait behind the frames already written.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// Bytes read from a socket at a time. tungstenite's default, 128 KiB, dominated an idle
 /// subscription's memory; client frames here are a few hundred bytes, and larger ones still fit.
 const SOCKET_READ_BUFFER: usize = 2 * 1024;
@@ -73,8 +68,34 @@ pub struct SocketLimits {
     pub max_subscriptions_per_connection: usize,
     pub connection_init_timeout: Duration,
     pub max_message_bytes: usize,
-    /// Frames that may wait for one connection before it is closed as a slow consumer.
+    /// Frames that may wait for one connection (in its outbox, or behind in a group's ring) before it
+    /// is closed as a slow consumer.
     pub send_queue_frames: usize,
+}
+
+/// What every socket of the gateway shares.
+#[derive(Clone)]
+pub struct Sockets {
+    pub schema: ChatSchema,
+    /// Subscriptions executed once per distinct operation.
+    pub shared: Arc<SharedSubscriptions>,
+    pub limits: SocketLimits,
+    pub shutdown: CancellationToken,
+    /// Upgraded sockets outlive axum's graceful shutdown; this lets the server wait for their close frames.
+    pub tracker: TaskTracker,
+    /// Set once `shutdown` fires: a connection checks this on each wake-up instead of polling the token.
+    pub closing: Arc<AtomicBool>,
+}
+
+impl Sockets {
+    /// Raises [`Sockets::closing`] when `shutdown` fires.
+    pub fn watch_shutdown(&self) {
+        let (shutdown, closing) = (self.shutdown.clone(), self.closing.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            closing.store(true, Ordering::Release);
+        });
+    }
 }
 
 /// How many subscriptions one WebSocket connection may hold at once.
@@ -115,8 +136,22 @@ impl SubscriptionBudget {
 /// The wire protocol a socket speaks, from its negotiated subprotocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wire {
-    GraphQL(WebSocketProtocols),
+    /// graphql-transport-ws (graphql-ws, Apollo Client's `GraphQLWsLink`).
+    TransportWs,
+    /// Legacy graphql-ws (subscriptions-transport-ws).
+    LegacyWs,
+    /// No subprotocol: the seed's plain frames.
     Plain,
+}
+
+impl Wire {
+    fn framing(self) -> Framing {
+        match self {
+            Self::TransportWs => Framing::Next,
+            Self::LegacyWs => Framing::Data,
+            Self::Plain => Framing::Plain,
+        }
+    }
 }
 
 /// Upgrades a `GET /graphql` to a WebSocket speaking the subprotocol the client asked for.
@@ -129,8 +164,8 @@ pub fn upgrade(state: Sockets, upgrade: WebSocketUpgrade) -> Response {
         // Frames are written once this much is buffered (and on every flush); the buffer keeps its size.
         .write_buffer_size(SOCKET_WRITE_BUFFER);
     let wire = match upgrade.selected_protocol().and_then(|p| p.to_str().ok()) {
-        Some("graphql-transport-ws") => Wire::GraphQL(WebSocketProtocols::GraphQLWS),
-        Some("graphql-ws") => Wire::GraphQL(WebSocketProtocols::SubscriptionsTransportWS),
+        Some("graphql-transport-ws") => Wire::TransportWs,
+        Some("graphql-ws") => Wire::LegacyWs,
         _ => Wire::Plain,
     };
     upgrade.on_upgrade(move |socket| {
@@ -143,323 +178,361 @@ fn close_frame(code: u16, reason: &str) -> Message {
     Message::Close(Some(CloseFrame { code, reason: reason.into() }))
 }
 
-/// What runs under one client operation id.
-enum Running {
-    /// A member of a shared group; it leaves the group when dropped.
-    Shared { _membership: Membership, _permit: BudgetPermit },
-    /// Executed on its own; a subscription holds a unit of the budget until it ends.
-    Alone { _permit: Option<BudgetPermit> },
-}
-
-/// One client connection: its socket, its outbox, and the operations it runs.
-struct Connection {
-    sink: SplitSink<WebSocket, Message>,
-    outbox: Arc<Outbox>,
-    running: HashMap<Box<str>, Running>,
-    budget: SubscriptionBudget,
-    state: Sockets,
-}
-
 type Flow = ControlFlow<()>;
 
+/// Stops its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// An operation running on a connection.
+enum Running {
+    /// A member of a shared group (and, while it resumes, the replay of its history).
+    Shared { membership: Membership, _permit: BudgetPermit, _replay: Option<AbortOnDrop> },
+    /// Executed for this connection alone; its task queues the results.
+    Alone { _task: AbortOnDrop },
+}
+
+struct Operation {
+    id: OperationId,
+    /// Tells this operation's outbox items from those of an earlier operation with the same id.
+    serial: u64,
+    running: Running,
+}
+
+/// One client connection.
+struct Connection {
+    wire: Wire,
+    state: Sockets,
+    signal: Arc<Signal>,
+    outbox: Arc<Outbox>,
+    operations: HashMap<Box<str>, Operation>,
+    budget: SubscriptionBudget,
+    initialised: bool,
+    next_serial: u64,
+    /// Frames gathered for the next write, kept to reuse its memory.
+    pending: Vec<Utf8Bytes>,
+}
+
 impl Connection {
-    fn new(sink: SplitSink<WebSocket, Message>, state: Sockets) -> Self {
+    fn new(wire: Wire, state: Sockets) -> Self {
         Self {
-            sink,
+            wire,
+            signal: Arc::default(),
             outbox: Arc::new(Outbox::new(state.limits.send_queue_frames)),
-            running: HashMap::new(),
+            operations: HashMap::new(),
             budget: SubscriptionBudget::new(state.limits.max_subscriptions_per_connection),
+            // Plain frames have no handshake.
+            initialised: wire == Wire::Plain,
+            next_serial: 0,
+            pending: Vec::new(),
             state,
         }
     }
 
-    async fn send(&mut self, message: Message) -> Flow {
-        match self.sink.send(message).await {
-            Ok(()) => Flow::Continue(()),
-            Err(_) => Flow::Break(()),
+    fn control(&self, frame: Utf8Bytes) {
+        self.outbox.push_control(Outgoing::Frame(frame), &self.signal);
+    }
+
+    /// Queues the frames that refuse operation `id` before it ran: its error, then its end.
+    fn refuse(&self, id: &OperationId, error: async_graphql::Error) {
+        let framing = self.wire.framing();
+        self.control(framing.result(id, &refusal(error)));
+        if let Some(end) = framing.complete(id) {
+            self.control(end);
         }
     }
 
-    async fn close(&mut self, code: u16, reason: &str) -> Flow {
-        let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, self.sink.send(close_frame(code, reason))).await;
-        Flow::Break(())
+    fn serial(&mut self) -> u64 {
+        self.next_serial += 1;
+        self.next_serial
     }
 
-    /// Sends everything queued in the outbox, in one flush.
-    async fn flush(&mut self) -> Flow {
-        let Self { sink, outbox, running, .. } = self;
-        if let Some(items) = outbox.take() {
-            let send_all = async {
-                for item in items {
-                    if let Some(id) = item.ended {
-                        running.remove(&id);
+    /// Starts `request` as operation `id`: in its group when it can be shared, else on its own.
+    fn start(&mut self, id: OperationId, request: Request) {
+        match self.state.shared.check(request) {
+            Sharing::Shared(operation) => self.start_shared(id, operation),
+            Sharing::Alone { request, subscription } => self.start_alone(id, request, subscription),
+        }
+    }
+
+    fn start_shared(&mut self, id: OperationId, operation: Shareable) {
+        let permit = match self.budget.acquire() {
+            Ok(permit) => permit,
+            Err(error) => return self.refuse(&id, error),
+        };
+        let serial = self.serial();
+        let framing = self.wire.framing();
+        let (membership, replay) = self.state.shared.join(operation, id.clone(), framing, self.signal.clone());
+        let replay = replay.map(|request| {
+            let watching = membership.watching();
+            let (schema, outbox, signal, id) =
+                (self.state.schema.clone(), self.outbox.clone(), self.signal.clone(), id.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                // Read the history only once the group's execution watches the chat: whatever the
+                // history then lacks reaches the ring.
+                watching.watching().await;
+                let feed = Arc::new(GroupFeed::default());
+                let stream = schema.execute_stream(request.data(ReplayOnly(feed.clone())));
+                futures_util::pin_mut!(stream);
+                while let Some(response) = stream.next().await {
+                    let failed = response.is_err();
+                    let payload: Utf8Bytes = serde_json::to_string(&response).expect("a response encodes").into();
+                    let frame = framing.result(&id, &payload);
+                    if !outbox.push_when_room(Outgoing::OpFrame { op: serial, frame }, &signal).await {
+                        return;
                     }
-                    if let Some(frame) = item.frame {
-                        sink.feed(Message::Text(frame)).await?;
+                    if failed {
+                        if let Some(end) = framing.complete(&id) {
+                            outbox.push_control(Outgoing::OpFrame { op: serial, frame: end }, &signal);
+                        }
+                        outbox.push_control(Outgoing::Ended { op: serial }, &signal);
+                        return;
                     }
                 }
-                sink.flush().await
-            };
-            // A client that stops reading blocks the writes; its outbox overflowing ends the wait.
-            tokio::select! {
-                sent = send_all => return if sent.is_ok() { Flow::Continue(()) } else { Flow::Break(()) },
-                _ = outbox.overflowed() => {}
-            }
-        }
-        let reason = format!("slow consumer: more than {} frames waited to be sent", self.outbox.capacity());
-        self.close(SLOW_CONSUMER, &reason).await
+                outbox.push_control(Outgoing::Live { op: serial, seq: feed.seq() }, &signal);
+            }))
+        });
+        let running = Running::Shared { membership, _permit: permit, _replay: replay };
+        self.operations.insert(id.raw.clone(), Operation { id, serial, running });
     }
 
-    /// Queues frames that need no budget: errors and completions.
-    fn push_control(&self, items: impl IntoIterator<Item = Outgoing>) {
-        items.into_iter().for_each(|item| self.outbox.push_control(item));
-    }
-
-    /// A unit of the subscription budget, or the frames refusing operation `id`.
-    fn permit(&self, id: &OperationId, framing: Framing) -> Option<BudgetPermit> {
-        match self.budget.acquire() {
-            Ok(permit) => Some(permit),
-            Err(error) => {
-                self.push_control(refused(framing, id, error));
-                None
-            }
-        }
-    }
-
-    /// Joins a shareable subscription to its group, or refuses it when the budget is spent.
-    fn start_shared(&mut self, operation: Shareable, id: OperationId, framing: Framing) {
-        if let Some(permit) = self.permit(&id, framing) {
-            let raw = id.raw.clone();
-            let membership = self.state.shared.join(operation, id, framing, self.outbox.clone());
-            self.running.insert(raw, Running::Shared { _membership: membership, _permit: permit });
-        }
-    }
-}
-
-/// The protocol-specific half of a connection.
-enum Protocol {
-    /// graphql-transport-ws or legacy graphql-ws: async-graphql's state machine runs the handshake
-    /// and every operation that is not shared.
-    GraphQL {
-        protocol: WebSocketProtocols,
-        framing: Framing,
-        machine: BoxStream<'static, WsMessage>,
-        to_machine: mpsc::UnboundedSender<serde_json::Result<ClientMessage>>,
-        initialised: bool,
-    },
-    /// The seed's plain frames: every text frame is one request, with no ids and no handshake.
-    Plain { operations: tokio::task::JoinSet<()>, next_id: u64, max_operations: usize },
-}
-
-/// What the protocol half produced by itself.
-enum Output {
-    /// A message of async-graphql's state machine for the client.
-    Machine(Option<WsMessage>),
-    /// A plain operation finished.
-    Finished,
-}
-
-impl Protocol {
-    fn new(wire: Wire, state: &Sockets) -> Self {
-        match wire {
-            Wire::GraphQL(protocol) => {
-                let (to_machine, mut input) = mpsc::unbounded_channel::<serde_json::Result<ClientMessage>>();
-                let input = futures_util::stream::poll_fn(move |cx| input.poll_recv(cx));
-                let machine = ProtocolMachine::from_message_stream(state.schema.clone(), input, protocol).boxed();
-                let framing = match protocol {
-                    WebSocketProtocols::GraphQLWS => Framing::Next,
-                    WebSocketProtocols::SubscriptionsTransportWS => Framing::Data,
-                };
-                Self::GraphQL { protocol, framing, machine, to_machine, initialised: false }
-            }
-            // Subscriptions are capped by the budget; this caps queries and mutations in flight too.
-            Wire::Plain => Self::Plain {
-                operations: tokio::task::JoinSet::new(),
-                next_id: 0,
-                max_operations: state.limits.max_subscriptions_per_connection * 2,
+    fn start_alone(&mut self, id: OperationId, request: Request, subscription: bool) {
+        let permit = match subscription {
+            true => match self.budget.acquire() {
+                Ok(permit) => Some(permit),
+                Err(error) => return self.refuse(&id, error),
             },
-        }
-    }
-
-    /// Whether the client still owes its `connection_init`.
-    fn awaits_init(&self) -> bool {
-        matches!(self, Self::GraphQL { initialised: false, .. })
-    }
-
-    /// The next thing this protocol produced by itself; pending while there is nothing.
-    async fn output(&mut self) -> Output {
-        match self {
-            Self::GraphQL { machine, .. } => Output::Machine(machine.next().await),
-            Self::Plain { operations, .. } if !operations.is_empty() => {
-                operations.join_next().await;
-                Output::Finished
-            }
-            Self::Plain { .. } => std::future::pending().await,
-        }
-    }
-
-    async fn forward(&mut self, output: Output, conn: &mut Connection) -> Flow {
-        let Self::GraphQL { initialised, .. } = self else {
-            return Flow::Continue(());
+            false => None,
         };
-        match output {
-            Output::Machine(Some(WsMessage::Text(text))) => {
-                // Only the acknowledgement ends the handshake; a pong before it does not.
-                *initialised |= text.contains(r#""type":"connection_ack""#);
-                if let Some(id) = ended_operation(&text) {
-                    if matches!(conn.running.get(id.as_str()), Some(Running::Alone { .. })) {
-                        conn.running.remove(id.as_str());
-                    }
+        let serial = self.serial();
+        let framing = self.wire.framing();
+        let stream = self.state.schema.execute_stream(request);
+        let (outbox, signal, task_id) = (self.outbox.clone(), self.signal.clone(), id.clone());
+        let task = AbortOnDrop(tokio::spawn(async move {
+            let _permit = permit;
+            futures_util::pin_mut!(stream);
+            while let Some(response) = stream.next().await {
+                let Ok(payload) = serde_json::to_string(&response) else { continue };
+                let frame = framing.result(&task_id, &payload.into());
+                if !outbox.push(Outgoing::OpFrame { op: serial, frame }, &signal) {
+                    return;
                 }
-                conn.send(Message::Text(text.into())).await
             }
-            Output::Machine(Some(WsMessage::Close(code, reason))) => conn.close(code, &reason).await,
-            Output::Machine(None) => Flow::Break(()),
-            Output::Finished => Flow::Continue(()),
-        }
+            if let Some(end) = framing.complete(&task_id) {
+                outbox.push_control(Outgoing::OpFrame { op: serial, frame: end }, &signal);
+            }
+            outbox.push_control(Outgoing::Ended { op: serial }, &signal);
+        }));
+        self.operations.insert(id.raw.clone(), Operation { id, serial, running: Running::Alone { _task: task } });
     }
 
-    async fn receive(&mut self, frame: Option<Result<Message, axum::Error>>, conn: &mut Connection) -> Flow {
-        let bytes = match frame {
-            Some(Ok(Message::Text(text))) => text.as_bytes().to_vec(),
-            Some(Ok(Message::Binary(bytes))) if matches!(self, Self::GraphQL { .. }) => bytes.to_vec(),
-            Some(Ok(Message::Close(_)) | Err(_)) | None => return Flow::Break(()),
-            Some(Ok(_)) => return Flow::Continue(()),
-        };
-        match self {
-            Self::GraphQL { protocol, framing, to_machine, initialised, .. } => {
-                let message = ClientMessage::from_bytes(&bytes);
-                match message {
-                    // Before the acknowledgement, async-graphql refuses operations itself.
-                    Ok(ClientMessage::Start { id, payload }) if *initialised => {
-                        if conn.running.contains_key(id.as_str()) {
-                            if *protocol == WebSocketProtocols::GraphQLWS {
-                                let reason = format!("Subscriber for {id} already exists");
-                                return conn.close(DUPLICATE_ID, &reason).await;
-                            }
-                            // The legacy protocol lets a start replace the operation of the same id.
-                            conn.running.remove(id.as_str());
-                        }
-                        match conn.state.shared.check(payload) {
-                            Sharing::Shared(operation) => conn.start_shared(operation, OperationId::new(&id), *framing),
-                            Sharing::Alone { request, subscription } => {
-                                let permit = match subscription {
-                                    true => match conn.permit(&OperationId::new(&id), *framing) {
-                                        Some(permit) => Some(permit),
-                                        None => return Flow::Continue(()),
-                                    },
-                                    false => None,
-                                };
-                                conn.running.insert(id.as_str().into(), Running::Alone { _permit: permit });
-                                let _ = to_machine.send(Ok(ClientMessage::Start { id, payload: request }));
-                            }
-                        }
-                    }
-                    Ok(ClientMessage::Stop { id }) => match conn.running.remove(id.as_str()) {
-                        Some(Running::Shared { .. }) => {
-                            // Through the outbox, so the end follows every result already queued.
-                            let end = framing.complete(&OperationId::new(&id));
-                            conn.push_control([Outgoing { frame: end, ended: None }]);
-                        }
-                        Some(Running::Alone { .. }) | None => {
-                            let _ = to_machine.send(Ok(ClientMessage::Stop { id }));
-                        }
-                    },
-                    other => {
-                        let _ = to_machine.send(other);
+    /// The operation a queued item belongs to, if it still runs.
+    fn operation_mut(&mut self, serial: u64) -> Option<&mut Operation> {
+        self.operations.values_mut().find(|o| o.serial == serial)
+    }
+
+    /// Gathers every frame waiting (outbox first, then the groups' rings) into `pending`.
+    fn gather(&mut self) -> Flow {
+        for item in self.outbox.take() {
+            match item {
+                Outgoing::Frame(frame) => self.pending.push(frame),
+                Outgoing::OpFrame { op, frame } => {
+                    if self.operation_mut(op).is_some() {
+                        self.pending.push(frame);
                     }
                 }
-                Flow::Continue(())
-            }
-            Self::Plain { operations, next_id, max_operations } => {
-                let error = |message: String| {
-                    let error = serde_json::json!({"errors": [{"message": message}]});
-                    conn.push_control([Outgoing::frame(error.to_string().into())]);
-                };
-                let request = match serde_json::from_slice::<async_graphql::Request>(&bytes) {
-                    Ok(request) => request,
-                    Err(err) => {
-                        error(format!("invalid request frame: {err}"));
-                        return Flow::Continue(());
-                    }
-                };
-                *next_id += 1;
-                let id = OperationId::new(&next_id.to_string());
-                match conn.state.shared.check(request) {
-                    Sharing::Shared(operation) => conn.start_shared(operation, id, Framing::Plain),
-                    Sharing::Alone { .. } if operations.len() >= *max_operations => {
-                        error(format!("too many operations in flight on this connection (at most {max_operations})"))
-                    }
-                    Sharing::Alone { request, subscription } => {
-                        let permit = match subscription {
-                            true => match conn.permit(&id, Framing::Plain) {
-                                Some(permit) => Some(permit),
-                                None => return Flow::Continue(()),
-                            },
-                            false => None,
-                        };
-                        let stream = conn.state.schema.execute_stream(request);
-                        let outbox = conn.outbox.clone();
-                        operations.spawn(async move {
-                            let _permit = permit;
-                            futures_util::pin_mut!(stream);
-                            while let Some(response) = stream.next().await {
-                                let Ok(json) = serde_json::to_string(&response) else { continue };
-                                if !outbox.push(Outgoing::frame(json.into())) {
-                                    break;
-                                }
-                            }
-                        });
+                Outgoing::Live { op, seq } => {
+                    if let Some(Operation { running: Running::Shared { membership, .. }, .. }) = self.operation_mut(op)
+                    {
+                        membership.go_live(seq);
                     }
                 }
-                Flow::Continue(())
+                Outgoing::Ended { op } => self.operations.retain(|_, o| o.serial != op),
             }
         }
+        let mut ended = Vec::new();
+        for operation in self.operations.values_mut() {
+            let Running::Shared { membership, .. } = &mut operation.running else { continue };
+            let pending = &mut self.pending;
+            match membership.read(|frame| pending.push(frame)) {
+                Read::UpToDate => {}
+                Read::Lagged => return Flow::Break(()),
+                Read::Ended => {
+                    pending.extend(membership.framing.complete(&membership.id));
+                    ended.push(operation.id.raw.clone());
+                }
+            }
+        }
+        for id in ended {
+            self.operations.remove(&id);
+        }
+        if self.signal.has_overflowed() {
+            return Flow::Break(());
+        }
+        Flow::Continue(())
+    }
+
+    fn slow_consumer_reason(&self) -> String {
+        format!("slow consumer: more than {} frames waited to be sent", self.state.limits.send_queue_frames)
+    }
+
+    /// Handles one message of a GraphQL protocol.
+    fn receive_graphql(&mut self, bytes: &[u8]) -> Result<(), (u16, String)> {
+        let message = match ClientMessage::from_bytes(bytes) {
+            Ok(message) => message,
+            Err(err) => {
+                let code = if self.wire == Wire::TransportWs { BAD_REQUEST } else { PROTOCOL_ERROR };
+                return Err((code, format!("Invalid message received: {err}")));
+            }
+        };
+        match message {
+            ClientMessage::ConnectionInit { .. } if self.initialised => {
+                return Err((TOO_MANY_INITIALISATIONS, "Too many initialisation requests".into()));
+            }
+            ClientMessage::ConnectionInit { .. } => {
+                self.initialised = true;
+                self.control(r#"{"type":"connection_ack"}"#.into());
+            }
+            ClientMessage::Start { .. } if !self.initialised => return Err((UNAUTHORIZED, "Unauthorized".into())),
+            ClientMessage::Start { id, payload } => {
+                if self.operations.contains_key(id.as_str()) {
+                    if self.wire == Wire::TransportWs {
+                        return Err((DUPLICATE_ID, format!("Subscriber for {id} already exists")));
+                    }
+                    // The legacy protocol lets a start replace the operation of the same id.
+                    self.operations.remove(id.as_str());
+                }
+                self.start(OperationId::new(&id), payload);
+            }
+            ClientMessage::Stop { id } => {
+                if let Some(operation) = self.operations.remove(id.as_str()) {
+                    // Queued after every result already waiting, so the end comes last.
+                    self.outbox.push_control(
+                        Outgoing::Frame(
+                            self.wire.framing().complete(&operation.id).expect("GraphQL protocols end operations"),
+                        ),
+                        &self.signal,
+                    );
+                }
+            }
+            ClientMessage::Ping { .. } => self.control(r#"{"type":"pong"}"#.into()),
+            ClientMessage::Pong { .. } => {}
+            ClientMessage::ConnectionTerminate => return Err((1000, String::new())),
+        }
+        Ok(())
+    }
+
+    /// Handles one plain frame: one GraphQL request.
+    fn receive_plain(&mut self, bytes: &[u8]) {
+        let error = |message: String| {
+            let error = serde_json::json!({"errors": [{"message": message}]});
+            Utf8Bytes::from(error.to_string())
+        };
+        let request = match serde_json::from_slice::<Request>(bytes) {
+            Ok(request) => request,
+            Err(err) => return self.control(error(format!("invalid request frame: {err}"))),
+        };
+        // Subscriptions are capped by the budget; this caps queries and mutations in flight too.
+        let max_operations = self.state.limits.max_subscriptions_per_connection * 2;
+        if self.operations.len() >= max_operations {
+            return self.control(error(format!(
+                "too many operations in flight on this connection (at most {max_operations})"
+            )));
+        }
+        let serial = self.serial();
+        self.start(OperationId::new(&format!("plain-{serial}")), request);
     }
 }
 
-/// The id of the operation a graphql-ws message from the state machine ends (`complete` or `error`).
-fn ended_operation(text: &str) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Ending {
-        #[serde(rename = "type")]
-        kind: String,
-        id: Option<String>,
-    }
-    if !(text.contains(r#""type":"complete""#) || text.contains(r#""type":"error""#)) {
-        return None;
-    }
-    let ending: Ending = serde_json::from_str(text).ok()?;
-    matches!(ending.kind.as_str(), "complete" | "error").then_some(ending.id).flatten()
+/// What woke the connection.
+enum Wake {
+    Shutdown,
+    InitTimeout,
+    Work { write: bool, read: Option<Option<Result<Message, axum::Error>>> },
 }
 
 /// Serves one upgraded socket until either side ends it or the gateway shuts down.
-async fn serve(socket: WebSocket, wire: Wire, state: Sockets) {
-    let (sink, mut source) = socket.split();
-    let shutdown = state.shutdown.clone();
-    let init_timeout = state.limits.connection_init_timeout;
-    let mut protocol = Protocol::new(wire, &state);
-    let mut conn = Connection::new(sink, state);
-    let init_deadline = tokio::time::sleep(init_timeout);
-    tokio::pin!(init_deadline);
-    loop {
-        let flow = tokio::select! {
-            _ = shutdown.cancelled() => conn.close(GOING_AWAY, "server shutting down").await,
-            _ = &mut init_deadline, if protocol.awaits_init() => {
-                conn.close(INIT_TIMEOUT, "Connection initialisation timeout").await
+async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets) {
+    let mut shutdown = pin!(state.shutdown.clone().cancelled_owned());
+    let closing = state.closing.clone();
+    let mut init_deadline = pin!(tokio::time::sleep(state.limits.connection_init_timeout));
+    let mut conn = Connection::new(wire, state);
+    let close = loop {
+        let awaits_init = !conn.initialised;
+        let wake = poll_fn(|cx| {
+            let write = conn.signal.poll(cx).is_ready();
+            if let Poll::Ready(message) = socket.poll_next_unpin(cx) {
+                return Poll::Ready(Wake::Work { write, read: Some(message) });
             }
-            _ = conn.outbox.ready() => conn.flush().await,
-            output = protocol.output() => protocol.forward(output, &mut conn).await,
-            frame = source.next() => protocol.receive(frame, &mut conn).await,
+            // The shutdown future takes the token's lock whenever it is polled, so a busy connection
+            // polls it only once the gateway is closing; an idle one, whenever nothing else woke it.
+            if (!write || closing.load(Ordering::Acquire)) && shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Shutdown);
+            }
+            if write {
+                return Poll::Ready(Wake::Work { write, read: None });
+            }
+            if awaits_init && init_deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::InitTimeout);
+            }
+            Poll::Pending
+        })
+        .await;
+        let (write, read) = match wake {
+            Wake::Shutdown => break Some((GOING_AWAY, "server shutting down".to_owned())),
+            Wake::InitTimeout => break Some((INIT_TIMEOUT, "Connection initialisation timeout".to_owned())),
+            Wake::Work { write, read } => (write, read),
         };
-        if flow.is_break() {
-            break;
+        if let Some(message) = read {
+            let bytes = match message {
+                Some(Ok(Message::Text(text))) => Some(text.as_bytes().to_vec()),
+                Some(Ok(Message::Binary(bytes))) if wire != Wire::Plain => Some(bytes.to_vec()),
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break None,
+                Some(Ok(_)) => None,
+            };
+            if let Some(bytes) = bytes {
+                match wire {
+                    Wire::Plain => conn.receive_plain(&bytes),
+                    _ => {
+                        if let Err(close) = conn.receive_graphql(&bytes) {
+                            break Some(close);
+                        }
+                    }
+                }
+            }
         }
+        if write || conn.signal.has_overflowed() {
+            let gathered = conn.gather();
+            let Connection { pending, signal, .. } = &mut conn;
+            let send_all = async {
+                for frame in pending.drain(..) {
+                    socket.feed(Message::Text(frame)).await?;
+                }
+                socket.flush().await
+            };
+            // A client that stops reading blocks the writes; falling a whole buffer behind ends the wait.
+            let sent = tokio::select! {
+                sent = send_all => sent.is_ok(),
+                _ = signal.overflowed() => false,
+            };
+            if gathered.is_break() || conn.signal.has_overflowed() {
+                break Some((SLOW_CONSUMER, conn.slow_consumer_reason()));
+            }
+            if !sent {
+                break None;
+            }
+        }
+    };
+    conn.outbox.close();
+    conn.operations.clear();
+    if let Some((code, reason)) = close {
+        // A client that stopped reading never takes the close frame; do not wait on it forever.
+        let _ = tokio::time::timeout(CLOSE_GRACE, socket.send(close_frame(code, &reason))).await;
     }
-    if let Protocol::Plain { operations, .. } = &mut protocol {
-        operations.abort_all();
-    }
-    conn.running.clear();
-    // A client that stopped reading never completes the close handshake; do not wait on it forever.
-    let _ = tokio::time::timeout(SLOW_CONSUMER_GRACE, conn.sink.close()).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, socket.close()).await;
 }

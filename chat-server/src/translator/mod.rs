@@ -92,6 +92,7 @@ impl Translator {
             source_language: posted.source_language.clone(),
             sender: posted.sender.clone(),
             sent_at: posted.sent_at.clone(),
+            reply_to: posted.reply_to,
         };
         if posted.source_language == self.language {
             return Outcome::Translated(translated(posted.text.clone(), PASSTHROUGH_PROVIDER));

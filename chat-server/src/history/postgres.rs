@@ -1,0 +1,284 @@
+//! History on PostgreSQL: durable across restarts and fanout failover.
+//!
+//! Each batch is one transaction: the chats' rows are locked (in a fixed order, so two writers never
+//! deadlock), redeliveries are looked up by (message id, language), and the new deliveries get the
+//! next numbers after each chat's stored `last_seq`, in one multi-row insert. A writer that is not
+//! the active fanout any more waits on the locks and then sees the numbers the active one gave.
+
+use std::{borrow::Cow, collections::HashMap, time::Duration, time::SystemTime};
+
+use async_trait::async_trait;
+use sqlx::{
+    migrate::{Migration, MigrationType, Migrator},
+    postgres::{PgPool, PgPoolOptions, PgRow},
+    Row, SqlSafeStr,
+};
+use uuid::Uuid;
+
+use super::{Appended, ChatSummary, History, HistoryError, Languages, Stored};
+use crate::wire::{Delivery, WIRE_VERSION};
+
+/// The migrations, embedded in the binary; the fanout applies them at start, under sqlx's lock.
+fn migrator() -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        Cow::Borrowed("history"),
+        MigrationType::Simple,
+        include_str!("../../migrations/0001_history.sql").into_sql_str(),
+        false,
+    )])
+}
+
+/// The columns of a delivery, in the order [`delivery`] reads them, with its reply count.
+macro_rules! columns {
+    () => {
+        "d.chat_id, d.seq, d.message_id, d.language, d.source_language, d.original, d.text, d.sender, d.sent_at, \
+         d.reply_to, (SELECT count(*) FROM parley_deliveries r WHERE r.reply_to = d.message_id AND r.original)"
+    };
+}
+
+fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
+    Ok(Delivery {
+        v: WIRE_VERSION,
+        chat_id: row.try_get(0)?,
+        seq: row.try_get::<i64, _>(1)? as u64,
+        id: row.try_get(2)?,
+        language: row.try_get(3)?,
+        source_language: row.try_get(4)?,
+        original: row.try_get(5)?,
+        text: row.try_get(6)?,
+        sender: row.try_get(7)?,
+        sent_at: row.try_get(8)?,
+        reply_to: row.try_get(9)?,
+    })
+}
+
+fn stored(row: &PgRow) -> Result<Stored, sqlx::Error> {
+    Ok(Stored { delivery: delivery(row)?.into(), reply_count: row.try_get(10)? })
+}
+
+/// The language filter as a query parameter: `NULL` keeps every language.
+fn language_list(languages: Languages<'_>) -> Option<Vec<String>> {
+    languages.0.map(<[String]>::to_vec)
+}
+
+pub struct PostgresHistory {
+    pool: PgPool,
+}
+
+impl PostgresHistory {
+    /// Connects a pool; the database must answer within a few seconds.
+    pub async fn connect(url: &str) -> Result<Self, HistoryError> {
+        let pool = PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
+        Ok(Self { pool })
+    }
+
+    /// Applies the embedded migrations that have not run yet (a no-op when all have).
+    pub async fn migrate(&self) -> Result<(), HistoryError> {
+        migrator().run(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl History for PostgresHistory {
+    async fn append(&self, batch: Vec<Delivery>) -> Result<Vec<Appended>, HistoryError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut chats: Vec<String> = batch.iter().map(|d| d.chat_id.clone()).collect();
+        chats.sort();
+        chats.dedup();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO parley_chats (chat_id, last_seq, last_message_at) \
+             SELECT unnest($1::text[]), 0, now() ON CONFLICT (chat_id) DO NOTHING",
+        )
+        .bind(&chats)
+        .execute(&mut *tx)
+        .await?;
+        let mut last_seq: HashMap<String, u64> = sqlx::query(
+            "SELECT chat_id, last_seq FROM parley_chats WHERE chat_id = ANY($1) ORDER BY chat_id FOR UPDATE",
+        )
+        .bind(&chats)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u64)))
+        .collect::<Result<_, sqlx::Error>>()?;
+        let ids: Vec<Uuid> = batch.iter().map(|d| d.id).collect();
+        let languages: Vec<String> = batch.iter().map(|d| d.language.clone()).collect();
+        let query = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM parley_deliveries d \
+             JOIN UNNEST($1::uuid[], $2::text[]) AS k(message_id, language) USING (message_id, language)"
+        );
+        let mut duplicates: HashMap<(Uuid, String), Delivery> = HashMap::new();
+        for row in sqlx::query(query).bind(&ids).bind(&languages).fetch_all(&mut *tx).await? {
+            let found = delivery(&row)?;
+            duplicates.insert((found.id, found.language.clone()), found);
+        }
+        let mut appended = Vec::with_capacity(batch.len());
+        let mut fresh: Vec<Delivery> = Vec::new();
+        for mut delivery in batch {
+            if let Some(stored) = duplicates.get(&(delivery.id, delivery.language.clone())) {
+                appended.push(Appended::Duplicate(stored.clone()));
+                continue;
+            }
+            let seq = last_seq.entry(delivery.chat_id.clone()).or_default();
+            *seq += 1;
+            delivery.seq = *seq;
+            fresh.push(delivery.clone());
+            appended.push(Appended::New(delivery));
+        }
+        if !fresh.is_empty() {
+            let column = |f: fn(&Delivery) -> String| fresh.iter().map(f).collect::<Vec<String>>();
+            sqlx::query(
+                "INSERT INTO parley_deliveries \
+                 (chat_id, seq, message_id, language, source_language, original, text, sender, sent_at, reply_to) \
+                 SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::bool[], \
+                 $7::text[], $8::text[], $9::text[], $10::uuid[])",
+            )
+            .bind(column(|d| d.chat_id.clone()))
+            .bind(fresh.iter().map(|d| d.seq as i64).collect::<Vec<i64>>())
+            .bind(fresh.iter().map(|d| d.id).collect::<Vec<Uuid>>())
+            .bind(column(|d| d.language.clone()))
+            .bind(column(|d| d.source_language.clone()))
+            .bind(fresh.iter().map(|d| d.original).collect::<Vec<bool>>())
+            .bind(column(|d| d.text.clone()))
+            .bind(fresh.iter().map(|d| d.sender.clone()).collect::<Vec<Option<String>>>())
+            .bind(column(|d| d.sent_at.clone()))
+            .bind(fresh.iter().map(|d| d.reply_to).collect::<Vec<Option<Uuid>>>())
+            .execute(&mut *tx)
+            .await?;
+            let (chats, seqs): (Vec<String>, Vec<i64>) =
+                last_seq.into_iter().map(|(chat, seq)| (chat, seq as i64)).unzip();
+            sqlx::query(
+                "UPDATE parley_chats c SET last_seq = v.seq, last_message_at = now() \
+                 FROM UNNEST($1::text[], $2::bigint[]) AS v(chat_id, seq) WHERE c.chat_id = v.chat_id AND v.seq > c.last_seq",
+            )
+            .bind(&chats)
+            .bind(&seqs)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(appended)
+    }
+
+    async fn latest(
+        &self,
+        chat_id: &str,
+        languages: Languages<'_>,
+        last: u32,
+        before: Option<u64>,
+    ) -> Result<Vec<Stored>, HistoryError> {
+        let query = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM parley_deliveries d WHERE d.chat_id = $1 AND d.seq < $2 \
+             AND (d.original OR $3::text[] IS NULL OR d.language = ANY($3)) ORDER BY d.seq DESC LIMIT $4"
+        );
+        let before = before.map_or(i64::MAX, |b| b.min(i64::MAX as u64) as i64);
+        let rows = sqlx::query(query)
+            .bind(chat_id)
+            .bind(before)
+            .bind(language_list(languages))
+            .bind(i64::from(last))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut found = rows.iter().map(stored).collect::<Result<Vec<_>, _>>()?;
+        found.reverse();
+        Ok(found)
+    }
+
+    async fn range(
+        &self,
+        chat_id: &str,
+        languages: Languages<'_>,
+        after: u64,
+        up_to: u64,
+        limit: u32,
+    ) -> Result<Vec<Stored>, HistoryError> {
+        let query = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM parley_deliveries d WHERE d.chat_id = $1 AND d.seq > $2 AND d.seq <= $3 \
+             AND (d.original OR $4::text[] IS NULL OR d.language = ANY($4)) ORDER BY d.seq LIMIT $5"
+        );
+        let clamp = |n: u64| n.min(i64::MAX as u64) as i64;
+        let rows = sqlx::query(query)
+            .bind(chat_id)
+            .bind(clamp(after))
+            .bind(clamp(up_to))
+            .bind(language_list(languages))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(stored).collect::<Result<_, _>>()?)
+    }
+
+    async fn last_seq(&self, chat_id: &str) -> Result<u64, HistoryError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT last_seq FROM parley_chats WHERE chat_id = $1")
+            .bind(chat_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
+    async fn thread(&self, message_id: Uuid, languages: Languages<'_>) -> Result<Vec<Stored>, HistoryError> {
+        let query = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM parley_deliveries d WHERE (d.message_id = $1 OR d.reply_to = $1) \
+             AND (d.original OR $2::text[] IS NULL OR d.language = ANY($2)) ORDER BY d.seq"
+        );
+        let rows = sqlx::query(query).bind(message_id).bind(language_list(languages)).fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(stored).collect::<Result<_, _>>()?)
+    }
+
+    async fn chat_of(&self, message_id: Uuid) -> Result<Option<String>, HistoryError> {
+        Ok(sqlx::query_scalar("SELECT chat_id FROM parley_deliveries WHERE message_id = $1 AND original LIMIT 1")
+            .bind(message_id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn chats(&self, first: u32) -> Result<Vec<ChatSummary>, HistoryError> {
+        let rows = sqlx::query(
+            "SELECT chat_id, last_seq, to_char(last_message_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') \
+             FROM parley_chats WHERE last_seq > 0 ORDER BY last_message_at DESC, chat_id LIMIT $1",
+        )
+        .bind(i64::from(first))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ChatSummary {
+                    chat_id: row.try_get(0)?,
+                    last_seq: row.try_get::<i64, _>(1)? as u64,
+                    last_message_at: row.try_get(2)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(HistoryError::from)
+    }
+
+    async fn expire(&self, cutoff: SystemTime, limit: u32) -> Result<u64, HistoryError> {
+        let cutoff = cutoff.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let deleted = sqlx::query(
+            "DELETE FROM parley_deliveries WHERE ctid IN \
+             (SELECT ctid FROM parley_deliveries WHERE stored_at < to_timestamp($1) LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
+    async fn ready(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
