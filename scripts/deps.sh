@@ -62,3 +62,30 @@ ensure_rabbitmq() {
   log "RabbitMQ did not come up on 127.0.0.1:5672"
   return 1
 }
+
+# The PostgreSQL the tests use; the password is set below where the server asks for one.
+POSTGRES_URL=${PARLEY_TEST_POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}
+
+postgres_answers() { psql "$POSTGRES_URL" -qtAc "SELECT 1" >/dev/null 2>&1; }
+
+ensure_postgres() {
+  if command -v psql >/dev/null && postgres_answers; then return 0; fi
+  if ! command -v pg_ctlcluster >/dev/null || [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then
+    apt_install postgresql || {
+      log "PostgreSQL is needed for the history tests: install postgresql and start it on 127.0.0.1:5432"
+      return 1
+    }
+  fi
+  local version
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  if ! port_open 5432; then
+    log "starting PostgreSQL $version"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  fi
+  for _ in $(seq 1 100); do port_open 5432 && break; sleep 0.2; done
+  # A fresh Debian cluster asks TCP clients for a password: give the postgres role the tests' one.
+  if ! postgres_answers; then
+    as_root su postgres -c "psql -qc \"ALTER ROLE postgres PASSWORD 'postgres'\"" >/dev/null
+  fi
+  postgres_answers || { log "PostgreSQL does not answer at $POSTGRES_URL"; return 1; }
+}

@@ -26,7 +26,7 @@ const RETENTION_BATCH: u32 = 1000;
 
 /// How often retention runs: often enough to stay close to the limit, rarely enough to cost nothing.
 fn retention_interval(retention: Duration) -> Duration {
-    (retention / 100).clamp(Duration::from_secs(10), Duration::from_secs(600))
+    (retention / 100).clamp(Duration::from_secs(1), Duration::from_secs(600))
 }
 
 /// Keeps `history` within `--history-retention` until `cancel` fires, when one is set.

@@ -267,12 +267,13 @@ impl QueryRoot {
         ctx: &Context<'_>,
         chat_id: ID,
         languages: Option<Vec<String>>,
-        #[graphql(default = 50)] last: i32,
+        #[graphql(default = 50)] last: Option<i32>,
         before: Option<i64>,
     ) -> Result<Vec<ChatMessage>> {
         let chat = ctx.data_unchecked::<Arc<ChatContext>>();
         check_chat_id(&chat.settings, &chat_id)?;
         let languages = chat.settings.languages(languages)?;
+        let last = last.unwrap_or(50);
         if !(1..=history::MAX_PAGE as i32).contains(&last) {
             return Err(bad_input(format!("last must be between 1 and {}", history::MAX_PAGE)));
         }
@@ -300,8 +301,9 @@ impl QueryRoot {
     }
 
     /// The chats with messages, the most recently active first.
-    async fn chats(&self, ctx: &Context<'_>, #[graphql(default = 50)] first: i32) -> Result<Vec<Chat>> {
+    async fn chats(&self, ctx: &Context<'_>, #[graphql(default = 50)] first: Option<i32>) -> Result<Vec<Chat>> {
         let chat = ctx.data_unchecked::<Arc<ChatContext>>();
+        let first = first.unwrap_or(50);
         if !(1..=history::MAX_PAGE as i32).contains(&first) {
             return Err(bad_input(format!("first must be between 1 and {}", history::MAX_PAGE)));
         }

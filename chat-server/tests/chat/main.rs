@@ -1,8 +1,12 @@
 //! chat-server's integration tests, as one test binary: real chat-server processes on a real RabbitMQ
 //! with real Apertium APYs. `cargo test -p chat-server --test chat <module>::` runs one part.
 
+mod disruptive;
 mod end_to_end;
 mod failures;
+mod history;
+mod history_api;
 mod protocol;
+mod resume;
 mod standalone;
 mod support;

@@ -17,6 +17,46 @@ use tokio_tungstenite::{
 pub const STARTUP: Duration = Duration::from_secs(30);
 pub const DELIVERY: Duration = Duration::from_secs(20);
 
+/// A throwaway PostgreSQL database for one test, dropped when it goes.
+pub struct TestDatabase {
+    pub url: String,
+    name: String,
+    admin: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        use sqlx::Connection as _;
+        let admin = std::env::var("PARLEY_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("parley_test_{}", uuid::Uuid::now_v7().simple());
+        let mut connection = sqlx::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL must answer at {admin} (scripts/test starts it): {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut connection).await.unwrap();
+        let (server, _) = admin.rsplit_once('/').expect("a database URL");
+        Self { url: format!("{server}/{name}"), name, admin }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Drop runs inside the test's runtime, which cannot block on its own futures.
+        let _ = std::thread::spawn(move || {
+            use sqlx::Connection as _;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok(mut connection) = sqlx::PgConnection::connect(&admin).await {
+                    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut connection).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
 pub fn amqp_url() -> String {
     std::env::var("PARLEY_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
@@ -146,6 +186,12 @@ impl Server {
         format!("ws://127.0.0.1:{}/graphql", self.port)
     }
 
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         terminate(&mut self.child);
@@ -184,6 +230,9 @@ pub async fn graphql(url: &str, query: &str, variables: Value) -> Value {
 
 pub const SEND: &str = "mutation($chatId: ID!, $text: String!) { sendMessage(chatId: $chatId, text: $text) { id } }";
 pub const SUBSCRIBE: &str = "subscription($chatId: ID!, $languages: [String!]) { messages(chatId: $chatId, languages: $languages) { id chatId seq language sourceLanguage original text sentAt } }";
+
+/// `messages` from a point in history: a variable, so the subscription joins its shared group.
+pub const RESUME: &str = "subscription($chatId: ID!, $after: Int) { messages(chatId: $chatId, after: $after) { id chatId seq language original text } }";
 
 /// Sends `text` to `chat` with `sendMessage` over HTTP and returns the new message id.
 pub async fn send(url: &str, chat: &str, text: &str) -> String {
@@ -372,6 +421,26 @@ impl WsClient {
         found
     }
 
+    /// The next `count` `messages` payloads of any operation, or fewer when `within` passes first.
+    pub async fn collect(&mut self, count: usize, within: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut found = Vec::new();
+        while found.len() < count {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(Received::Next { payload, .. }) if payload["data"]["messages"].is_object() => {
+                    found.push(payload["data"]["messages"].clone())
+                }
+                Some(other @ (Received::Closed { .. } | Received::Error { .. })) => {
+                    panic!("expected messages, got {other:?} after {} of them", found.len())
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        found
+    }
+
     /// Subscribes to `messages(chatId, languages)` as operation `op` and returns once the gateway
     /// demonstrably routes this chat to the subscriber (a warm-up message sent over HTTP arrived).
     pub async fn subscribe_messages(&mut self, op: &str, http: &str, chat: &str, languages: Option<&[&str]>) {
@@ -418,35 +487,83 @@ pub struct Deployment {
     pub prefix: String,
     pub apertium: Option<Apertium>,
     pub gateways: Vec<Server>,
-    #[expect(dead_code, reason = "held so the fanout process lives as long as the deployment")]
-    pub fanout: Server,
+    /// The first one started is the active consumer; the others wait.
+    pub fanouts: Vec<Server>,
     pub translators: Vec<Server>,
+    /// The history database, when the deployment keeps one; dropped with the deployment.
+    pub _history: Option<TestDatabase>,
+    /// The arguments every gateway and fanout got, to start another.
+    pub common: Vec<String>,
+}
+
+/// What a [`Deployment`] runs.
+pub struct Layout<'a> {
+    pub languages: &'a [&'a str],
+    pub gateways: usize,
+    pub fanouts: usize,
+    /// A PostgreSQL history in a database of its own.
+    pub history: bool,
+    /// Arguments every process gets besides the broker's.
+    pub extra: &'a [&'a str],
+}
+
+impl Default for Layout<'_> {
+    fn default() -> Self {
+        Self { languages: &[], gateways: 1, fanouts: 1, history: false, extra: &[] }
+    }
 }
 
 impl Deployment {
     pub async fn start(test: &str, languages: &[&str], gateways: usize) -> Self {
+        Self::with(test, Layout { languages, gateways, ..Layout::default() }).await
+    }
+
+    pub async fn with(test: &str, layout: Layout<'_>) -> Self {
         let prefix = unique_prefix(test);
         let url = amqp_url();
-        let list = languages.join(",");
-        let apertium = if languages.is_empty() { None } else { Some(Apertium::start().await) };
-        let broker = broker_args(&prefix, &url, &list);
+        let list = layout.languages.join(",");
+        let apertium = if layout.languages.is_empty() { None } else { Some(Apertium::start().await) };
+        let history = if layout.history { Some(TestDatabase::create().await) } else { None };
+        let mut common = broker_args(&prefix, &url, &list);
+        if let Some(database) = &history {
+            common.extend(["--history-url", database.url.as_str()]);
+        }
+        common.extend(layout.extra);
         let spawned_gateways: Vec<Server> =
-            (0..gateways).map(|_| Server::spawn(&[&["gateway"], broker.as_slice()].concat())).collect();
-        let fanout = Server::spawn(&[&["fanout"], broker.as_slice()].concat());
+            (0..layout.gateways).map(|_| Server::spawn(&[&["gateway"], common.as_slice()].concat())).collect();
+        let mut fanouts = Vec::new();
+        for _ in 0..layout.fanouts {
+            // One at a time, so that the first is the active consumer.
+            fanouts.push(Server::spawn(&[&["fanout"], common.as_slice()].concat()).ready().await);
+        }
         let mut translators = Vec::new();
-        for language in languages {
+        for language in layout.languages {
             translators.push(Self::spawn_translator(&prefix, language, &apertium.as_ref().unwrap().url));
         }
         let mut ready_gateways = Vec::new();
         for gateway in spawned_gateways {
             ready_gateways.push(gateway.ready().await);
         }
-        let fanout = fanout.ready().await;
         let mut ready_translators = Vec::new();
         for translator in translators {
             ready_translators.push(translator.ready().await);
         }
-        Self { prefix, apertium, gateways: ready_gateways, fanout, translators: ready_translators }
+        let common = common.iter().map(|a| a.to_string()).collect();
+        Self {
+            prefix,
+            apertium,
+            gateways: ready_gateways,
+            fanouts,
+            translators: ready_translators,
+            _history: history,
+            common,
+        }
+    }
+
+    /// Starts one more process of `role` ("gateway" or "fanout") like the others.
+    pub async fn start_role(&self, role: &str) -> Server {
+        let args: Vec<&str> = std::iter::once(role).chain(self.common.iter().map(String::as_str)).collect();
+        Server::start(&args).await
     }
 
     /// A translator process for `language` calling the Apertium APY at `provider_url`.

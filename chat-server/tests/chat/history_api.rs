@@ -1,0 +1,165 @@
+//! The history operations over GraphQL: paging, threads, the room list, retention, bad arguments, and
+//! what a gateway without a history answers. Standalone keeps its history in memory.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+const HISTORY: &str = "query($chatId: ID!, $last: Int, $before: Int, $languages: [String!]) { \
+    messages(chatId: $chatId, last: $last, before: $before, languages: $languages) { id seq text language replyTo replyCount } }";
+
+async fn standalone(extra: &[&str]) -> Server {
+    Server::start(&[&["standalone", "--languages", ""], extra].concat()).await
+}
+
+fn code(response: &Value) -> &str {
+    response["errors"][0]["extensions"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {response}"))
+}
+
+/// Sends `count` messages and waits until the history has them.
+async fn sent_and_stored(server: &Server, chat: &str, count: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..count {
+        ids.push(send(&server.http(), chat, &format!("message {i}")).await);
+    }
+    let deadline = tokio::time::Instant::now() + DELIVERY;
+    loop {
+        let response = graphql(&server.http(), HISTORY, json!({"chatId": chat, "last": 500})).await;
+        if response["data"]["messages"].as_array().is_some_and(|m| m.len() >= count) {
+            return ids;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the history never held {count} messages: {response}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn texts(response: &Value) -> Vec<String> {
+    response["data"]["messages"].as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn history_pages_backwards_from_the_newest_in_ascending_order() {
+    let server = standalone(&[]).await;
+    let chat = unique_chat();
+    sent_and_stored(&server, &chat, 7).await;
+    let newest = graphql(&server.http(), HISTORY, json!({"chatId": chat, "last": 3})).await;
+    assert_eq!(texts(&newest), ["message 4", "message 5", "message 6"]);
+    let first_seq = newest["data"]["messages"][0]["seq"].as_i64().unwrap();
+    let older = graphql(&server.http(), HISTORY, json!({"chatId": chat, "last": 3, "before": first_seq})).await;
+    assert_eq!(texts(&older), ["message 1", "message 2", "message 3"]);
+    let default = graphql(&server.http(), HISTORY, json!({"chatId": chat})).await;
+    assert_eq!(texts(&default).len(), 7, "last defaults to 50");
+    let empty = graphql(&server.http(), HISTORY, json!({"chatId": unique_chat()})).await;
+    assert_eq!(empty["data"]["messages"], json!([]));
+}
+
+#[tokio::test]
+async fn a_reply_joins_the_thread_of_its_message_and_counts_in_it() {
+    let server = standalone(&[]).await;
+    let chat = unique_chat();
+    let root = sent_and_stored(&server, &chat, 1).await.remove(0);
+    let reply = "mutation($chatId: ID!, $text: String!, $replyTo: ID) { sendMessage(chatId: $chatId, text: $text, replyTo: $replyTo) { id replyTo } }";
+    let answered = graphql(&server.http(), reply, json!({"chatId": chat, "text": "an answer", "replyTo": root})).await;
+    assert_eq!(answered["data"]["sendMessage"]["replyTo"], root, "{answered}");
+    send(&server.http(), &chat, "not in the thread").await;
+    sent_and_stored(&server, &chat, 0).await;
+    let deadline = tokio::time::Instant::now() + DELIVERY;
+    let thread = loop {
+        let q = "query($id: ID!) { thread(messageId: $id) { text replyTo replyCount } }";
+        let thread = graphql(&server.http(), q, json!({"id": root})).await;
+        if thread["data"]["thread"].as_array().is_some_and(|t| t.len() == 2) {
+            break thread;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{thread}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let messages = thread["data"]["thread"].as_array().unwrap();
+    assert_eq!(messages[0]["text"], "message 0");
+    assert_eq!(messages[0]["replyCount"], 1);
+    assert_eq!(
+        (messages[1]["text"].as_str(), messages[1]["replyTo"].as_str()),
+        (Some("an answer"), Some(root.as_str()))
+    );
+}
+
+#[tokio::test]
+async fn the_room_list_shows_each_chat_with_its_last_seq_most_recent_first() {
+    let server = standalone(&[]).await;
+    let (older, newer) = (unique_chat(), unique_chat());
+    sent_and_stored(&server, &older, 2).await;
+    sent_and_stored(&server, &newer, 1).await;
+    let rooms = graphql(&server.http(), "{ chats { id lastSeq lastMessageAt } }", json!({})).await;
+    let rooms = rooms["data"]["chats"].as_array().unwrap().clone();
+    let ids: Vec<&str> = rooms.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [newer.as_str(), older.as_str()]);
+    assert_eq!((rooms[0]["lastSeq"].as_i64(), rooms[1]["lastSeq"].as_i64()), (Some(1), Some(2)));
+    assert!(rooms[0]["lastMessageAt"].as_str().is_some_and(|t| t.ends_with('Z')));
+}
+
+#[tokio::test]
+async fn arguments_out_of_range_are_bad_user_input() {
+    let server = standalone(&[]).await;
+    let chat = unique_chat();
+    for variables in [
+        json!({"chatId": chat, "last": 100000}),
+        json!({"chatId": chat, "last": 0}),
+        json!({"chatId": chat, "before": -1}),
+    ] {
+        let response = graphql(&server.http(), HISTORY, variables.clone()).await;
+        assert_eq!(code(&response), "BAD_USER_INPUT", "{variables}: {response}");
+    }
+    let reply = "mutation($replyTo: ID) { sendMessage(chatId: \"c\", text: \"hi\", replyTo: $replyTo) { id } }";
+    for unknown in [uuid::Uuid::now_v7().to_string(), "not-an-id".to_owned()] {
+        let response = graphql(&server.http(), reply, json!({"replyTo": unknown})).await;
+        assert_eq!(code(&response), "BAD_USER_INPUT", "{response}");
+    }
+    let mut client = WsClient::connect(&server.ws(), Wire::TransportWs).await;
+    client.start("1", RESUME, json!({"chatId": chat, "after": -1})).await;
+    let refused = client.result_of("1", DELIVERY).await;
+    assert_eq!(code(&refused), "BAD_USER_INPUT", "{refused}");
+}
+
+#[tokio::test]
+async fn retention_deletes_old_messages_and_numbering_goes_on() {
+    let server = standalone(&["--history-retention", "1s"]).await;
+    let chat = unique_chat();
+    sent_and_stored(&server, &chat, 3).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = graphql(&server.http(), HISTORY, json!({"chatId": chat})).await;
+        if response["data"]["messages"] == json!([]) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing expired: {response}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sent_and_stored(&server, &chat, 1).await;
+    let response = graphql(&server.http(), HISTORY, json!({"chatId": chat})).await;
+    assert_eq!(response["data"]["messages"][0]["seq"], 4, "{response}");
+}
+
+#[tokio::test]
+async fn a_gateway_without_a_history_says_history_disabled() {
+    let d = Deployment::start("no-history", &[], 1).await;
+    let http = d.gateway().http();
+    let chat = unique_chat();
+    let id = uuid::Uuid::now_v7().to_string();
+    let reply = "mutation($id: ID) { sendMessage(chatId: \"c\", text: \"hi\", replyTo: $id) { id } }";
+    for (query, variables) in [
+        (HISTORY, json!({"chatId": chat})),
+        ("query($id: ID!) { thread(messageId: $id) { id } }", json!({"id": id})),
+        ("{ chats { id } }", json!({})),
+        (reply, json!({"id": id})),
+    ] {
+        let response = graphql(&http, query, variables).await;
+        assert_eq!(code(&response), "HISTORY_DISABLED", "{query}: {response}");
+    }
+    let mut client = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
+    client.start("1", RESUME, json!({"chatId": chat, "after": 0})).await;
+    let refused = client.result_of("1", DELIVERY).await;
+    assert_eq!(code(&refused), "HISTORY_DISABLED", "{refused}");
+    // Live messages work as ever.
+    client.subscribe_messages("2", &http, &chat, None).await;
+}
