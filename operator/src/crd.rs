@@ -59,6 +59,29 @@ pub struct ChatDeploymentSpec {
     #[serde(default = "default_drain_timeout")]
     #[schemars(range(min = 0))]
     pub drain_timeout_seconds: i64,
+    /// Where the chat history is kept. Without it, history queries answer HISTORY_DISABLED and the
+    /// fanout numbers messages in memory (numbering restarts when another fanout takes over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySpec>,
+}
+
+/// The chat history: every message and translation, with its per-chat sequence number.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct HistorySpec {
+    /// The PostgreSQL database the fanout writes and the gateways read.
+    pub database: DatabaseSpec,
+    /// How long messages are kept, e.g. 30d or 12h (s, m, h or d); forever when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h|d)$"))]
+    pub retention: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// The Secret key holding the database URI, e.g. postgres://user:pass@host:5432/db. A CloudNativePG
+    /// Cluster's `<cluster>-app` Secret has it under `uri`.
+    pub secret_ref: SecretKeyRef,
 }
 
 fn default_source_language() -> String {

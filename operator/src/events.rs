@@ -25,6 +25,12 @@ pub enum Reason {
     BrokerSecretKeyMissing,
     /// The broker refused to declare the topology (Warning).
     TopologyFailed,
+    /// The history database's Secret does not exist (Warning).
+    HistorySecretNotFound,
+    /// The history database's Secret lacks the referenced key (Warning).
+    HistorySecretKeyMissing,
+    /// The history database did not answer (Warning).
+    DatabaseUnreachable,
 }
 
 impl Reason {
@@ -40,6 +46,9 @@ impl Reason {
             Self::BrokerSecretNotFound => "BrokerSecretNotFound",
             Self::BrokerSecretKeyMissing => "BrokerSecretKeyMissing",
             Self::TopologyFailed => "TopologyFailed",
+            Self::HistorySecretNotFound => "HistorySecretNotFound",
+            Self::HistorySecretKeyMissing => "HistorySecretKeyMissing",
+            Self::DatabaseUnreachable => "DatabaseUnreachable",
         }
     }
 }

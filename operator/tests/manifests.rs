@@ -41,6 +41,21 @@ struct RabbitmqClusterSpec {
     replicas: i32,
 }
 
+/// CloudNativePG's Cluster, with the fields the example sets.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[kube(group = "postgresql.cnpg.io", version = "v1", kind = "Cluster", namespaced)]
+#[serde(deny_unknown_fields)]
+struct ClusterSpec {
+    instances: i32,
+    storage: ClusterStorage,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ClusterStorage {
+    size: String,
+}
+
 /// Reports each field of `original` that the typed round trip dropped or changed.
 fn lost_fields(original: &Value, typed: &Value, path: &str, lost: &mut Vec<String>) {
     match (original, typed) {
@@ -88,6 +103,7 @@ fn check_document(document: &Value) -> Result<Vec<String>, String> {
         ("chat.parley.dev/v1alpha1", "ChatDeployment") => round_trip::<ChatDeployment>(document),
         ("monitoring.coreos.com/v1", "ServiceMonitor") => round_trip::<ServiceMonitor>(document),
         ("rabbitmq.com/v1beta1", "RabbitmqCluster") => round_trip::<RabbitmqCluster>(document),
+        ("postgresql.cnpg.io/v1", "Cluster") => round_trip::<Cluster>(document),
         (api, kind) => Err(format!("no typed model for {api} {kind}: add one to this test")),
     }
 }

@@ -24,7 +24,9 @@ use lapin::{Connection, ConnectionProperties};
 use parley_contract::topology::Topology;
 use parley_operator::{
     controller::reconcile,
-    crd::{AutoscalingMode, AutoscalingSpec, ChatDeployment, LanguageSpec, Phase},
+    crd::{
+        AutoscalingMode, AutoscalingSpec, ChatDeployment, DatabaseSpec, HistorySpec, LanguageSpec, Phase, SecretKeyRef,
+    },
     fixtures::{self, NAME},
     keda::{ScaledObject, TriggerAuthentication},
     metrics::Metrics,
@@ -61,8 +63,13 @@ fn ours(chat: &ChatDeployment) -> bool {
 }
 
 fn secret(namespace: &str, uri: &str) -> Secret {
+    secret_named(namespace, "rabbitmq", uri)
+}
+
+/// A Secret whose key `uri` holds `uri`.
+fn secret_named(namespace: &str, name: &str, uri: &str) -> Secret {
     Secret {
-        metadata: ObjectMeta { name: Some("rabbitmq".into()), namespace: Some(namespace.into()), ..Default::default() },
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some(namespace.into()), ..Default::default() },
         data: Some([("uri".to_owned(), ByteString(uri.as_bytes().to_vec()))].into()),
         ..Default::default()
     }
@@ -197,6 +204,25 @@ async fn queue_exists(queue: &str) -> bool {
     parley_contract::topology::queue_depth(&channel, queue).await.unwrap().is_some()
 }
 
+fn postgres_url() -> String {
+    std::env::var("PARLEY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `chat` keeping its history in the database the Secret `chat-db-app` names, for 30 days.
+fn with_history(mut chat: ChatDeployment) -> ChatDeployment {
+    chat.spec.history = Some(HistorySpec {
+        database: DatabaseSpec { secret_ref: SecretKeyRef { name: "chat-db-app".into(), key: "uri".into() } },
+        retention: Some("30d".into()),
+    });
+    chat
+}
+
+fn env_names(deployment: &Deployment) -> Vec<String> {
+    let container = &deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    container.env.iter().flatten().map(|e| e.name.clone()).collect()
+}
+
 fn condition(chat: &ChatDeployment, kind: &str) -> (String, String) {
     let c = chat.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == kind).unwrap();
     (c.status.clone(), c.reason.clone())
@@ -311,6 +337,59 @@ async fn an_unreachable_broker_sets_broker_ready_false_while_every_other_object_
     assert_eq!(condition(&chat, "BrokerReady"), ("False".into(), "BrokerUnreachable".into()));
     assert_eq!(chat.status.as_ref().unwrap().phase, Some(Phase::Degraded));
     assert!(h.event_reasons().await.contains(&"BrokerUnreachable".to_owned()));
+}
+
+#[tokio::test]
+async fn a_history_database_that_answers_is_handed_to_the_gateway_and_fanout_and_reported_ready() {
+    let namespace = unique_namespace();
+    let h = Harness::new(with_history(chat(&namespace, &[("de", 1)])), &amqp_url()).await;
+    h.api::<Secret>()
+        .create(&Default::default(), &secret_named(&namespace, "chat-db-app", &postgres_url()))
+        .await
+        .unwrap();
+
+    h.reconcile().await.unwrap();
+
+    let chat = h.chat().await;
+    assert_eq!(condition(&chat, "HistoryReady"), ("True".into(), "DatabaseReachable".into()));
+    let deployments = h.api::<Deployment>();
+    for role in ["gateway", "fanout"] {
+        let env = env_names(&deployments.get(&format!("town-hall-{role}")).await.unwrap());
+        assert!(env.contains(&"PARLEY_HISTORY_URL".to_owned()), "{role}: {env:?}");
+    }
+    let translator = env_names(&deployments.get("town-hall-translator-de").await.unwrap());
+    assert!(!translator.contains(&"PARLEY_HISTORY_URL".to_owned()));
+    let config = h.api::<ConfigMap>().get("town-hall-config").await.unwrap();
+    assert!(config.data.unwrap()["chat-server.toml"].contains("history-retention = \"30d\""));
+}
+
+#[tokio::test]
+async fn an_unreachable_history_database_degrades_the_chat_and_says_so_once() {
+    let namespace = unique_namespace();
+    let h = Harness::new(with_history(chat(&namespace, &[("de", 1)])), &amqp_url()).await;
+    let unreachable = "postgres://app:s3cret@127.0.0.1:1/app";
+    h.api::<Secret>().create(&Default::default(), &secret_named(&namespace, "chat-db-app", unreachable)).await.unwrap();
+
+    h.reconcile().await.unwrap();
+    h.reconcile().await.unwrap();
+
+    let chat = h.chat().await;
+    assert_eq!(condition(&chat, "HistoryReady"), ("False".into(), "DatabaseUnreachable".into()));
+    assert_eq!(condition(&chat, "Ready").0, "False");
+    assert_eq!(chat.status.as_ref().unwrap().phase, Some(Phase::Degraded));
+    let message = &chat.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "HistoryReady").unwrap().message;
+    assert!(message.contains("127.0.0.1:1/app") && !message.contains("s3cret"), "{message}");
+    let events = h.event_reasons().await;
+    assert_eq!(events.iter().filter(|r| *r == "DatabaseUnreachable").count(), 1, "{events:?}");
+}
+
+#[tokio::test]
+async fn a_missing_history_secret_is_reported() {
+    let h = Harness::new(with_history(chat(&unique_namespace(), &[("de", 1)])), &amqp_url()).await;
+
+    h.reconcile().await.unwrap();
+
+    assert_eq!(condition(&h.chat().await, "HistoryReady"), ("False".into(), "HistorySecretNotFound".into()));
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 //!
 //! 1. [`validate`] (pure): the spec → a [`ValidatedChat`](validate::ValidatedChat) with defaults resolved;
 //! 2. [`observe`]: the referenced Secrets, the owned Deployments' replicas, whether KEDA is installed;
-//! 3. [`broker`]: declare the topology, read the backlogs, drain removed languages;
+//! 3. [`broker`]: declare the topology, read the backlogs, drain removed languages; [`database`]:
+//!    whether the history database answers;
 //! 4. [`autoscale`] (pure): replicas of the languages the builtin autoscaler scales;
 //! 5. [`build`] (pure): every object the ChatDeployment should own;
 //! 6. [`apply`]: server-side apply, then prune what is owned but no longer wanted;
@@ -14,6 +15,7 @@ pub mod apply;
 pub mod autoscale;
 pub mod broker;
 pub mod build;
+pub mod database;
 pub mod observe;
 pub mod status;
 pub mod validate;
@@ -44,7 +46,7 @@ use crate::{
 use autoscale::History;
 use broker::BrokerError;
 use build::{build, Inputs};
-use status::{BrokerReport, Findings};
+use status::{BrokerReport, Findings, HistoryReport};
 use validate::{validate, Scaling};
 
 /// Requeue interval of a healthy ChatDeployment, to refresh backlogs.
@@ -180,6 +182,17 @@ pub async fn apply(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error
         BrokerReport::Ready { backlogs } => Some(backlogs),
         BrokerReport::Failed { .. } => None,
     };
+    let history = match observed.history_url() {
+        None => None,
+        Some(url) => Some(match url.map_err(database::DatabaseError::from) {
+            Ok(url) => database::probe(&url).await,
+            Err(err) => Err(err),
+        }),
+    };
+    let history_report = history.as_ref().map(|probed| match probed {
+        Ok(()) => HistoryReport::Ready,
+        Err(err) => HistoryReport::Failed { reason: err.reason().as_str().into(), message: err.to_string() },
+    });
 
     let plan = {
         let mut histories = ctx.histories.lock().expect("histories lock");
@@ -237,11 +250,27 @@ pub async fn apply(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error
     if let Some(err) = &failure {
         notes.push(Note::warning(err.reason(), err.to_string()));
     }
+    if let Some(Err(err)) = &history {
+        let was_failing = chat
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .any(|c| c.type_ == status::HISTORY_READY && c.status == "False");
+        if !was_failing {
+            notes.push(Note::warning(err.reason(), err.to_string()));
+        }
+    }
     for note in notes {
         ctx.publish(chat, note).await;
     }
 
-    let found = Findings { deployments: &applied, broker: &report, draining: &still_draining, scaling: &scaling };
+    let found = Findings {
+        deployments: &applied,
+        broker: &report,
+        draining: &still_draining,
+        scaling: &scaling,
+        history: history_report.as_ref(),
+    };
     let previous = chat.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let status = status::compute(&valid, chat.meta().generation, found, previous, &now);
     let ready = status.phase == Some(Phase::Ready);

@@ -26,6 +26,8 @@ pub struct Observed {
     pub broker_secret: Result<Vec<u8>, SecretError>,
     /// The provider's API key from its Secret, when the spec references one.
     pub api_key: Option<Result<Vec<u8>, SecretError>>,
+    /// The history database's URI from its Secret, when the spec keeps a history.
+    pub history_secret: Option<Result<Vec<u8>, SecretError>>,
     /// The replicas each owned translator Deployment has now, by language.
     pub translator_replicas: BTreeMap<String, i32>,
     /// Whether the KEDA CRDs are installed; only asked when a language uses KEDA.
@@ -33,6 +35,11 @@ pub struct Observed {
 }
 
 impl Observed {
+    /// The history database's URI, trimmed, when the spec keeps a history.
+    pub fn history_url(&self) -> Option<Result<String, SecretError>> {
+        self.history_secret.clone().map(|secret| secret.map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned()))
+    }
+
     /// The broker URI, trimmed.
     pub fn broker_url(&self) -> Result<String, SecretError> {
         self.broker_secret.clone().map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
@@ -43,7 +50,8 @@ impl Observed {
         let mut hasher = Sha256::new();
         let broker = self.broker_secret.as_ref().map(Vec::as_slice);
         let api_key = self.api_key.as_ref().map(|key| key.as_ref().map(Vec::as_slice));
-        for part in std::iter::once(broker).chain(api_key) {
+        let history = self.history_secret.as_ref().map(|url| url.as_ref().map(Vec::as_slice));
+        for part in std::iter::once(broker).chain(api_key).chain(history) {
             match part {
                 Ok(bytes) => hasher.update(bytes),
                 Err(err) => hasher.update(err.to_string().as_bytes()),
@@ -63,6 +71,10 @@ pub async fn observe(client: &Client, chat: &ValidatedChat) -> Result<Observed, 
         Some(reference) => Some(secret_value(client, namespace, reference).await?),
         None => None,
     };
+    let history_secret = match &chat.history {
+        Some(history) => Some(secret_value(client, namespace, &history.database).await?),
+        None => None,
+    };
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let translator_replicas = deployments
         .list(&ListParams::default().labels(&chat.names.owned_selector()))
@@ -76,7 +88,7 @@ pub async fn observe(client: &Client, chat: &ValidatedChat) -> Result<Observed, 
         .collect();
     let uses_keda = chat.languages.iter().any(|l| matches!(l.scaling, Scaling::Keda(_)));
     let keda_installed = uses_keda && keda_installed(client, namespace).await?;
-    Ok(Observed { broker_secret, api_key, translator_replicas, keda_installed })
+    Ok(Observed { broker_secret, api_key, history_secret, translator_replicas, keda_installed })
 }
 
 /// A Secret key's value; `Ok(Err(..))` when the Secret or the key does not exist.

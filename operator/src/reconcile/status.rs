@@ -21,6 +21,7 @@ pub const GATEWAY_READY: &str = "GatewayReady";
 pub const TRANSLATORS_READY: &str = "TranslatorsReady";
 pub const FANOUT_READY: &str = "FanoutReady";
 pub const AUTOSCALING_READY: &str = "AutoscalingReady";
+pub const HISTORY_READY: &str = "HistoryReady";
 
 /// What the autoscaling step decided and found.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -40,6 +41,17 @@ pub enum BrokerReport {
     Ready { backlogs: BTreeMap<String, i64> },
     /// The broker step failed; `reason` is a PascalCase condition reason.
     Failed { reason: String, message: String },
+}
+
+/// What the history step found, when the spec keeps a history.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HistoryReport {
+    Ready,
+    /// `reason` is a PascalCase condition reason.
+    Failed {
+        reason: String,
+        message: String,
+    },
 }
 
 /// A removed language whose queue still drains.
@@ -139,6 +151,8 @@ pub struct Findings<'a> {
     /// Removed languages still draining.
     pub draining: &'a [Draining],
     pub scaling: &'a ScalingReport,
+    /// `None` when the spec keeps no history.
+    pub history: Option<&'a HistoryReport>,
 }
 
 /// The status of a valid ChatDeployment of `generation`, keeping the transition times of `previous`.
@@ -149,7 +163,7 @@ pub fn compute(
     previous: &[Condition],
     now: &Time,
 ) -> ChatDeploymentStatus {
-    let Findings { deployments, broker, draining, scaling } = found;
+    let Findings { deployments, broker, draining, scaling, history } = found;
     let names = &chat.names;
     let gateway = observe(deployments, &names.gateway());
     let fanout = observe(deployments, &names.fanout());
@@ -217,27 +231,37 @@ pub fn compute(
             condition(BROKER_READY, false, reason, message.clone(), generation, now)
         }
     };
-    let parts = vec![
+    let mut parts = vec![
         broker_condition,
         role_condition(GATEWAY_READY, "gateway", &gateway, generation, now),
         translators_condition,
         role_condition(FANOUT_READY, "fanout", &fanout, generation, now),
     ];
+    // Without its history the fanout cannot sequence anything: the chat is not serving.
+    parts.extend(history.map(|report| match report {
+        HistoryReport::Ready => {
+            condition(HISTORY_READY, true, "DatabaseReachable", "the history database answers".into(), generation, now)
+        }
+        HistoryReport::Failed { reason, message } => {
+            condition(HISTORY_READY, false, reason, message.clone(), generation, now)
+        }
+    }));
     let failing: Vec<&str> = parts.iter().filter(|c| c.status != "True").map(|c| c.type_.as_str()).collect();
     let ready = if failing.is_empty() {
         condition(READY, true, "AllComponentsReady", "the chat is serving".into(), generation, now)
     } else {
         condition(READY, false, "ComponentsNotReady", format!("not ready: {}", failing.join(", ")), generation, now)
     };
-    let phase = if matches!(broker, BrokerReport::Failed { .. }) {
-        Phase::Degraded
-    } else if failing.is_empty() {
-        Phase::Ready
-    } else if !any_exists {
-        Phase::Pending
-    } else {
-        Phase::Progressing
-    };
+    let phase =
+        if matches!(broker, BrokerReport::Failed { .. }) || matches!(history, Some(HistoryReport::Failed { .. })) {
+            Phase::Degraded
+        } else if failing.is_empty() {
+            Phase::Ready
+        } else if !any_exists {
+            Phase::Pending
+        } else {
+            Phase::Progressing
+        };
     let mut conditions = vec![ready];
     conditions.extend(parts);
     let autoscaled = chat.languages.iter().any(|l| matches!(l.scaling, Scaling::Builtin(_) | Scaling::Keda(_)));
@@ -329,6 +353,7 @@ mod tests {
         generation: Option<i64>,
         deployments: Vec<Deployment>,
         broker: BrokerReport,
+        history: Option<HistoryReport>,
         previous: Vec<Condition>,
         now: Time,
     }
@@ -338,6 +363,7 @@ mod tests {
             generation: Some(3),
             deployments: all_ready(),
             broker: BrokerReport::Ready { backlogs: [("de".to_owned(), 4)].into() },
+            history: None,
             previous: Vec::new(),
             now: time("2026-01-01T00:00:00Z"),
         }
@@ -361,6 +387,10 @@ mod tests {
             Self { broker, ..self }
         }
 
+        fn history(self, history: HistoryReport) -> Self {
+            Self { history: Some(history), ..self }
+        }
+
         fn after(self, previous: &ChatDeploymentStatus, now: &str) -> Self {
             Self { previous: previous.conditions.clone(), now: time(now), ..self }
         }
@@ -368,8 +398,13 @@ mod tests {
         fn compute(&self) -> ChatDeploymentStatus {
             let valid = validate(&chat(&[("de", Some(1))]), "img").unwrap();
             let scaling = ScalingReport::default();
-            let found =
-                Findings { deployments: &self.deployments, broker: &self.broker, draining: &[], scaling: &scaling };
+            let found = Findings {
+                deployments: &self.deployments,
+                broker: &self.broker,
+                draining: &[],
+                scaling: &scaling,
+                history: self.history.as_ref(),
+            };
             compute(&valid, self.generation, found, &self.previous, &self.now)
         }
     }
@@ -414,6 +449,19 @@ mod tests {
         let c = get(&s, BROKER_READY);
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "BrokerUnreachable"));
         assert_eq!(s.translators[0].backlog, None);
+    }
+
+    #[test]
+    fn an_unreachable_history_database_degrades_the_chat() {
+        let s = case().compute();
+        assert!(s.conditions.iter().all(|c| c.type_ != HISTORY_READY), "no history, no condition");
+        let s = case().history(HistoryReport::Ready).compute();
+        assert_eq!((get(&s, HISTORY_READY).status.as_str(), s.phase), ("True", Some(Phase::Ready)));
+        let failed = HistoryReport::Failed { reason: "DatabaseUnreachable".into(), message: "refused".into() };
+        let s = case().history(failed).compute();
+        let c = get(&s, HISTORY_READY);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "DatabaseUnreachable"));
+        assert_eq!((get(&s, READY).status.as_str(), s.phase), ("False", Some(Phase::Degraded)));
     }
 
     #[test]

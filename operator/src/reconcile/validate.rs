@@ -44,6 +44,8 @@ pub enum SpecError {
     ReplicasAndAutoscaling(String),
     #[error("languages[{code}].autoscaling: {reason}")]
     InvalidAutoscaling { code: String, reason: String },
+    #[error("history.retention {0:?} is not a duration like 30d, 12h, 90m or 3600s")]
+    InvalidRetention(String),
 }
 
 /// The bounds of one language, resolved from its spec.
@@ -66,6 +68,14 @@ pub enum Scaling {
     Builtin(Bounds),
     /// KEDA, through a ScaledObject with these bounds.
     Keda(Bounds),
+}
+
+/// Where the history is kept and for how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPlan {
+    pub database: SecretKeyRef,
+    /// As the chat server reads it, e.g. `30d`; `None` keeps everything.
+    pub retention: Option<String>,
 }
 
 /// One target language.
@@ -98,6 +108,7 @@ pub struct ValidatedChat {
     pub fanout: RolePlan,
     pub translator: RoleOverrides,
     pub drain_timeout_seconds: i64,
+    pub history: Option<HistoryPlan>,
 }
 
 impl ValidatedChat {
@@ -131,6 +142,12 @@ fn autoscaling_bounds(code: &str, a: &crate::crd::AutoscalingSpec) -> Result<Bou
             scale_down_window: Duration::from_secs(a.scale_down_stabilization_seconds as u64),
         })
     }
+}
+
+/// `<digits><s|m|h|d>`, the pattern the CRD also enforces.
+fn valid_retention(text: &str) -> bool {
+    let Some(digits) = text.strip_suffix(['s', 'm', 'h', 'd']) else { return false };
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn check_name(name: String, errors: &mut Vec<SpecError>) {
@@ -196,6 +213,15 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     if spec.drain_timeout_seconds < 0 {
         errors.push(SpecError::NegativeDrainTimeout(spec.drain_timeout_seconds));
     }
+    let history = spec.history.as_ref().map(|h| HistoryPlan {
+        database: h.database.secret_ref.clone(),
+        retention: h.retention.clone().filter(|r| !r.is_empty()),
+    });
+    if let Some(retention) = history.as_ref().and_then(|h| h.retention.as_deref()) {
+        if !valid_retention(retention) {
+            errors.push(SpecError::InvalidRetention(retention.to_owned()));
+        }
+    }
     let gateway = replicas("gateway.replicas", spec.gateway.replicas, DEFAULT_GATEWAY_REPLICAS);
     let fanout = replicas("fanout.replicas", spec.fanout.replicas, DEFAULT_FANOUT_REPLICAS);
     check_name(names.gateway(), &mut errors);
@@ -220,6 +246,7 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
             fanout: RolePlan { replicas: fanout, overrides: spec.fanout.overrides.clone() },
             translator: spec.translator.clone(),
             drain_timeout_seconds: spec.drain_timeout_seconds,
+            history,
         }),
         (gateway, fanout, _) => {
             errors.extend(gateway.err());
@@ -324,6 +351,19 @@ mod tests {
         c.spec.languages[0].autoscaling = Some(autoscaling(AutoscalingMode::Builtin, 0, 4));
         let valid = validate(&c, "img").unwrap();
         assert!(matches!(valid.languages[0].scaling, Scaling::Builtin(Bounds { min: 0, max: 4, .. })));
+    }
+
+    #[test]
+    fn a_history_retention_must_be_a_duration() {
+        let mut c = chat(&[]);
+        c.spec.history = Some(crate::crd::HistorySpec {
+            database: crate::crd::DatabaseSpec { secret_ref: SecretKeyRef { name: "db".into(), key: "uri".into() } },
+            retention: Some("a month".into()),
+        });
+        assert_eq!(errors(&c), vec![SpecError::InvalidRetention("a month".into())]);
+        c.spec.history.as_mut().unwrap().retention = Some("30d".into());
+        let history = validate(&c, "img").unwrap().history.unwrap();
+        assert_eq!((history.database.name.as_str(), history.retention.as_deref()), ("db", Some("30d")));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub fn config_file(chat: &ValidatedChat) -> ChatServerConfig {
         languages: Some(chat.language_codes().join(",")),
         translator: Some(chat.provider),
         translator_url: Some(chat.provider_url.clone()),
+        history_retention: chat.history.as_ref().and_then(|h| h.retention.clone()),
         log_format: Some(LogFormat::Json),
         ..Default::default()
     }

@@ -189,6 +189,22 @@ mod tests {
     }
 
     #[test]
+    fn fanout_deployment_with_history_snapshot() {
+        let mut c = chat(&[("de", Some(2))]);
+        c.spec.history = Some(crate::crd::HistorySpec {
+            database: crate::crd::DatabaseSpec {
+                secret_ref: crate::crd::SecretKeyRef { name: "chat-db-app".into(), key: "uri".into() },
+            },
+            retention: Some("30d".into()),
+        });
+        let d = build(&validate(&c, "ghcr.io/parley/chat-server:0.1.0").unwrap(), &inputs());
+        insta::assert_yaml_snapshot!((&d.config_map.data, &d.deployments[1]));
+        let translator_env =
+            d.deployments[2].spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].env.as_ref().unwrap();
+        assert!(translator_env.iter().all(|e| e.name != "PARLEY_HISTORY_URL"), "translators never read the history");
+    }
+
+    #[test]
     fn one_translator_deployment_per_language_named_after_it() {
         assert_eq!(
             desired().deployment_names(),

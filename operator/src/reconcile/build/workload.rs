@@ -120,6 +120,10 @@ fn template(
             env_vars.push(env_from_secret("PARLEY_TRANSLATOR_API_KEY", key));
         }
     }
+    // The fanout writes the history and the gateways read it; translators never touch it.
+    if let (Component::Gateway | Component::Fanout, Some(history)) = (role, &chat.history) {
+        env_vars.push(env_from_secret("PARLEY_HISTORY_URL", &history.database));
+    }
     let container = Container {
         name: "chat-server".into(),
         image: Some(chat.image.clone()),
