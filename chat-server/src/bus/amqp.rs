@@ -4,7 +4,7 @@
 //! declared topology, bindings and consumers; a consumer that sees an error waits for that
 //! recovery and goes on, or ends its stream when the connection cannot be recovered.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -74,6 +74,10 @@ struct AmqpAcker(lapin::Acker);
 impl Acker for AmqpAcker {
     async fn ack(&self) -> Result<(), BusError> {
         self.0.ack(BasicAckOptions::default()).await.map(drop).map_err(amqp("ack a message"))
+    }
+
+    async fn ack_all_up_to(&self) -> Result<(), BusError> {
+        self.0.ack(BasicAckOptions { multiple: true }).await.map(drop).map_err(amqp("ack a batch of messages"))
     }
 
     async fn requeue(&self) -> Result<(), BusError> {
@@ -152,35 +156,52 @@ impl Bus for AmqpBus {
     }
 
     async fn publish_all(&self, messages: &[(Route<'_>, &[u8])]) -> Result<(), BusError> {
-        // Sent in order on one channel, so per-chat order holds; confirmed together.
-        let mut confirms = Vec::with_capacity(messages.len());
-        for (route, payload) in messages {
-            let (exchange, routing_key, persistent) = match route {
+        let exchanges: Vec<(String, &str, bool)> = messages
+            .iter()
+            .map(|(route, _)| match route {
                 Route::Posted => (self.topology.posted_exchange(), "", true),
                 Route::Translated => (self.topology.translated_exchange(), "", true),
                 // Deliveries feed live sockets only, so they need not survive a broker restart.
                 Route::Deliver { chat_id } => (self.topology.deliver_exchange(), *chat_id, false),
-            };
-            let properties = BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(if persistent { 2 } else { 1 });
-            let confirm = self
-                .publisher
-                .basic_publish(
+            })
+            .collect();
+        let mut publishes: Vec<_> = messages
+            .iter()
+            .zip(&exchanges)
+            .map(|((_, payload), (exchange, routing_key, persistent))| {
+                let properties = BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(if *persistent { 2 } else { 1 });
+                let publish = self.publisher.basic_publish(
                     exchange.as_str().into(),
-                    routing_key.into(),
+                    (*routing_key).into(),
                     BasicPublishOptions::default(),
                     payload,
                     properties,
-                )
-                .await
-                .map_err(amqp(format!("publish to {exchange}")))?;
-            confirms.push((exchange, confirm));
+                );
+                Box::pin(futures_util::future::maybe_done(publish))
+            })
+            .collect();
+        // lapin queues a publish's frames when it is first polled: polling each once, in order, sends
+        // them in order on the one channel (so per-chat order holds) without a round trip apiece.
+        std::future::poll_fn(|cx| {
+            for publish in &mut publishes {
+                let _ = publish.as_mut().poll(cx);
+            }
+            std::task::Poll::Ready(())
+        })
+        .await;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (mut publish, (exchange, ..)) in publishes.into_iter().zip(&exchanges) {
+            publish.as_mut().await;
+            let confirm = publish.as_mut().take_output().expect("a finished publish has its output");
+            confirms.push((exchange, confirm.map_err(amqp(format!("publish to {exchange}")))?));
         }
+        // Confirmed together: one round trip for the whole batch.
         for (exchange, confirm) in confirms {
             let confirmation = confirm.await.map_err(amqp(format!("confirm a publish to {exchange}")))?;
             if confirmation.is_nack() {
-                return Err(BusError::Nacked { route: exchange });
+                return Err(BusError::Nacked { route: exchange.clone() });
             }
         }
         Ok(())

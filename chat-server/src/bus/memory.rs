@@ -80,6 +80,10 @@ impl Acker for MemoryAcker {
         Ok(())
     }
 
+    async fn ack_all_up_to(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
     async fn requeue(&self) -> Result<(), BusError> {
         let (payload, origin, _) = self.item.clone();
         self.queue.tx.send((payload, origin, true)).map_err(|_| BusError::InProcess("is closed".into()))

@@ -32,13 +32,19 @@ pub enum Source<'a> {
 }
 
 impl Source<'_> {
-    /// Messages a consumer of this source may hold unacknowledged. The fanout takes what it holds as
-    /// one batch; a translator's few hide the provider's latency without starving other replicas.
+    /// Messages a consumer of this source may hold unacknowledged. A translator's few hide the
+    /// provider's latency without starving other replicas; the fanout's keep it busy (see [`Source::batch`]).
     pub const fn prefetch(self) -> u16 {
         match self {
             Self::Translate { .. } => 4,
-            Self::Fanout => 64,
+            Self::Fanout => 1024,
         }
+    }
+
+    /// Most messages handled as one batch: half the prefetch, so the broker goes on sending the next
+    /// batch while this one is stored and published.
+    pub const fn batch(self) -> usize {
+        self.prefetch() as usize / 2
     }
 }
 
@@ -74,6 +80,9 @@ pub enum BusError {
 pub trait Acker: Send + Sync {
     /// Done: the downstream effect is confirmed.
     async fn ack(&self) -> Result<(), BusError>;
+    /// Done, and so is every earlier message consumed from the same source and not settled yet: one
+    /// acknowledgement for a whole batch.
+    async fn ack_all_up_to(&self) -> Result<(), BusError>;
     /// Not done: hand the message out again (counts towards the delivery limit).
     async fn requeue(&self) -> Result<(), BusError>;
     /// Never doable: send the message to the dead-letter queue.
@@ -95,6 +104,12 @@ impl Incoming {
 
     pub async fn ack(self) -> Result<(), BusError> {
         self.acker.ack().await
+    }
+
+    /// Acks this message and every earlier unsettled one of the same consumer (the rest of a batch,
+    /// which the caller drops unsettled).
+    pub async fn ack_all_up_to(self) -> Result<(), BusError> {
+        self.acker.ack_all_up_to().await
     }
 
     pub async fn requeue(self) -> Result<(), BusError> {

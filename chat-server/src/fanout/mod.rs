@@ -53,7 +53,7 @@ impl Fanout {
             // Whatever else has already arrived joins the batch: one store transaction and one
             // confirm round trip for all of it.
             let mut batch = vec![first?];
-            while batch.len() < usize::from(Source::Fanout.prefetch()) {
+            while batch.len() < Source::Fanout.batch() {
                 match messages.next().now_or_never() {
                     Some(Some(incoming)) => batch.push(incoming?),
                     _ => break,
@@ -116,8 +116,9 @@ impl Fanout {
             payloads.iter().map(|(chat_id, payload)| (Route::Deliver { chat_id }, payload.as_slice())).collect();
         match self.bus.publish_all(&messages).await {
             Ok(()) => {
-                for incoming in held {
-                    incoming.ack().await?;
+                // One acknowledgement for the batch: the last message's, covering every earlier one.
+                if let Some(last) = held.pop() {
+                    last.ack_all_up_to().await?;
                 }
                 Ok(())
             }

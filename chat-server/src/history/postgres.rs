@@ -62,6 +62,59 @@ fn language_list(languages: Languages<'_>) -> Option<Vec<String>> {
     languages.0.map(<[String]>::to_vec)
 }
 
+/// The most parameter bytes one statement carries. sqlx leaves Nagle's algorithm on (no TCP_NODELAY,
+/// as of sqlx-core 0.9), and a statement written in two pieces waits for the server's delayed ACK of
+/// the first, about 40 ms: statements stay well under the 16 KiB a fresh socket's buffer takes at once.
+const STATEMENT_BYTES: usize = 8 * 1024;
+
+/// What one delivery adds to a statement, roughly: its texts and ids, and some framing.
+fn row_bytes(d: &Delivery) -> usize {
+    d.chat_id.len() + d.text.len() + d.sender.as_ref().map_or(0, String::len) + d.sent_at.len() + 80
+}
+
+/// `items` in runs of at most [`STATEMENT_BYTES`] (a single larger item makes a run of its own).
+fn chunks<T>(items: &[T], bytes: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut runs = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let this = bytes(item);
+        if i > start && size + this > STATEMENT_BYTES {
+            runs.push(&items[start..i]);
+            (start, size) = (i, 0);
+        }
+        size += this;
+    }
+    if start < items.len() {
+        runs.push(&items[start..]);
+    }
+    runs
+}
+
+/// Inserts numbered deliveries, skipping any stored already; returns how many it inserted.
+async fn insert(tx: &mut sqlx::PgTransaction<'_>, rows: &[Delivery]) -> Result<u64, sqlx::Error> {
+    let column = |f: fn(&Delivery) -> String| rows.iter().map(f).collect::<Vec<String>>();
+    let inserted = sqlx::query(
+        "INSERT INTO parley_deliveries \
+         (chat_id, seq, message_id, language, source_language, original, text, sender, sent_at, reply_to) \
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::bool[], \
+         $7::text[], $8::text[], $9::text[], $10::uuid[]) \
+         ON CONFLICT (message_id, language) DO NOTHING",
+    )
+    .bind(column(|d| d.chat_id.clone()))
+    .bind(rows.iter().map(|d| d.seq as i64).collect::<Vec<i64>>())
+    .bind(rows.iter().map(|d| d.id).collect::<Vec<Uuid>>())
+    .bind(column(|d| d.language.clone()))
+    .bind(column(|d| d.source_language.clone()))
+    .bind(rows.iter().map(|d| d.original).collect::<Vec<bool>>())
+    .bind(column(|d| d.text.clone()))
+    .bind(rows.iter().map(|d| d.sender.clone()).collect::<Vec<Option<String>>>())
+    .bind(column(|d| d.sent_at.clone()))
+    .bind(rows.iter().map(|d| d.reply_to).collect::<Vec<Option<Uuid>>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(inserted.rows_affected())
+}
+
 pub struct PostgresHistory {
     pool: PgPool,
 }
@@ -69,8 +122,89 @@ pub struct PostgresHistory {
 impl PostgresHistory {
     /// Connects a pool; the database must answer within a few seconds.
     pub async fn connect(url: &str) -> Result<Self, HistoryError> {
-        let pool = PgPoolOptions::new().max_connections(8).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
+        // Connections are opened ahead of need: opening one costs the batch that waits for it ~100 ms.
+        let pool = PgPoolOptions::new()
+            .min_connections(2)
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
         Ok(Self { pool })
+    }
+
+    /// Appends a batch that may hold redeliveries: the chats' rows locked, every delivery looked up first.
+    async fn append_checking(&self, batch: Vec<Delivery>) -> Result<Vec<Appended>, HistoryError> {
+        let mut chats: Vec<String> = batch.iter().map(|d| d.chat_id.clone()).collect();
+        chats.sort();
+        chats.dedup();
+        let mut tx = self.pool.begin().await?;
+        // Locked in one order, chunk after chunk, so two writers never wait on each other in a circle.
+        let mut last_seq: HashMap<String, u64> = HashMap::new();
+        for chunk in chunks(&chats, |chat| chat.len() + 8) {
+            sqlx::query(
+                "INSERT INTO parley_chats (chat_id, last_seq, last_message_at) \
+                 SELECT unnest($1::text[]), 0, now() ON CONFLICT (chat_id) DO NOTHING",
+            )
+            .bind(chunk)
+            .execute(&mut *tx)
+            .await?;
+            let rows = sqlx::query(
+                "SELECT chat_id, last_seq FROM parley_chats WHERE chat_id = ANY($1) ORDER BY chat_id FOR UPDATE",
+            )
+            .bind(chunk)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in rows {
+                last_seq.insert(row.try_get(0)?, row.try_get::<i64, _>(1)? as u64);
+            }
+        }
+        let mut appended = Vec::with_capacity(batch.len());
+        for chunk in chunks(&batch, row_bytes) {
+            let ids: Vec<Uuid> = chunk.iter().map(|d| d.id).collect();
+            let languages: Vec<String> = chunk.iter().map(|d| d.language.clone()).collect();
+            let query = concat!(
+                "SELECT ",
+                columns!(),
+                " FROM parley_deliveries d \
+                 JOIN UNNEST($1::uuid[], $2::text[]) AS k(message_id, language) USING (message_id, language)"
+            );
+            let mut duplicates: HashMap<(Uuid, String), Delivery> = HashMap::new();
+            for row in sqlx::query(query).bind(&ids).bind(&languages).fetch_all(&mut *tx).await? {
+                let found = delivery(&row)?;
+                duplicates.insert((found.id, found.language.clone()), found);
+            }
+            let mut fresh: Vec<Delivery> = Vec::new();
+            for delivery in chunk {
+                if let Some(stored) = duplicates.get(&(delivery.id, delivery.language.clone())) {
+                    appended.push(Appended::Duplicate(stored.clone()));
+                    continue;
+                }
+                let seq = last_seq.entry(delivery.chat_id.clone()).or_default();
+                *seq += 1;
+                let mut delivery = delivery.clone();
+                delivery.seq = *seq;
+                fresh.push(delivery.clone());
+                appended.push(Appended::New(delivery));
+            }
+            if fresh.is_empty() {
+                continue;
+            }
+            insert(&mut tx, &fresh).await?;
+        }
+        let numbered: Vec<(String, i64)> = last_seq.into_iter().map(|(chat, seq)| (chat, seq as i64)).collect();
+        for chunk in chunks(&numbered, |(chat, _)| chat.len() + 16) {
+            let (chats, seqs): (Vec<String>, Vec<i64>) = chunk.iter().cloned().unzip();
+            sqlx::query(
+                "UPDATE parley_chats c SET last_seq = v.seq, last_message_at = now() \
+                 FROM UNNEST($1::text[], $2::bigint[]) AS v(chat_id, seq) WHERE c.chat_id = v.chat_id AND v.seq > c.last_seq",
+            )
+            .bind(&chats)
+            .bind(&seqs)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(appended)
     }
 
     /// Applies the embedded migrations that have not run yet (a no-op when all have).
@@ -86,85 +220,53 @@ impl History for PostgresHistory {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut chats: Vec<String> = batch.iter().map(|d| d.chat_id.clone()).collect();
-        chats.sort();
-        chats.dedup();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO parley_chats (chat_id, last_seq, last_message_at) \
-             SELECT unnest($1::text[]), 0, now() ON CONFLICT (chat_id) DO NOTHING",
-        )
-        .bind(&chats)
-        .execute(&mut *tx)
-        .await?;
-        let mut last_seq: HashMap<String, u64> = sqlx::query(
-            "SELECT chat_id, last_seq FROM parley_chats WHERE chat_id = ANY($1) ORDER BY chat_id FOR UPDATE",
-        )
-        .bind(&chats)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get::<i64, _>(1)? as u64)))
-        .collect::<Result<_, sqlx::Error>>()?;
-        let ids: Vec<Uuid> = batch.iter().map(|d| d.id).collect();
-        let languages: Vec<String> = batch.iter().map(|d| d.language.clone()).collect();
-        let query = concat!(
-            "SELECT ",
-            columns!(),
-            " FROM parley_deliveries d \
-             JOIN UNNEST($1::uuid[], $2::text[]) AS k(message_id, language) USING (message_id, language)"
-        );
-        let mut duplicates: HashMap<(Uuid, String), Delivery> = HashMap::new();
-        for row in sqlx::query(query).bind(&ids).bind(&languages).fetch_all(&mut *tx).await? {
-            let found = delivery(&row)?;
-            duplicates.insert((found.id, found.language.clone()), found);
-        }
-        let mut appended = Vec::with_capacity(batch.len());
-        let mut fresh: Vec<Delivery> = Vec::new();
-        for mut delivery in batch {
-            if let Some(stored) = duplicates.get(&(delivery.id, delivery.language.clone())) {
-                appended.push(Appended::Duplicate(stored.clone()));
-                continue;
+        // Most batches hold no redelivery: number them from each chat's count, raised in the same
+        // statement that locks its row, and insert. Should any delivery turn out to be stored already,
+        // the transaction is dropped and the batch goes the careful way.
+        let mut per_chat: Vec<(String, i64)> = Vec::new();
+        {
+            let mut counts: HashMap<&str, i64> = HashMap::new();
+            for d in &batch {
+                *counts.entry(d.chat_id.as_str()).or_default() += 1;
             }
-            let seq = last_seq.entry(delivery.chat_id.clone()).or_default();
-            *seq += 1;
-            delivery.seq = *seq;
-            fresh.push(delivery.clone());
-            appended.push(Appended::New(delivery));
+            per_chat.extend(counts.into_iter().map(|(chat, n)| (chat.to_owned(), n)));
+            per_chat.sort();
         }
-        if !fresh.is_empty() {
-            let column = |f: fn(&Delivery) -> String| fresh.iter().map(f).collect::<Vec<String>>();
-            sqlx::query(
-                "INSERT INTO parley_deliveries \
-                 (chat_id, seq, message_id, language, source_language, original, text, sender, sent_at, reply_to) \
-                 SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::bool[], \
-                 $7::text[], $8::text[], $9::text[], $10::uuid[])",
-            )
-            .bind(column(|d| d.chat_id.clone()))
-            .bind(fresh.iter().map(|d| d.seq as i64).collect::<Vec<i64>>())
-            .bind(fresh.iter().map(|d| d.id).collect::<Vec<Uuid>>())
-            .bind(column(|d| d.language.clone()))
-            .bind(column(|d| d.source_language.clone()))
-            .bind(fresh.iter().map(|d| d.original).collect::<Vec<bool>>())
-            .bind(column(|d| d.text.clone()))
-            .bind(fresh.iter().map(|d| d.sender.clone()).collect::<Vec<Option<String>>>())
-            .bind(column(|d| d.sent_at.clone()))
-            .bind(fresh.iter().map(|d| d.reply_to).collect::<Vec<Option<Uuid>>>())
-            .execute(&mut *tx)
-            .await?;
-            let (chats, seqs): (Vec<String>, Vec<i64>) =
-                last_seq.into_iter().map(|(chat, seq)| (chat, seq as i64)).unzip();
-            sqlx::query(
-                "UPDATE parley_chats c SET last_seq = v.seq, last_message_at = now() \
-                 FROM UNNEST($1::text[], $2::bigint[]) AS v(chat_id, seq) WHERE c.chat_id = v.chat_id AND v.seq > c.last_seq",
+        let mut tx = self.pool.begin().await?;
+        let mut next: HashMap<String, u64> = HashMap::new();
+        for chunk in chunks(&per_chat, |(chat, _)| chat.len() + 16) {
+            let (chats, counts): (Vec<String>, Vec<i64>) = chunk.iter().cloned().unzip();
+            let rows = sqlx::query(
+                "INSERT INTO parley_chats AS c (chat_id, last_seq, last_message_at) \
+                 SELECT chat_id, n, now() FROM UNNEST($1::text[], $2::bigint[]) AS v(chat_id, n) \
+                 ON CONFLICT (chat_id) DO UPDATE SET last_seq = c.last_seq + EXCLUDED.last_seq, last_message_at = now() \
+                 RETURNING chat_id, last_seq",
             )
             .bind(&chats)
-            .bind(&seqs)
-            .execute(&mut *tx)
+            .bind(&counts)
+            .fetch_all(&mut *tx)
             .await?;
+            for row in rows {
+                let chat: String = row.try_get(0)?;
+                let last = row.try_get::<i64, _>(1)? as u64;
+                let count = chunk.iter().find(|(c, _)| *c == chat).map_or(0, |(_, n)| *n as u64);
+                next.insert(chat, last - count);
+            }
+        }
+        let mut numbered = batch.clone();
+        for delivery in &mut numbered {
+            let seq = next.entry(delivery.chat_id.clone()).or_default();
+            *seq += 1;
+            delivery.seq = *seq;
+        }
+        for chunk in chunks(&numbered, row_bytes) {
+            if insert(&mut tx, chunk).await? < chunk.len() as u64 {
+                drop(tx);
+                return self.append_checking(batch).await;
+            }
         }
         tx.commit().await?;
-        Ok(appended)
+        Ok(numbered.into_iter().map(Appended::New).collect())
     }
 
     async fn latest(
@@ -280,5 +382,16 @@ impl History for PostgresHistory {
 
     async fn ready(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn statements_are_split_by_size_and_an_oversized_item_goes_alone() {
+        let items = [3000, 3000, 3000, 9000, 100, 100];
+        let runs: Vec<Vec<usize>> = super::chunks(&items, |n| *n).into_iter().map(<[usize]>::to_vec).collect();
+        assert_eq!(runs, vec![vec![3000, 3000], vec![3000], vec![9000], vec![100, 100]]);
+        assert!(super::chunks(&[] as &[usize], |n| *n).is_empty());
     }
 }
