@@ -15,7 +15,7 @@ use crate::{
     fanout::{self, Fanout},
     gateway,
     history::{self, History},
-    translator::{provider, RetryPolicy, Translator},
+    translator::{cache::TranslationCache, provider, RetryPolicy, Translator},
 };
 
 /// One role of a standalone process, to run on the workers' runtime.
@@ -69,9 +69,10 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
                 let (settings, language, cancel) = (settings.clone(), language.clone(), cancel.clone());
                 async move {
                     let translator = translator(&settings, &language, None, &cancel).await?;
-                    current.set(translator.bus.clone());
+                    let bus = translator.bus.clone();
+                    current.set(bus.clone());
                     let result = translator.run(cancel).await;
-                    translator.bus.close().await;
+                    bus.close().await;
                     result.map_err(anyhow::Error::from)
                 }
             })
@@ -127,14 +128,21 @@ async fn translator(
     language: &str,
     bus: Option<Arc<dyn Bus>>,
     cancel: &CancellationToken,
-) -> anyhow::Result<Translator> {
+) -> anyhow::Result<Arc<Translator>> {
     let (kind, url) = settings.provider()?;
     let provider = provider::build(kind, url, settings.translator_api_key.clone(), settings.translator_timeout)?;
     let bus = match bus {
         Some(bus) => bus,
         None => connect(settings, &[language.to_owned()], &format!("translator-{language}"), cancel).await?,
     };
-    Ok(Translator { language: language.to_owned(), bus, provider: provider.into(), retry: RetryPolicy::default() })
+    Ok(Arc::new(Translator {
+        language: language.to_owned(),
+        bus,
+        provider: provider.into(),
+        retry: RetryPolicy::default(),
+        concurrency: settings.translate_concurrency,
+        cache: Arc::new(TranslationCache::new(settings.translation_cache_entries)),
+    }))
 }
 
 /// The bus a supervised worker currently runs on, for `/readyz`.

@@ -66,6 +66,14 @@ pub struct ChatServerConfig {
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_TRANSLATOR_TIMEOUT_SECS", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub translator_timeout_secs: Option<u64>,
+    /// Provider calls a translator keeps in flight at once. [default: 16]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_TRANSLATE_CONCURRENCY", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translate_concurrency: Option<usize>,
+    /// Recent translations a translator remembers (0 for none). [default: 10000]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_TRANSLATION_CACHE_ENTRIES", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translation_cache_entries: Option<usize>,
     /// Longest message text accepted, in bytes. [default: 4096]
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_MAX_TEXT_BYTES", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,6 +134,8 @@ impl ChatServerConfig {
             translator_url,
             translator_api_key,
             translator_timeout_secs,
+            translate_concurrency,
+            translation_cache_entries,
             max_text_bytes,
             max_query_depth,
             max_query_complexity,

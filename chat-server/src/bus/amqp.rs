@@ -209,7 +209,7 @@ impl Bus for AmqpBus {
 
     async fn consume(&self, source: Source<'_>) -> Result<IncomingStream, BusError> {
         let queue = match source {
-            Source::Translate { language } => self.topology.translate_queue(language),
+            Source::Translate { language, .. } => self.topology.translate_queue(language),
             Source::Fanout => self.topology.fanout_queue(),
         };
         let prefetch = source.prefetch();

@@ -123,7 +123,7 @@ impl Bus for MemoryBus {
     async fn consume(&self, source: Source<'_>) -> Result<IncomingStream, BusError> {
         let queue = match source {
             Source::Fanout => self.fanout.clone(),
-            Source::Translate { language } => self
+            Source::Translate { language, .. } => self
                 .translate
                 .get(language)
                 .cloned()

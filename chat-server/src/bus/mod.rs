@@ -25,18 +25,18 @@ pub enum Route<'a> {
 /// Where a role consumes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source<'a> {
-    /// The work queue of one language's translators.
-    Translate { language: &'a str },
+    /// The work queue of one language's translators, with the messages a consumer may hold.
+    Translate { language: &'a str, prefetch: u16 },
     /// The fanout's input.
     Fanout,
 }
 
 impl Source<'_> {
-    /// Messages a consumer of this source may hold unacknowledged. A translator's few hide the
-    /// provider's latency without starving other replicas; the fanout's keep it busy (see [`Source::batch`]).
+    /// Messages a consumer of this source may hold unacknowledged: a translator's are what its
+    /// concurrent provider calls take; the fanout's keep it busy (see [`Source::batch`]).
     pub const fn prefetch(self) -> u16 {
         match self {
-            Self::Translate { .. } => 4,
+            Self::Translate { prefetch, .. } => prefetch,
             Self::Fanout => 1024,
         }
     }

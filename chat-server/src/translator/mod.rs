@@ -1,20 +1,30 @@
-//! The translator role: competing consumers of one language's queue that translate, publish with a confirm, then ack.
+//! The translator role: competing consumers of one language's queue that translate, publish with a
+//! confirm, then ack.
+//!
+//! Up to `--translate-concurrency` provider calls are in flight per replica, so a replica's throughput
+//! is not one over the provider's latency. Where the provider takes several texts per call
+//! (LibreTranslate), the messages waiting are sent together. Recent translations are remembered
+//! ([`cache`]), so a text said again costs no provider call.
 
+pub mod cache;
 pub mod provider;
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use futures_util::{FutureExt, StreamExt};
+use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     bus::{next_unless_cancelled, Bus, BusError, Incoming, Route, Source},
     wire::{MessagePosted, MessageTranslated, PASSTHROUGH_PROVIDER, WIRE_VERSION},
 };
+use cache::TranslationCache;
 use provider::{Provider, ProviderError};
 
-/// How a translator waits out a provider that is down. It retries the message in hand until the
-/// provider answers or the process stops (then the message goes back to the queue): an outage is
-/// every message's problem, so requeueing would only burn delivery attempts towards dead-lettering.
+/// How a translator waits out a provider that is down. It retries the messages in hand until the
+/// provider answers or the process stops (then they go back to the queue): an outage is every
+/// message's problem, so requeueing would only burn delivery attempts towards dead-lettering.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     pub first_delay: Duration,
@@ -33,8 +43,12 @@ pub struct Translator {
     pub bus: Arc<dyn Bus>,
     pub provider: Arc<dyn Provider>,
     pub retry: RetryPolicy,
+    /// Provider calls in flight at most.
+    pub concurrency: usize,
+    pub cache: Arc<TranslationCache>,
 }
 
+/// What becomes of one message.
 enum Outcome {
     Translated(MessageTranslated),
     /// Give the message back to the queue (its delivery count goes up; at the limit it dead-letters).
@@ -42,47 +56,113 @@ enum Outcome {
     DeadLetter(String),
 }
 
+/// A message taken from the queue, decoded.
+struct Work {
+    incoming: Incoming,
+    posted: MessagePosted,
+}
+
 impl Translator {
-    /// Consumes until `cancel` fires (finishing the message in hand) or the bus gives up.
-    pub async fn run(&self, cancel: CancellationToken) -> Result<(), BusError> {
-        let mut messages = self.bus.consume(Source::Translate { language: &self.language }).await?;
-        tracing::info!(language = %self.language, provider = self.provider.name(), "translator consuming");
-        while let Some(incoming) = next_unless_cancelled(&mut messages, &cancel).await {
-            self.handle(incoming?, &cancel).await?;
+    /// Consumes until `cancel` fires (finishing the messages in hand) or the bus gives up.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) -> Result<(), BusError> {
+        let batch = self.provider.max_batch().max(1);
+        let prefetch = u16::try_from(self.concurrency.max(1) * batch).unwrap_or(u16::MAX);
+        let mut messages = self.bus.consume(Source::Translate { language: &self.language, prefetch }).await?;
+        tracing::info!(
+            language = %self.language,
+            provider = self.provider.name(),
+            concurrency = self.concurrency,
+            "translator consuming"
+        );
+        let calls = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        let mut in_flight: JoinSet<Result<(), BusError>> = JoinSet::new();
+        let result = 'consume: loop {
+            // A finished batch that lost the bus stops the role: its messages go back to the queue.
+            while let Some(done) = in_flight.try_join_next() {
+                if let Ok(Err(err)) = done {
+                    break 'consume Err(err);
+                }
+            }
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => break 'consume Ok(()),
+                permit = calls.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            };
+            let Some(first) = next_unless_cancelled(&mut messages, &cancel).await else { break Ok(()) };
+            let mut taken = vec![first?];
+            // Whatever else waits already goes along, as far as one provider call takes it.
+            while taken.len() < batch {
+                match messages.next().now_or_never() {
+                    Some(Some(incoming)) => taken.push(incoming?),
+                    _ => break,
+                }
+            }
+            let (translator, cancel) = (self.clone(), cancel.clone());
+            in_flight.spawn(async move {
+                let _permit = permit;
+                translator.handle(taken, &cancel).await
+            });
+        };
+        // The messages in hand are finished (or, on SIGTERM, retried no further and requeued).
+        while let Some(done) = in_flight.join_next().await {
+            if let Ok(Err(err)) = done {
+                tracing::warn!(language = %self.language, error = %err, "a batch could not be settled");
+            }
         }
         tracing::info!(language = %self.language, "translator stopped");
+        result
+    }
+
+    /// Translates, publishes and settles one batch.
+    async fn handle(&self, batch: Vec<Incoming>, cancel: &CancellationToken) -> Result<(), BusError> {
+        let mut work = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            match serde_json::from_slice::<MessagePosted>(&incoming.payload) {
+                Ok(posted) => work.push(Work { incoming, posted }),
+                Err(err) => {
+                    tracing::error!(language = %self.language, error = %err, "dead-lettering an undecodable MessagePosted");
+                    incoming.dead_letter().await?;
+                }
+            }
+        }
+        let outcomes = self.translate(&work, cancel).await;
+        let mut translated = Vec::new();
+        for (item, outcome) in work.into_iter().zip(outcomes) {
+            match outcome {
+                Outcome::Translated(message) => translated.push((item.incoming, message)),
+                Outcome::Retry(reason) => {
+                    tracing::warn!(language = %self.language, id = %item.posted.id, reason, "giving the message back to the queue");
+                    item.incoming.requeue().await?;
+                }
+                Outcome::DeadLetter(reason) => {
+                    tracing::error!(language = %self.language, reason, "dead-lettering a message that cannot be translated");
+                    item.incoming.dead_letter().await?;
+                }
+            }
+        }
+        if translated.is_empty() {
+            return Ok(());
+        }
+        let payloads: Vec<Vec<u8>> =
+            translated.iter().map(|(_, m)| serde_json::to_vec(m).expect("a translation always encodes")).collect();
+        let messages: Vec<(Route<'_>, &[u8])> = payloads.iter().map(|p| (Route::Translated, p.as_slice())).collect();
+        match self.bus.publish_all(&messages).await {
+            Ok(()) => {
+                for (incoming, _) in translated {
+                    incoming.ack().await?;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(language = %self.language, messages = translated.len(), error = %err, "translations not confirmed; requeueing");
+                for (incoming, _) in translated {
+                    incoming.requeue().await?;
+                }
+            }
+        }
         Ok(())
     }
 
-    async fn handle(&self, incoming: Incoming, cancel: &CancellationToken) -> Result<(), BusError> {
-        let outcome = match serde_json::from_slice::<MessagePosted>(&incoming.payload) {
-            Ok(posted) => self.translate(posted, cancel).await,
-            Err(err) => Outcome::DeadLetter(format!("undecodable MessagePosted: {err}")),
-        };
-        match outcome {
-            Outcome::Translated(translated) => {
-                let payload = serde_json::to_vec(&translated).expect("a translation always encodes");
-                match self.bus.publish(Route::Translated, &payload).await {
-                    Ok(()) => incoming.ack().await,
-                    Err(err) => {
-                        tracing::warn!(id = %translated.id, language = %self.language, error = %err, "translation not confirmed; requeueing");
-                        incoming.requeue().await
-                    }
-                }
-            }
-            Outcome::Retry(reason) => {
-                tracing::warn!(language = %self.language, reason, "giving the message back to the queue");
-                incoming.requeue().await
-            }
-            Outcome::DeadLetter(reason) => {
-                tracing::error!(language = %self.language, reason, "dead-lettering a message that cannot be translated");
-                incoming.dead_letter().await
-            }
-        }
-    }
-
-    async fn translate(&self, posted: MessagePosted, cancel: &CancellationToken) -> Outcome {
-        let translated = |text: String, provider: &str| MessageTranslated {
+    fn translated(&self, posted: &MessagePosted, text: String, provider: &str) -> MessageTranslated {
+        MessageTranslated {
             v: WIRE_VERSION,
             id: posted.id,
             chat_id: posted.chat_id.clone(),
@@ -93,24 +173,80 @@ impl Translator {
             sender: posted.sender.clone(),
             sent_at: posted.sent_at.clone(),
             reply_to: posted.reply_to,
-        };
-        if posted.source_language == self.language {
-            return Outcome::Translated(translated(posted.text.clone(), PASSTHROUGH_PROVIDER));
         }
-        let mut delay = self.retry.first_delay;
-        for attempt in 1u64.. {
-            match self.provider.translate(&posted.text, &posted.source_language, &self.language).await {
-                Ok(text) => return Outcome::Translated(translated(text, self.provider.name())),
-                Err(err @ ProviderError::Permanent { .. }) => {
-                    return Outcome::DeadLetter(format!(
+    }
+
+    /// The outcome of each message, in order: passthroughs and remembered texts at once, the rest in
+    /// one provider call per source language.
+    async fn translate(&self, work: &[Work], cancel: &CancellationToken) -> Vec<Outcome> {
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(work.len());
+        let mut asked: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, item) in work.iter().enumerate() {
+            let posted = &item.posted;
+            let known = if posted.source_language == self.language {
+                Some(self.translated(posted, posted.text.clone(), PASSTHROUGH_PROVIDER))
+            } else {
+                self.cache
+                    .get(&posted.source_language, &self.language, &posted.text)
+                    .map(|text| self.translated(posted, text, self.provider.name()))
+            };
+            if known.is_none() {
+                asked.entry(posted.source_language.as_str()).or_default().push(i);
+            }
+            outcomes.push(known.map(Outcome::Translated));
+        }
+        for (from, indices) in asked {
+            let texts: Vec<&str> = indices.iter().map(|i| work[*i].posted.text.as_str()).collect();
+            let results = self.translate_texts(&texts, from, cancel).await;
+            for (i, result) in indices.into_iter().zip(results) {
+                let posted = &work[i].posted;
+                outcomes[i] = Some(match result {
+                    Ok(text) => {
+                        self.cache.put(from, &self.language, &posted.text, &text);
+                        Outcome::Translated(self.translated(posted, text, self.provider.name()))
+                    }
+                    Err(TextFailure::Permanent(err)) => Outcome::DeadLetter(format!(
                         "failed to translate message {} to {}: {err}",
                         posted.id, self.language
-                    ));
+                    )),
+                    Err(TextFailure::Stopped) => Outcome::Retry("shutting down".into()),
+                });
+            }
+        }
+        outcomes.into_iter().map(|o| o.expect("every message has an outcome")).collect()
+    }
+
+    /// Translates `texts` from `from`, waiting out transient failures; a call refused for good is
+    /// split, so that one bad text does not take the others with it.
+    async fn translate_texts(
+        &self,
+        texts: &[&str],
+        from: &str,
+        cancel: &CancellationToken,
+    ) -> Vec<Result<String, TextFailure>> {
+        let mut delay = self.retry.first_delay;
+        for attempt in 1u64.. {
+            let called = if texts.len() == 1 {
+                self.provider.translate(texts[0], from, &self.language).await.map(|t| vec![t])
+            } else {
+                self.provider.translate_many(texts, from, &self.language).await
+            };
+            match called {
+                Ok(translations) => return translations.into_iter().map(Ok).collect(),
+                Err(err @ ProviderError::Permanent { .. }) if texts.len() == 1 => {
+                    return vec![Err(TextFailure::Permanent(err))];
+                }
+                Err(ProviderError::Permanent { .. }) => {
+                    let mut one_by_one = Vec::with_capacity(texts.len());
+                    for text in texts {
+                        one_by_one.extend(Box::pin(self.translate_texts(&[text], from, cancel)).await);
+                    }
+                    return one_by_one;
                 }
                 Err(err) => {
-                    tracing::warn!(id = %posted.id, language = %self.language, attempt, retry_in = ?delay, error = %err, "translation failed; retrying");
+                    tracing::warn!(language = %self.language, texts = texts.len(), attempt, retry_in = ?delay, error = %err, "translation failed; retrying");
                     tokio::select! {
-                        _ = cancel.cancelled() => return Outcome::Retry("shutting down".into()),
+                        _ = cancel.cancelled() => return texts.iter().map(|_| Err(TextFailure::Stopped)).collect(),
                         _ = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(self.retry.max_delay);
@@ -119,4 +255,11 @@ impl Translator {
         }
         unreachable!("the retry loop only ends by returning")
     }
+}
+
+/// Why one text was not translated.
+enum TextFailure {
+    Permanent(ProviderError),
+    /// The process is stopping while the provider was down.
+    Stopped,
 }

@@ -24,7 +24,22 @@ pub trait Provider: Send + Sync {
     fn name(&self) -> &'static str;
     /// Translates `text` from `from` to `to`, both ISO 639-1 codes (`from` may be `auto`).
     async fn translate(&self, text: &str, from: &str, to: &str) -> Result<String, ProviderError>;
+    /// Texts one call may carry ([`Provider::translate_many`]); 1 when the API takes one at a time.
+    fn max_batch(&self) -> usize {
+        1
+    }
+    /// Translates several texts in one call, the translations in the same order.
+    async fn translate_many(&self, texts: &[&str], from: &str, to: &str) -> Result<Vec<String>, ProviderError> {
+        let mut translations = Vec::with_capacity(texts.len());
+        for text in texts {
+            translations.push(self.translate(text, from, to).await?);
+        }
+        Ok(translations)
+    }
 }
+
+/// Texts one LibreTranslate call carries at most.
+const LIBRETRANSLATE_BATCH: usize = 16;
 
 /// Builds the configured provider.
 pub fn build(kind: Kind, url: &str, api_key: Option<String>, timeout: Duration) -> reqwest::Result<Box<dyn Provider>> {
@@ -38,6 +53,22 @@ pub fn build(kind: Kind, url: &str, api_key: Option<String>, timeout: Duration) 
 
 fn transient(provider: &'static str) -> impl Fn(reqwest::Error) -> ProviderError {
     move |err| ProviderError::Transient { provider, detail: err.to_string() }
+}
+
+/// Sends `request` and returns the body of a successful answer; a failed one is classified.
+async fn answer(
+    provider: &'static str,
+    request: reqwest::RequestBuilder,
+    from: &str,
+    to: &str,
+) -> Result<String, ProviderError> {
+    let response = request.send().await.map_err(transient(provider))?;
+    let status = response.status();
+    let body = response.text().await.map_err(transient(provider))?;
+    if !status.is_success() {
+        return Err(classify(provider, status, body, from, to));
+    }
+    Ok(body)
 }
 
 /// Sorts an HTTP failure status into retryable or not.
@@ -138,7 +169,7 @@ impl Provider for Apertium {
 
     async fn translate(&self, text: &str, from: &str, to: &str) -> Result<String, ProviderError> {
         let unsupported = |detail: String| ProviderError::Permanent {
-            provider: "apertium",
+            provider: Kind::Apertium.as_str(),
             from: from.into(),
             to: to.into(),
             detail,
@@ -147,18 +178,12 @@ impl Provider for Apertium {
             unsupported("Apertium cannot detect or map this source language; set an explicit sourceLanguage".into())
         })?;
         let target = apertium_code(to).ok_or_else(|| unsupported("no Apertium code is known for the target".into()))?;
-        let response = self
-            .client
-            .post(format!("{}/translate", self.base))
-            .form(&[("langpair", format!("{source}|{target}").as_str()), ("q", text), ("markUnknown", "no")])
-            .send()
-            .await
-            .map_err(transient("apertium"))?;
-        let status = response.status();
-        let body = response.text().await.map_err(transient("apertium"))?;
-        if !status.is_success() {
-            return Err(classify("apertium", status, body, from, to));
-        }
+        let request = self.client.post(format!("{}/translate", self.base)).form(&[
+            ("langpair", format!("{source}|{target}").as_str()),
+            ("q", text),
+            ("markUnknown", "no"),
+        ]);
+        let body = answer(Kind::Apertium.as_str(), request, from, to).await?;
         match serde_json::from_str::<ApertiumAnswer>(&body) {
             Ok(ApertiumAnswer { response_data: Some(data), response_status: Some(200) | None }) => {
                 Ok(data.translated_text)
@@ -176,9 +201,34 @@ struct LibreTranslate {
 }
 
 #[derive(Deserialize)]
+#[serde(untagged)]
+enum LibreText {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
 struct LibreAnswer {
     #[serde(rename = "translatedText")]
-    translated_text: String,
+    translated_text: LibreText,
+}
+
+impl LibreTranslate {
+    /// `POST /translate` with `q` (a text or an array of texts).
+    async fn call(&self, q: serde_json::Value, from: &str, to: &str) -> Result<LibreText, ProviderError> {
+        let mut body = serde_json::json!({"q": q, "source": from, "target": to, "format": "text"});
+        if let Some(key) = &self.api_key {
+            body["api_key"] = key.as_str().into();
+        }
+        let request = self.client.post(format!("{}/translate", self.base)).json(&body);
+        let text = answer(Kind::Libretranslate.as_str(), request, from, to).await?;
+        serde_json::from_str::<LibreAnswer>(&text).map(|a| a.translated_text).map_err(|err| ProviderError::Permanent {
+            provider: Kind::Libretranslate.as_str(),
+            from: from.into(),
+            to: to.into(),
+            detail: format!("unexpected answer ({err}): {text}"),
+        })
+    }
 }
 
 #[async_trait]
@@ -188,28 +238,35 @@ impl Provider for LibreTranslate {
     }
 
     async fn translate(&self, text: &str, from: &str, to: &str) -> Result<String, ProviderError> {
-        let mut body = serde_json::json!({"q": text, "source": from, "target": to, "format": "text"});
-        if let Some(key) = &self.api_key {
-            body["api_key"] = key.as_str().into();
+        match self.call(text.into(), from, to).await? {
+            LibreText::One(text) => Ok(text),
+            LibreText::Many(mut texts) if texts.len() == 1 => Ok(texts.remove(0)),
+            LibreText::Many(texts) => Err(self.miscount(from, to, 1, texts.len())),
         }
-        let response = self
-            .client
-            .post(format!("{}/translate", self.base))
-            .json(&body)
-            .send()
-            .await
-            .map_err(transient("libretranslate"))?;
-        let status = response.status();
-        let text = response.text().await.map_err(transient("libretranslate"))?;
-        if !status.is_success() {
-            return Err(classify("libretranslate", status, text, from, to));
+    }
+
+    fn max_batch(&self) -> usize {
+        LIBRETRANSLATE_BATCH
+    }
+
+    async fn translate_many(&self, texts: &[&str], from: &str, to: &str) -> Result<Vec<String>, ProviderError> {
+        match self.call(texts.into(), from, to).await? {
+            LibreText::Many(translations) if translations.len() == texts.len() => Ok(translations),
+            LibreText::Many(translations) => Err(self.miscount(from, to, texts.len(), translations.len())),
+            LibreText::One(text) if texts.len() == 1 => Ok(vec![text]),
+            LibreText::One(_) => Err(self.miscount(from, to, texts.len(), 1)),
         }
-        serde_json::from_str::<LibreAnswer>(&text).map(|a| a.translated_text).map_err(|err| ProviderError::Permanent {
-            provider: "libretranslate",
+    }
+}
+
+impl LibreTranslate {
+    fn miscount(&self, from: &str, to: &str, sent: usize, got: usize) -> ProviderError {
+        ProviderError::Permanent {
+            provider: Kind::Libretranslate.as_str(),
             from: from.into(),
             to: to.into(),
-            detail: format!("unexpected answer ({err}): {text}"),
-        })
+            detail: format!("sent {sent} texts, got {got} translations back"),
+        }
     }
 }
 

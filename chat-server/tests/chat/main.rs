@@ -10,3 +10,4 @@ mod protocol;
 mod resume;
 mod standalone;
 mod support;
+mod translation;
