@@ -34,7 +34,7 @@ pub async fn reconcile(chat: Arc<ChatDeployment>, ctx: Arc<Context>) -> Result<A
     let api: Api<ChatDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let action = finalizer(&api, FINALIZER, chat, |event| async {
         match event {
-            Finalizer::Apply(chat) => reconcile::apply(&chat, &ctx).await,
+            Finalizer::Apply(chat) => reconcile::run(&chat, &ctx).await,
             Finalizer::Cleanup(chat) => reconcile::cleanup(&chat, &ctx).await,
         }
     })

@@ -1,4 +1,5 @@
-//! The reasons of the Events (and condition reasons) the operator writes, in one enum.
+//! The reasons of the Events the operator writes, in one enum (condition reasons of the broker and
+//! history steps come from it too).
 
 use kube::runtime::events::EventType;
 

@@ -68,8 +68,8 @@ fn health_and_metrics(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
         )
 }
 
-/// The ChatDeployments in `chats` that reference the Secret `name` in `namespace` (broker or API key),
-/// so a changed credential rolls their pods.
+/// The ChatDeployments in `chats` that reference the Secret `name` in `namespace` (broker, API key or
+/// history database), so a changed credential rolls their pods.
 pub fn referencing_secret(
     chats: &[Arc<ChatDeployment>],
     namespace: Option<&str>,
@@ -80,7 +80,8 @@ pub fn referencing_secret(
         .filter(|chat| {
             chat.namespace().as_deref() == namespace
                 && (chat.spec.broker.secret_ref.name == name
-                    || chat.spec.translation.api_key_secret_ref.as_ref().is_some_and(|r| r.name == name))
+                    || chat.spec.translation.api_key_secret_ref.as_ref().is_some_and(|r| r.name == name)
+                    || chat.spec.history.as_ref().is_some_and(|h| h.database.secret_ref.name == name))
         })
         .map(|chat| ObjectRef::from_obj(&**chat))
         .collect()
@@ -215,7 +216,7 @@ pub async fn run(options: RunOptions, stop: CancellationToken) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{ChatDeploymentSpec, SecretKeyRef, TranslationSpec};
+    use crate::crd::{ChatDeploymentSpec, DatabaseSpec, HistorySpec, SecretKeyRef, TranslationSpec};
 
     fn chat(namespace: &str, name: &str, broker: &str, api_key: Option<&str>) -> Arc<ChatDeployment> {
         let mut spec = ChatDeploymentSpec::default();
@@ -229,6 +230,15 @@ mod tests {
         Arc::new(chat)
     }
 
+    fn with_history(chat: Arc<ChatDeployment>, secret: &str) -> Arc<ChatDeployment> {
+        let mut chat = (*chat).clone();
+        chat.spec.history = Some(HistorySpec {
+            database: DatabaseSpec { secret_ref: SecretKeyRef { name: secret.into(), key: "uri".into() } },
+            ..Default::default()
+        });
+        Arc::new(chat)
+    }
+
     #[test]
     fn a_secret_wakes_the_chat_deployments_of_its_namespace_that_reference_it() {
         let chats = vec![
@@ -236,9 +246,10 @@ mod tests {
             chat("events", "b", "other", Some("rabbitmq")),
             chat("events", "c", "other", None),
             chat("elsewhere", "d", "rabbitmq", None),
+            with_history(chat("events", "e", "other", None), "rabbitmq"),
         ];
         let woken: Vec<String> =
             referencing_secret(&chats, Some("events"), "rabbitmq").into_iter().map(|r| r.name).collect();
-        assert_eq!(woken, vec!["a", "b"]);
+        assert_eq!(woken, vec!["a", "b", "e"]);
     }
 }

@@ -13,7 +13,10 @@ use super::{
     status::ScalingReport,
     validate::{Bounds, Language, Scaling},
 };
-use crate::crd::ChatDeploymentStatus;
+use crate::{
+    crd::ChatDeploymentStatus,
+    events::{Note, Reason},
+};
 
 /// Replicas wanted for `backlog` ready messages, within the bounds.
 pub fn recommend(backlog: i64, bounds: &Bounds) -> i32 {
@@ -58,6 +61,17 @@ pub struct Change {
     pub target_backlog: i64,
 }
 
+impl Change {
+    /// The Event that tells of this change.
+    pub fn note(&self) -> Note {
+        let text = format!(
+            "scaled translator {} from {} to {} replicas (backlog {}, target {} per replica)",
+            self.language, self.from, self.to, self.backlog, self.target_backlog
+        );
+        Note::normal(Reason::TranslatorScaled, text)
+    }
+}
+
 /// The builtin autoscaler's decisions for one ChatDeployment in one reconcile.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
@@ -71,15 +85,22 @@ pub struct Plan {
 /// Decides the replicas of every language in builtin mode. `current` holds the replicas the
 /// Deployments have now, `backlogs` the queue depths (`None` when the broker could not be asked:
 /// then nothing changes), and `histories` each language's recommendations, kept between reconciles.
+/// Languages in KEDA mode are listed with `keda_installed`, for the status.
 pub fn plan(
     languages: &[Language],
     current: &BTreeMap<String, i32>,
     backlogs: Option<&BTreeMap<String, i64>>,
     histories: &mut BTreeMap<String, History>,
     previous: Option<&ChatDeploymentStatus>,
+    keda_installed: bool,
     now: Timestamp,
 ) -> Plan {
     let mut plan = Plan::default();
+    let keda: Vec<String> =
+        languages.iter().filter(|l| matches!(l.scaling, Scaling::Keda(_))).map(|l| l.code.clone()).collect();
+    if !keda.is_empty() {
+        plan.report.keda = Some((keda, keda_installed));
+    }
     let last_scale = |language: &str| {
         previous
             .and_then(|s| s.translators.iter().find(|t| t.language == language))

@@ -6,10 +6,11 @@ use lapin::{Connection, ConnectionProperties};
 use parley_contract::topology::Topology;
 
 use super::{
-    observe::SecretError,
+    observe::{Observed, SecretError},
     status::{BrokerReport, Draining},
+    validate::ValidatedChat,
 };
-use crate::events::Reason;
+use crate::events::{Note, Reason};
 
 /// How long one broker step may take before the broker counts as unreachable.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -110,6 +111,77 @@ pub async fn sync(
     .await;
     let _ = connection.close(200, "reconciled".into()).await;
     result
+}
+
+/// What the broker step found and did, for the steps after it.
+#[derive(Debug)]
+pub struct BrokerStep {
+    pub report: BrokerReport,
+    /// Removed languages still draining: every one of them when the broker could not be asked,
+    /// since nothing is then known to have drained.
+    pub draining: Vec<Draining>,
+    /// Removed languages whose queue was deleted now, with the messages it still held.
+    pub deleted: Vec<(String, i64)>,
+    /// Why the step failed; the reconcile is retried with backoff once everything else is applied.
+    pub failure: Option<BrokerError>,
+}
+
+impl BrokerStep {
+    /// Ready messages per language queue, when the broker could be asked.
+    pub fn backlogs(&self) -> Option<&BTreeMap<String, i64>> {
+        match &self.report {
+            BrokerReport::Ready { backlogs } => Some(backlogs),
+            BrokerReport::Failed { .. } => None,
+        }
+    }
+
+    /// The Events this step has to say: queues deleted, and the failure.
+    pub fn notes(&self) -> Vec<Note> {
+        let mut notes: Vec<Note> = self
+            .deleted
+            .iter()
+            .map(|(language, lost)| match lost {
+                0 => Note::normal(
+                    Reason::LanguageQueueDeleted,
+                    format!("deleted the drained queue of removed language {language}"),
+                ),
+                lost => Note::warning(
+                    Reason::LanguageQueueDeleted,
+                    format!(
+                        "deleted the queue of removed language {language} after the drain timeout with {lost} messages untranslated"
+                    ),
+                ),
+            })
+            .collect();
+        notes.extend(self.failure.iter().map(|err| Note::warning(err.reason(), err.to_string())));
+        notes
+    }
+}
+
+/// The broker step of one reconcile: [`sync`] with the observed broker Secret, `draining` being the
+/// removed languages the previous status still listed.
+pub async fn step(
+    observed: &Observed,
+    chat: &ValidatedChat,
+    draining: Vec<Draining>,
+    elapsed: impl Fn(&str) -> Duration,
+) -> BrokerStep {
+    let synced = match observed.broker_url() {
+        Ok(url) => {
+            let drain_timeout = Duration::from_secs(chat.drain_timeout_seconds.max(0) as u64);
+            sync(&url, &chat.topology, &chat.language_codes(), draining.clone(), drain_timeout, elapsed).await
+        }
+        Err(err) => Err(err.into()),
+    };
+    match synced {
+        Ok(outcome) => BrokerStep {
+            report: BrokerReport::Ready { backlogs: outcome.backlogs },
+            draining: outcome.draining,
+            deleted: outcome.deleted,
+            failure: None,
+        },
+        Err(err) => BrokerStep { report: err.report(), draining, deleted: Vec::new(), failure: Some(err) },
+    }
 }
 
 /// Deletes every exchange and queue of the topology (the finalizer's work).

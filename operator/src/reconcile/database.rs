@@ -4,8 +4,14 @@ use std::time::Duration;
 
 use sqlx::{postgres::PgConnectOptions, ConnectOptions, Connection};
 
-use super::observe::SecretError;
-use crate::events::Reason;
+use super::{
+    observe::{Observed, SecretError},
+    status::{HistoryReport, HISTORY_READY},
+};
+use crate::{
+    crd::ChatDeploymentStatus,
+    events::{Note, Reason},
+};
 
 /// How long the database may take to answer.
 pub const DATABASE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,4 +60,34 @@ pub async fn probe(url: &str) -> Result<(), DatabaseError> {
         Ok(Err(err)) => Err(unreachable(err.to_string())),
         Err(_) => Err(unreachable(format!("no answer within {DATABASE_TIMEOUT:?}"))),
     }
+}
+
+/// What the history step found: `None` when the spec keeps no history.
+#[derive(Debug)]
+pub struct HistoryStep(pub Option<Result<(), DatabaseError>>);
+
+impl HistoryStep {
+    pub fn report(&self) -> Option<HistoryReport> {
+        self.0.as_ref().map(|probed| match probed {
+            Ok(()) => HistoryReport::Ready,
+            Err(err) => HistoryReport::Failed { reason: err.reason().as_str().into(), message: err.to_string() },
+        })
+    }
+
+    /// A Warning when the database stops answering: once, not on every reconcile while it stays down.
+    pub fn note(&self, previous: Option<&ChatDeploymentStatus>) -> Option<Note> {
+        let Some(Err(err)) = &self.0 else { return None };
+        let was_failing =
+            previous.iter().flat_map(|s| &s.conditions).any(|c| c.type_ == HISTORY_READY && c.status == "False");
+        (!was_failing).then(|| Note::warning(err.reason(), err.to_string()))
+    }
+}
+
+/// The history step of one reconcile: probes the database the observed Secret names, if any.
+pub async fn step(observed: &Observed) -> HistoryStep {
+    HistoryStep(match observed.history_url() {
+        None => None,
+        Some(Ok(url)) => Some(probe(&url).await),
+        Some(Err(err)) => Some(Err(err.into())),
+    })
 }

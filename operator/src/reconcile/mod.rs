@@ -46,8 +46,8 @@ use crate::{
 use autoscale::History;
 use broker::BrokerError;
 use build::{build, Inputs};
-use status::{BrokerReport, Findings, HistoryReport};
-use validate::{validate, Scaling};
+use status::Findings;
+use validate::{validate, Scaling, SpecError};
 
 /// Requeue interval of a healthy ChatDeployment, to refresh backlogs.
 const RESYNC: Duration = Duration::from_secs(60);
@@ -143,139 +143,71 @@ async fn patch_status(ctx: &Context, chat: &ChatDeployment, status: ChatDeployme
     Ok(())
 }
 
-/// Brings the cluster and the broker to what `chat` asks for, then writes its status.
-pub async fn apply(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> {
+/// Brings the cluster and the broker to what `chat` asks for, then writes its status: the steps in order.
+pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> {
     let now = Time(Timestamp::now());
     let valid = match validate(chat, &ctx.settings.default_image) {
         Ok(valid) => valid,
-        Err(errors) => {
-            let status = status::invalid(chat.status.as_ref(), &errors, chat.meta().generation, &now);
-            let flipped = chat.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions);
-            patch_status(ctx, chat, status).await?;
-            if flipped {
-                let text = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-                ctx.publish(chat, Note::warning(Reason::InvalidSpec, text)).await;
-            }
-            ctx.metrics.error(Reason::InvalidSpec.as_str());
-            // A bad spec will not fix itself: wait for the next edit instead of retrying.
-            return Ok(Action::await_change());
-        }
+        Err(errors) => return reject(chat, ctx, &errors, &now).await,
     };
     let observed = observe::observe(&ctx.client, &valid).await?;
-
     // The broker first: its backlogs drive the autoscaler and decide which removed languages still drain.
     let draining = status::draining(chat.status.as_ref(), &valid.language_codes(), &now.0.to_string());
-    let synced = match observed.broker_url() {
-        Ok(url) => {
-            let drain_timeout = Duration::from_secs(valid.drain_timeout_seconds.max(0) as u64);
-            let languages = valid.language_codes();
-            broker::sync(&url, &valid.topology, &languages, draining.clone(), drain_timeout, elapsed_since).await
-        }
-        Err(err) => Err(err.into()),
-    };
-    let (report, still_draining, failure, deleted) = match synced {
-        Ok(outcome) => (BrokerReport::Ready { backlogs: outcome.backlogs }, outcome.draining, None, outcome.deleted),
-        // Without the broker nothing is known to have drained: keep every draining Deployment.
-        Err(err) => (err.report(), draining, Some(err), Vec::new()),
-    };
-    let backlogs = match &report {
-        BrokerReport::Ready { backlogs } => Some(backlogs),
-        BrokerReport::Failed { .. } => None,
-    };
-    let history = match observed.history_url() {
-        None => None,
-        Some(url) => Some(match url.map_err(database::DatabaseError::from) {
-            Ok(url) => database::probe(&url).await,
-            Err(err) => Err(err),
-        }),
-    };
-    let history_report = history.as_ref().map(|probed| match probed {
-        Ok(()) => HistoryReport::Ready,
-        Err(err) => HistoryReport::Failed { reason: err.reason().as_str().into(), message: err.to_string() },
-    });
-
+    let broker = broker::step(&observed, &valid, draining, elapsed_since).await;
+    let history = database::step(&observed).await;
     let plan = {
         let mut histories = ctx.histories.lock().expect("histories lock");
         let histories = histories.entry(key(chat)).or_default();
+        let current = &observed.translator_replicas;
         autoscale::plan(
             &valid.languages,
-            &observed.translator_replicas,
-            backlogs,
+            current,
+            broker.backlogs(),
             histories,
             chat.status.as_ref(),
+            observed.keda_installed,
             now.0,
         )
     };
     record_scaling(&ctx.metrics, &valid.names, &plan);
-    let mut scaling = plan.report.clone();
-    let keda_languages: Vec<String> =
-        valid.languages.iter().filter(|l| matches!(l.scaling, Scaling::Keda(_))).map(|l| l.code.clone()).collect();
-    if !keda_languages.is_empty() {
-        scaling.keda = Some((keda_languages, observed.keda_installed));
-    }
 
     let owner = chat.controller_owner_ref(&()).expect("a stored ChatDeployment has a uid");
     let mut inputs = Inputs::new(owner, observed.secrets_digest());
-    inputs.scaled = scaling.desired.clone();
+    inputs.scaled = plan.report.desired.clone();
     inputs.keda_installed = observed.keda_installed;
     // A removed language keeps translating its accepted messages until its queue is drained.
-    inputs.draining = still_draining
+    inputs.draining = broker
+        .draining
         .iter()
         .map(|d| (d.language.clone(), observed.translator_replicas.get(&d.language).copied().unwrap_or(1).max(1)))
         .collect();
     let desired = build(&valid, &inputs);
     let applied = apply::apply(&ctx.client, &valid.names.namespace, &desired).await?;
+    let pruned = apply::prune(&ctx.client, &valid.names, &desired, observed.keda_installed).await?;
 
-    let mut notes = Vec::new();
-    for pruned in apply::prune(&ctx.client, &valid.names, &desired, observed.keda_installed).await? {
-        notes.push(Note::normal(Reason::Pruned, format!("deleted {pruned}, no longer in the spec")));
-    }
-    notes.extend(plan.changes.iter().map(|c| {
-        let text = format!(
-            "scaled translator {} from {} to {} replicas (backlog {}, target {} per replica)",
-            c.language, c.from, c.to, c.backlog, c.target_backlog
-        );
-        Note::normal(Reason::TranslatorScaled, text)
-    }));
-    for (language, lost) in &deleted {
-        notes.push(if *lost == 0 {
-            Note::normal(Reason::LanguageQueueDeleted, format!("deleted the drained queue of removed language {language}"))
-        } else {
-            Note::warning(
-                Reason::LanguageQueueDeleted,
-                format!("deleted the queue of removed language {language} after the drain timeout with {lost} messages untranslated"),
-            )
-        });
-    }
-    if let Some(err) = &failure {
-        notes.push(Note::warning(err.reason(), err.to_string()));
-    }
-    if let Some(Err(err)) = &history {
-        let was_failing = chat
-            .status
-            .iter()
-            .flat_map(|s| &s.conditions)
-            .any(|c| c.type_ == status::HISTORY_READY && c.status == "False");
-        if !was_failing {
-            notes.push(Note::warning(err.reason(), err.to_string()));
-        }
-    }
-    for note in notes {
+    let notes = pruned
+        .iter()
+        .map(|pruned| Note::normal(Reason::Pruned, format!("deleted {pruned}, no longer in the spec")))
+        .chain(plan.changes.iter().map(autoscale::Change::note))
+        .chain(broker.notes())
+        .chain(history.note(chat.status.as_ref()));
+    for note in notes.collect::<Vec<_>>() {
         ctx.publish(chat, note).await;
     }
 
+    let history_report = history.report();
     let found = Findings {
         deployments: &applied,
-        broker: &report,
-        draining: &still_draining,
-        scaling: &scaling,
+        broker: &broker.report,
+        draining: &broker.draining,
+        scaling: &plan.report,
         history: history_report.as_ref(),
     };
     let previous = chat.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let status = status::compute(&valid, chat.meta().generation, found, previous, &now);
     let ready = status.phase == Some(Phase::Ready);
     patch_status(ctx, chat, status).await?;
-    if let Some(err) = failure {
+    if let Some(err) = broker.failure {
         // Everything else is applied; the broker is retried with backoff.
         return Err(err.into());
     }
@@ -283,12 +215,26 @@ pub async fn apply(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error
     let autoscaling = valid.languages.iter().any(|l| matches!(l.scaling, Scaling::Builtin(_)));
     let next = if autoscaling {
         ctx.settings.autoscale_interval
-    } else if ready && still_draining.is_empty() {
+    } else if ready && broker.draining.is_empty() {
         RESYNC
     } else {
         CONVERGING
     };
     Ok(Action::requeue(next))
+}
+
+/// A spec that cannot be reconciled: `Ready=False` with the errors, one Event when that is new, and
+/// no retry until the next edit (a bad spec does not fix itself).
+async fn reject(chat: &ChatDeployment, ctx: &Context, errors: &[SpecError], now: &Time) -> Result<Action, Error> {
+    let status = status::invalid(chat.status.as_ref(), errors, chat.meta().generation, now);
+    let flipped = chat.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions);
+    patch_status(ctx, chat, status).await?;
+    if flipped {
+        let text = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+        ctx.publish(chat, Note::warning(Reason::InvalidSpec, text)).await;
+    }
+    ctx.metrics.error(Reason::InvalidSpec.as_str());
+    Ok(Action::await_change())
 }
 
 /// The autoscaler's readings and decisions as metrics.
