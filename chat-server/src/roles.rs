@@ -12,7 +12,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     bus::{amqp::AmqpBus, memory::MemoryBus, Bus},
     config::{Role, Settings},
-    fanout::{self, Fanout},
+    fanout::{Fanout, Retention},
     gateway,
     history::{self, History},
     translator::{cache::TranslationCache, provider, RetryPolicy, Translator},
@@ -20,22 +20,6 @@ use crate::{
 
 /// One role of a standalone process, to run on the workers' runtime.
 type RoleFuture = std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
-
-/// Deliveries one retention pass deletes at a time.
-const RETENTION_BATCH: u32 = 1000;
-
-/// How often retention runs: often enough to stay close to the limit, rarely enough to cost nothing.
-fn retention_interval(retention: Duration) -> Duration {
-    (retention / 100).clamp(Duration::from_secs(1), Duration::from_secs(600))
-}
-
-/// Keeps `history` within `--history-retention` until `cancel` fires, when one is set.
-fn spawn_retention(history: &Arc<dyn History>, settings: &Settings, cancel: &CancellationToken) {
-    if let Some(retention) = settings.history_retention {
-        let every = retention_interval(retention);
-        tokio::spawn(fanout::enforce_retention(history.clone(), retention, every, RETENTION_BATCH, cancel.clone()));
-    }
-}
 
 /// The history a gateway reads: only a shared store makes sense, the fanout being another process.
 async fn gateway_history(settings: &Settings) -> anyhow::Result<Option<Arc<dyn History>>> {
@@ -95,12 +79,10 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
                         Some(memory) => memory,
                         None => history::connect(&url, true).await?,
                     };
-                    let attempt = cancel.child_token();
-                    spawn_retention(&history, &settings, &attempt);
                     let bus = connect(&settings, &settings.languages, "fanout", &cancel).await?;
                     current.set(bus.clone());
-                    let result = Fanout::new(bus.clone(), history).run(cancel).await;
-                    attempt.cancel();
+                    let retention = settings.history_retention.map(Retention::new);
+                    let result = Fanout::new(bus.clone(), history, retention).run(cancel).await;
                     bus.close().await;
                     result.map_err(anyhow::Error::from)
                 }
@@ -223,7 +205,6 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
             Arc::new(history::memory::MemoryHistory::default())
         }
     };
-    spawn_retention(&history, &settings, &cancel);
     let bus: Arc<dyn Bus> = match settings.amqp_url {
         Some(_) => connect(&settings, &settings.languages, "standalone", &cancel).await?,
         None => {
@@ -232,7 +213,8 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
         }
     };
     let mut roles: Vec<(String, RoleFuture)> = Vec::new();
-    let fanout = Fanout::new(bus.clone(), history.clone()).run(cancel.clone());
+    let retention = settings.history_retention.map(Retention::new);
+    let fanout = Fanout::new(bus.clone(), history.clone(), retention).run(cancel.clone());
     roles.push(("fanout".into(), Box::pin(async move { Ok(fanout.await?) })));
     for language in &settings.languages {
         let translator = translator(&settings, language, Some(bus.clone()), &cancel).await?;

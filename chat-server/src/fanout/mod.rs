@@ -27,6 +27,25 @@ pub enum FanoutError {
 pub struct Fanout {
     pub bus: Arc<dyn Bus>,
     pub history: Arc<dyn History>,
+    /// Kept by the active fanout only: a standby never receives a message, so never starts it.
+    pub retention: Option<Retention>,
+}
+
+/// How long deliveries stay in the history, and how it is enforced.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub keep: Duration,
+    /// How often a pass runs.
+    pub every: Duration,
+    /// Deliveries one statement deletes at most.
+    pub batch: u32,
+}
+
+impl Retention {
+    /// Passes often enough to stay close to `keep`, rarely enough to cost nothing, in batches of 1,000.
+    pub fn new(keep: Duration) -> Self {
+        Self { keep, every: (keep / 100).clamp(Duration::from_secs(1), Duration::from_secs(600)), batch: 1000 }
+    }
 }
 
 /// A consumed message, decoded into the delivery it becomes (its `seq` not given yet).
@@ -42,14 +61,20 @@ fn decode(incoming: &Incoming) -> serde_json::Result<Delivery> {
 }
 
 impl Fanout {
-    pub fn new(bus: Arc<dyn Bus>, history: Arc<dyn History>) -> Self {
-        Self { bus, history }
+    pub fn new(bus: Arc<dyn Bus>, history: Arc<dyn History>, retention: Option<Retention>) -> Self {
+        Self { bus, history, retention }
     }
 
     pub async fn run(self, cancel: CancellationToken) -> Result<(), FanoutError> {
         let mut messages = self.bus.consume(Source::Fanout).await?;
+        // A standby consumes too, and receives nothing until the active consumer goes.
         tracing::info!("fanout consuming");
+        let mut active: Option<tokio_util::sync::DropGuard> = None;
         while let Some(first) = next_unless_cancelled(&mut messages, &cancel).await {
+            if active.is_none() {
+                tracing::info!("fanout active");
+                active = Some(self.start_retention(&cancel).drop_guard());
+            }
             // Whatever else has already arrived joins the batch: one store transaction and one
             // confirm round trip for all of it.
             let mut batch = vec![first?];
@@ -122,30 +147,33 @@ impl Fanout {
                 }
                 Ok(())
             }
-            Err(err @ BusError::Nacked { .. }) => {
-                tracing::warn!(messages = held.len(), error = %err, "deliveries not confirmed; requeueing");
-                for incoming in held {
-                    incoming.requeue().await?;
-                }
-                Ok(())
-            }
-            // The channel is gone: the broker hands the unacked batch out again, in order.
+            // A refused publish, or a channel gone: the role starts again on a fresh channel, and the
+            // broker hands the unacked messages out again in order, so they are published again with
+            // their stored numbers before anything later. Requeueing them one by one and going on
+            // would publish later numbers first.
             Err(err) => Err(err.into()),
         }
     }
 }
 
-/// Deletes deliveries older than `retention`, in batches of at most `batch`, every `every`, until
+impl Fanout {
+    /// Starts keeping the history within its retention, if it has one, until the token returned (or
+    /// `cancel`) fires.
+    fn start_retention(&self, cancel: &CancellationToken) -> CancellationToken {
+        let stop = cancel.child_token();
+        if let Some(retention) = self.retention {
+            tokio::spawn(enforce_retention(self.history.clone(), retention, stop.clone()));
+        }
+        stop
+    }
+}
+
+/// Deletes deliveries older than `retention.keep`, in batches, every `retention.every`, until
 /// `cancel` fires. A separate task: it never holds up delivery.
-pub async fn enforce_retention(
-    history: Arc<dyn History>,
-    retention: Duration,
-    every: Duration,
-    batch: u32,
-    cancel: CancellationToken,
-) {
+pub async fn enforce_retention(history: Arc<dyn History>, retention: Retention, cancel: CancellationToken) {
+    let Retention { keep, every, batch } = retention;
     loop {
-        let cutoff = std::time::SystemTime::now() - retention;
+        let cutoff = std::time::SystemTime::now() - keep;
         let mut deleted = 0u64;
         loop {
             match history.expire(cutoff, batch).await {
@@ -167,7 +195,7 @@ pub async fn enforce_retention(
             }
         }
         if deleted > 0 {
-            tracing::info!(deleted, retention = ?retention, "expired old deliveries");
+            tracing::info!(deleted, retention = ?keep, "expired old deliveries");
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -202,7 +230,7 @@ mod tests {
         binder.bind("x").await.unwrap();
         binder.bind("y").await.unwrap();
         let cancel = CancellationToken::new();
-        let running = tokio::spawn(Fanout::new(bus.clone(), history.clone()).run(cancel.clone()));
+        let running = tokio::spawn(Fanout::new(bus.clone(), history.clone(), None).run(cancel.clone()));
         let (a, b, c) = (posted("x", "a"), posted("x", "b"), posted("y", "c"));
         let mut seen = Vec::new();
         // The redelivery of `a` comes in a later batch, as it does from a broker.

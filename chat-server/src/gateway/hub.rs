@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, Mutex};
 use uuid::Uuid;
 
 use crate::{
-    bus::{BusError, ChatBinder, DeliveryStream},
+    bus::{BusError, ChatBinder, DeliveryStream, Source},
     wire::Delivery,
 };
 
@@ -25,8 +25,10 @@ struct Room {
     subscribers: usize,
 }
 
-/// Deliveries of one chat recently handed out, to recognise one published again.
-const RECENT: usize = 1024;
+/// Deliveries of one chat recently handed out, to recognise one published again. What the fanout
+/// publishes again is what it held unacknowledged when its channel failed, at most its prefetch, and it
+/// comes before anything newer: twice that is room to spare.
+const RECENT: usize = 2 * Source::Fanout.prefetch() as usize;
 
 /// (message id, language) of a delivery.
 type DeliveryKey = (Uuid, String);

@@ -42,7 +42,8 @@ struct State {
 
 impl State {
     fn stored(&self, delivery: &Arc<Delivery>) -> Stored {
-        let reply_count = if delivery.original { self.replies.get(&delivery.id).copied().unwrap_or(0) } else { 0 };
+        // A translation of a message has its replies too, as on PostgreSQL.
+        let reply_count = self.replies.get(&delivery.id).copied().unwrap_or(0);
         Stored { delivery: delivery.clone(), reply_count }
     }
 

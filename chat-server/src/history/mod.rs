@@ -27,6 +27,8 @@ pub enum HistoryError {
     Database(#[from] sqlx::Error),
     #[error("the history database migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("another writer stored deliveries of these chats meanwhile: {inserted} of {expected} rows inserted")]
+    Conflict { expected: u64, inserted: u64 },
 }
 
 /// What [`History::append`] did with one delivery.

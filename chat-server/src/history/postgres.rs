@@ -189,7 +189,12 @@ impl PostgresHistory {
             if fresh.is_empty() {
                 continue;
             }
-            insert(&mut tx, &fresh).await?;
+            // Under the chats' locks nothing else can have stored these: a row skipped here would be
+            // a number published but never stored, a gap in the history.
+            let inserted = insert(&mut tx, &fresh).await?;
+            if inserted != fresh.len() as u64 {
+                return Err(HistoryError::Conflict { expected: fresh.len() as u64, inserted });
+            }
         }
         let numbered: Vec<(String, i64)> = last_seq.into_iter().map(|(chat, seq)| (chat, seq as i64)).collect();
         for chunk in chunks(&numbered, |(chat, _)| chat.len() + 16) {

@@ -1,5 +1,6 @@
-//! Tests that restart the shared RabbitMQ. They are ignored by a plain `cargo test`, because they would
-//! break every other test running at the time; `scripts/test` runs them afterwards, one at a time.
+//! Tests that restart the shared RabbitMQ and PostgreSQL. They are ignored by a plain `cargo test`,
+//! because they would break every other test running at the time; `scripts/test` runs them
+//! afterwards, one at a time.
 
 use std::time::Duration;
 
@@ -7,22 +8,35 @@ use serde_json::json;
 
 use crate::support::*;
 
+/// Runs `command` in a shell, as root where the test itself is not (through sudo).
+fn as_root(command: &str) {
+    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let line = if root { command.to_owned() } else { format!("sudo {command}") };
+    let status = std::process::Command::new("sh").args(["-c", &line]).status().unwrap();
+    assert!(status.success(), "`{line}` failed");
+}
+
 /// Restarts the broker's application (`rabbitmqctl stop_app`, then `start_app`) and waits for it.
 pub fn restart_broker() {
     for action in ["stop_app", "start_app", "await_startup"] {
-        let status = std::process::Command::new("rabbitmqctl")
-            .args(["-q", action])
-            .status()
-            .unwrap_or_else(|e| panic!("rabbitmqctl is needed to restart the broker: {e}"));
-        assert!(status.success(), "rabbitmqctl {action} failed");
+        as_root(&format!("rabbitmqctl -q {action}"));
     }
+}
+
+/// Restarts the PostgreSQL server: `PARLEY_TEST_POSTGRES_RESTART` when set, else the newest Debian
+/// cluster's `pg_ctlcluster … restart`.
+fn restart_postgres() {
+    let command = std::env::var("PARLEY_TEST_POSTGRES_RESTART").unwrap_or_else(|_| {
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n 1) main restart".into()
+    });
+    as_root(&command);
 }
 
 const LAST_100: &str = "query($chatId: ID!) { messages(chatId: $chatId, last: 100) { id seq language text } }";
 
 #[tokio::test]
-#[ignore = "restarts the shared broker: scripts/test runs it alone"]
-async fn the_history_is_the_same_after_every_process_and_the_broker_restart() {
+#[ignore = "restarts the shared broker and database: scripts/test runs it alone"]
+async fn the_history_is_the_same_after_every_process_the_broker_and_the_database_restart() {
     let mut d = Deployment::with("restart", Layout { languages: &["es"], history: true, ..Layout::default() }).await;
     let chat = unique_chat();
     for i in 0..20 {
@@ -42,6 +56,7 @@ async fn the_history_is_the_same_after_every_process_and_the_broker_restart() {
         assert!(process.terminate().success());
     }
     restart_broker();
+    restart_postgres();
     let gateway = d.start_role("gateway").await;
     let _fanout = d.start_role("fanout").await;
 

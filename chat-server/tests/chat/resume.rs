@@ -1,7 +1,14 @@
 //! Durable, resumable chats on RabbitMQ and PostgreSQL: a subscriber that comes back misses nothing,
 //! and a fanout that takes over goes on numbering where the last one stopped.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use serde_json::{json, Value};
 
@@ -118,28 +125,45 @@ async fn when_the_active_fanout_is_killed_the_standby_numbers_on_without_gap_or_
         last
     };
 
-    // 1,000 messages, 250 per chat, sent 20 at a time; the active fanout dies a third of the way in.
-    let client = reqwest::Client::new();
-    let mut sent = Vec::new();
-    for round in 0..50 {
-        if round == 17 {
-            d.fanouts[0].kill();
+    // The warm-ups went through one fanout: the active one.
+    let active: Vec<usize> = (0..2).filter(|&f| d.fanouts[f].log_text().contains("fanout active")).collect();
+    assert_eq!(active.len(), 1, "exactly one fanout is active: {active:?}");
+    let (active, standby) = (active[0], 1 - active[0]);
+
+    // 1,000 messages, 250 per chat, 20 in flight at a time; the active fanout dies a third of the way
+    // in, while messages are in flight.
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let sender = tokio::spawn({
+        let (chats, http, accepted) = (chats.clone(), http.clone(), accepted.clone());
+        async move {
+            let client = reqwest::Client::new();
+            let mut sent = Vec::new();
+            for round in 0..50 {
+                let mut in_flight = Vec::new();
+                for (i, chat) in chats.iter().enumerate().cycle().skip(round * 20).take(20) {
+                    let (client, http, chat) = (client.clone(), http.clone(), chat.clone());
+                    let body =
+                        json!({"query": SEND, "variables": {"chatId": chat, "text": format!("failover {round} {i}")}});
+                    in_flight.push(tokio::spawn(async move {
+                        let response: Value =
+                            client.post(&http).json(&body).send().await.unwrap().json().await.unwrap();
+                        (i, response["data"]["sendMessage"]["id"].as_str().map(str::to_owned))
+                    }));
+                }
+                for task in in_flight {
+                    let (i, id) = task.await.unwrap();
+                    sent.push((i, id.expect("every message is accepted")));
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            sent
         }
-        let mut in_flight = Vec::new();
-        for (i, chat) in chats.iter().enumerate().cycle().skip(round * 20).take(20) {
-            let (client, http, chat) = (client.clone(), http.clone(), chat.clone());
-            in_flight.push(tokio::spawn(async move {
-                let body =
-                    json!({"query": SEND, "variables": {"chatId": chat, "text": format!("failover {round} {i}")}});
-                let response: Value = client.post(&http).json(&body).send().await.unwrap().json().await.unwrap();
-                (i, response["data"]["sendMessage"]["id"].as_str().map(str::to_owned))
-            }));
-        }
-        for task in in_flight {
-            let (i, id) = task.await.unwrap();
-            sent.push((i, id.expect("every message is accepted")));
-        }
+    });
+    while accepted.load(Ordering::Relaxed) < 330 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    d.fanouts[active].kill();
+    let sent = sender.await.unwrap();
 
     for (i, (chat, subscriber)) in chats.iter().zip(&mut subscribers).enumerate() {
         let expected = sent.iter().filter(|(c, _)| *c == i).count();
@@ -171,5 +195,5 @@ async fn when_the_active_fanout_is_killed_the_standby_numbers_on_without_gap_or_
             subscriber.collect(10, Duration::from_millis(500)).await.into_iter().filter(is_failover).collect();
         assert!(extra.is_empty(), "chat {i}: nothing twice: {extra:?}");
     }
-    assert!(d.fanouts[1].log_text().contains("fanout consuming"));
+    assert!(d.fanouts[standby].log_text().contains("fanout active"), "the standby took over");
 }
