@@ -91,7 +91,7 @@ impl Fanout {
     }
 
     /// Stores a batch in arrival order, publishes its deliveries, and acks each message only after
-    /// the store and every publish are confirmed. A batch that cannot be stored goes back to the queue.
+    /// the store and every publish are confirmed.
     async fn handle(&self, batch: Vec<Incoming>) -> Result<(), FanoutError> {
         let mut held: Vec<Incoming> = Vec::with_capacity(batch.len());
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(batch.len());
@@ -116,15 +116,11 @@ impl Fanout {
         if held.is_empty() {
             return Ok(());
         }
-        let appended = match self.history.append(deliveries).await {
-            Ok(appended) => appended,
-            Err(err) => {
-                for incoming in held {
-                    incoming.requeue().await?;
-                }
-                return Err(err.into());
-            }
-        };
+        // A batch that cannot be stored is left unsettled: the role stops, and the broker hands it out
+        // again, in order, on the next channel.
+        let started = std::time::Instant::now();
+        let appended = self.history.append(deliveries).await?;
+        tracing::debug!(deliveries = appended.len(), took = ?started.elapsed(), "stored a batch");
         // A redelivered message is published again with the seq it was stored with: its first publish
         // may not have been confirmed. Gateways recognise a copy they already handed out.
         let payloads: Vec<(String, Vec<u8>)> = appended
@@ -139,7 +135,10 @@ impl Fanout {
             .collect();
         let messages: Vec<(Route<'_>, &[u8])> =
             payloads.iter().map(|(chat_id, payload)| (Route::Deliver { chat_id }, payload.as_slice())).collect();
-        match self.bus.publish_all(&messages).await {
+        let started = std::time::Instant::now();
+        let published = self.bus.publish_all(&messages).await;
+        tracing::debug!(deliveries = messages.len(), took = ?started.elapsed(), "published a batch");
+        match published {
             Ok(()) => {
                 // One acknowledgement for the batch: the last message's, covering every earlier one.
                 if let Some(last) = held.pop() {

@@ -5,28 +5,37 @@
 //! next numbers after each chat's stored `last_seq`, in one multi-row insert. A writer that is not
 //! the active fanout any more waits on the locks and then sees the numbers the active one gave.
 
-use std::{borrow::Cow, collections::HashMap, time::Duration, time::SystemTime};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
+    time::{Duration, SystemTime},
+};
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use sqlx::{
-    migrate::{Migration, MigrationType, Migrator},
+    error::BoxDynError,
+    migrate::{Migration, MigrationSource, MigrationType, Migrator},
     postgres::{PgPool, PgPoolOptions, PgRow},
-    Row, SqlSafeStr,
+    Row,
 };
 use uuid::Uuid;
 
 use super::{Appended, ChatSummary, History, HistoryError, Languages, Stored};
 use crate::wire::{Delivery, WIRE_VERSION};
 
-/// The migrations, embedded in the binary; the fanout applies them at start, under sqlx's lock.
-fn migrator() -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("history"),
-        MigrationType::Simple,
-        include_str!("../../migrations/0001_history.sql").into_sql_str(),
-        false,
-    )])
+/// The migrations, embedded in the binary, as a source sqlx's migrator reads; the fanout applies them
+/// at start, under sqlx's lock.
+#[derive(Debug)]
+struct Embedded;
+
+impl MigrationSource<'static> for Embedded {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, BoxDynError>> {
+        Box::pin(async {
+            let sql = include_str!("../../migrations/0001_history.sql");
+            Ok(vec![Migration::new(1, Cow::Borrowed("history"), MigrationType::Simple, Cow::Borrowed(sql), false)])
+        })
+    }
 }
 
 /// The columns of a delivery, in the order [`delivery`] reads them, with its reply count.
@@ -60,34 +69,6 @@ fn stored(row: &PgRow) -> Result<Stored, sqlx::Error> {
 /// The language filter as a query parameter: `NULL` keeps every language.
 fn language_list(languages: Languages<'_>) -> Option<Vec<String>> {
     languages.0.map(<[String]>::to_vec)
-}
-
-/// The most parameter bytes one statement carries. sqlx leaves Nagle's algorithm on (no TCP_NODELAY,
-/// as of sqlx-core 0.9), and a statement written in two pieces waits for the server's delayed ACK of
-/// the first, about 40 ms: statements stay well under the 16 KiB a fresh socket's buffer takes at once.
-const STATEMENT_BYTES: usize = 8 * 1024;
-
-/// What one delivery adds to a statement, roughly: its texts and ids, and some framing.
-fn row_bytes(d: &Delivery) -> usize {
-    d.chat_id.len() + d.text.len() + d.sender.as_ref().map_or(0, String::len) + d.sent_at.len() + 80
-}
-
-/// `items` in runs of at most [`STATEMENT_BYTES`] (a single larger item makes a run of its own).
-fn chunks<T>(items: &[T], bytes: impl Fn(&T) -> usize) -> Vec<&[T]> {
-    let mut runs = Vec::new();
-    let (mut start, mut size) = (0, 0);
-    for (i, item) in items.iter().enumerate() {
-        let this = bytes(item);
-        if i > start && size + this > STATEMENT_BYTES {
-            runs.push(&items[start..i]);
-            (start, size) = (i, 0);
-        }
-        size += this;
-    }
-    if start < items.len() {
-        runs.push(&items[start..]);
-    }
-    runs
 }
 
 /// Inserts numbered deliveries, skipping any stored already; returns how many it inserted.
@@ -138,57 +119,52 @@ impl PostgresHistory {
         chats.sort();
         chats.dedup();
         let mut tx = self.pool.begin().await?;
-        // Locked in one order, chunk after chunk, so two writers never wait on each other in a circle.
+        sqlx::query(
+            "INSERT INTO parley_chats (chat_id, last_seq, last_message_at) \
+             SELECT unnest($1::text[]), 0, now() ON CONFLICT (chat_id) DO NOTHING",
+        )
+        .bind(&chats)
+        .execute(&mut *tx)
+        .await?;
+        // Locked in one order, so two writers never wait on each other in a circle.
+        let rows = sqlx::query(
+            "SELECT chat_id, last_seq FROM parley_chats WHERE chat_id = ANY($1) ORDER BY chat_id FOR UPDATE",
+        )
+        .bind(&chats)
+        .fetch_all(&mut *tx)
+        .await?;
         let mut last_seq: HashMap<String, u64> = HashMap::new();
-        for chunk in chunks(&chats, |chat| chat.len() + 8) {
-            sqlx::query(
-                "INSERT INTO parley_chats (chat_id, last_seq, last_message_at) \
-                 SELECT unnest($1::text[]), 0, now() ON CONFLICT (chat_id) DO NOTHING",
-            )
-            .bind(chunk)
-            .execute(&mut *tx)
-            .await?;
-            let rows = sqlx::query(
-                "SELECT chat_id, last_seq FROM parley_chats WHERE chat_id = ANY($1) ORDER BY chat_id FOR UPDATE",
-            )
-            .bind(chunk)
-            .fetch_all(&mut *tx)
-            .await?;
-            for row in rows {
-                last_seq.insert(row.try_get(0)?, row.try_get::<i64, _>(1)? as u64);
-            }
+        for row in rows {
+            last_seq.insert(row.try_get(0)?, row.try_get::<i64, _>(1)? as u64);
+        }
+        let ids: Vec<Uuid> = batch.iter().map(|d| d.id).collect();
+        let languages: Vec<String> = batch.iter().map(|d| d.language.clone()).collect();
+        let query = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM parley_deliveries d \
+             JOIN UNNEST($1::uuid[], $2::text[]) AS k(message_id, language) USING (message_id, language)"
+        );
+        let mut duplicates: HashMap<(Uuid, String), Delivery> = HashMap::new();
+        for row in sqlx::query(query).bind(&ids).bind(&languages).fetch_all(&mut *tx).await? {
+            let found = delivery(&row)?;
+            duplicates.insert((found.id, found.language.clone()), found);
         }
         let mut appended = Vec::with_capacity(batch.len());
-        for chunk in chunks(&batch, row_bytes) {
-            let ids: Vec<Uuid> = chunk.iter().map(|d| d.id).collect();
-            let languages: Vec<String> = chunk.iter().map(|d| d.language.clone()).collect();
-            let query = concat!(
-                "SELECT ",
-                columns!(),
-                " FROM parley_deliveries d \
-                 JOIN UNNEST($1::uuid[], $2::text[]) AS k(message_id, language) USING (message_id, language)"
-            );
-            let mut duplicates: HashMap<(Uuid, String), Delivery> = HashMap::new();
-            for row in sqlx::query(query).bind(&ids).bind(&languages).fetch_all(&mut *tx).await? {
-                let found = delivery(&row)?;
-                duplicates.insert((found.id, found.language.clone()), found);
-            }
-            let mut fresh: Vec<Delivery> = Vec::new();
-            for delivery in chunk {
-                if let Some(stored) = duplicates.get(&(delivery.id, delivery.language.clone())) {
-                    appended.push(Appended::Duplicate(stored.clone()));
-                    continue;
-                }
-                let seq = last_seq.entry(delivery.chat_id.clone()).or_default();
-                *seq += 1;
-                let mut delivery = delivery.clone();
-                delivery.seq = *seq;
-                fresh.push(delivery.clone());
-                appended.push(Appended::New(delivery));
-            }
-            if fresh.is_empty() {
+        let mut fresh: Vec<Delivery> = Vec::new();
+        for delivery in batch {
+            if let Some(stored) = duplicates.get(&(delivery.id, delivery.language.clone())) {
+                appended.push(Appended::Duplicate(stored.clone()));
                 continue;
             }
+            let seq = last_seq.entry(delivery.chat_id.clone()).or_default();
+            *seq += 1;
+            let mut delivery = delivery;
+            delivery.seq = *seq;
+            fresh.push(delivery.clone());
+            appended.push(Appended::New(delivery));
+        }
+        if !fresh.is_empty() {
             // Under the chats' locks nothing else can have stored these: a row skipped here would be
             // a number published but never stored, a gap in the history.
             let inserted = insert(&mut tx, &fresh).await?;
@@ -196,25 +172,22 @@ impl PostgresHistory {
                 return Err(HistoryError::Conflict { expected: fresh.len() as u64, inserted });
             }
         }
-        let numbered: Vec<(String, i64)> = last_seq.into_iter().map(|(chat, seq)| (chat, seq as i64)).collect();
-        for chunk in chunks(&numbered, |(chat, _)| chat.len() + 16) {
-            let (chats, seqs): (Vec<String>, Vec<i64>) = chunk.iter().cloned().unzip();
-            sqlx::query(
-                "UPDATE parley_chats c SET last_seq = v.seq, last_message_at = now() \
-                 FROM UNNEST($1::text[], $2::bigint[]) AS v(chat_id, seq) WHERE c.chat_id = v.chat_id AND v.seq > c.last_seq",
-            )
-            .bind(&chats)
-            .bind(&seqs)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let (chats, seqs): (Vec<String>, Vec<i64>) = last_seq.into_iter().map(|(chat, seq)| (chat, seq as i64)).unzip();
+        sqlx::query(
+            "UPDATE parley_chats c SET last_seq = v.seq, last_message_at = now() \
+             FROM UNNEST($1::text[], $2::bigint[]) AS v(chat_id, seq) WHERE c.chat_id = v.chat_id AND v.seq > c.last_seq",
+        )
+        .bind(&chats)
+        .bind(&seqs)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(appended)
     }
 
     /// Applies the embedded migrations that have not run yet (a no-op when all have).
     pub async fn migrate(&self) -> Result<(), HistoryError> {
-        migrator().run(&self.pool).await?;
+        Migrator::new(Embedded).await?.run(&self.pool).await?;
         Ok(())
     }
 }
@@ -228,35 +201,29 @@ impl History for PostgresHistory {
         // Most batches hold no redelivery: number them from each chat's count, raised in the same
         // statement that locks its row, and insert. Should any delivery turn out to be stored already,
         // the transaction is dropped and the batch goes the careful way.
-        let mut per_chat: Vec<(String, i64)> = Vec::new();
-        {
-            let mut counts: HashMap<&str, i64> = HashMap::new();
-            for d in &batch {
-                *counts.entry(d.chat_id.as_str()).or_default() += 1;
-            }
-            per_chat.extend(counts.into_iter().map(|(chat, n)| (chat.to_owned(), n)));
-            per_chat.sort();
+        // Sorted, so that two writers lock the chats' rows in one order and never deadlock.
+        let mut per_chat: BTreeMap<String, i64> = BTreeMap::new();
+        for d in &batch {
+            *per_chat.entry(d.chat_id.clone()).or_default() += 1;
         }
         let mut tx = self.pool.begin().await?;
+        let (chats, counts): (Vec<String>, Vec<i64>) = per_chat.iter().map(|(chat, n)| (chat.clone(), *n)).unzip();
+        let rows = sqlx::query(
+            "INSERT INTO parley_chats AS c (chat_id, last_seq, last_message_at) \
+             SELECT chat_id, n, now() FROM UNNEST($1::text[], $2::bigint[]) AS v(chat_id, n) \
+             ON CONFLICT (chat_id) DO UPDATE SET last_seq = c.last_seq + EXCLUDED.last_seq, last_message_at = now() \
+             RETURNING chat_id, last_seq",
+        )
+        .bind(&chats)
+        .bind(&counts)
+        .fetch_all(&mut *tx)
+        .await?;
         let mut next: HashMap<String, u64> = HashMap::new();
-        for chunk in chunks(&per_chat, |(chat, _)| chat.len() + 16) {
-            let (chats, counts): (Vec<String>, Vec<i64>) = chunk.iter().cloned().unzip();
-            let rows = sqlx::query(
-                "INSERT INTO parley_chats AS c (chat_id, last_seq, last_message_at) \
-                 SELECT chat_id, n, now() FROM UNNEST($1::text[], $2::bigint[]) AS v(chat_id, n) \
-                 ON CONFLICT (chat_id) DO UPDATE SET last_seq = c.last_seq + EXCLUDED.last_seq, last_message_at = now() \
-                 RETURNING chat_id, last_seq",
-            )
-            .bind(&chats)
-            .bind(&counts)
-            .fetch_all(&mut *tx)
-            .await?;
-            for row in rows {
-                let chat: String = row.try_get(0)?;
-                let last = row.try_get::<i64, _>(1)? as u64;
-                let count = chunk.iter().find(|(c, _)| *c == chat).map_or(0, |(_, n)| *n as u64);
-                next.insert(chat, last - count);
-            }
+        for row in rows {
+            let chat: String = row.try_get(0)?;
+            let last = row.try_get::<i64, _>(1)? as u64;
+            let count = per_chat.get(&chat).copied().unwrap_or(0) as u64;
+            next.insert(chat, last - count);
         }
         let mut numbered = batch.clone();
         for delivery in &mut numbered {
@@ -264,11 +231,10 @@ impl History for PostgresHistory {
             *seq += 1;
             delivery.seq = *seq;
         }
-        for chunk in chunks(&numbered, row_bytes) {
-            if insert(&mut tx, chunk).await? < chunk.len() as u64 {
-                drop(tx);
-                return self.append_checking(batch).await;
-            }
+        // One multi-row insert for the whole batch.
+        if insert(&mut tx, &numbered).await? < numbered.len() as u64 {
+            drop(tx);
+            return self.append_checking(batch).await;
         }
         tx.commit().await?;
         Ok(numbered.into_iter().map(Appended::New).collect())
@@ -387,16 +353,5 @@ impl History for PostgresHistory {
 
     async fn ready(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn statements_are_split_by_size_and_an_oversized_item_goes_alone() {
-        let items = [3000, 3000, 3000, 9000, 100, 100];
-        let runs: Vec<Vec<usize>> = super::chunks(&items, |n| *n).into_iter().map(<[usize]>::to_vec).collect();
-        assert_eq!(runs, vec![vec![3000, 3000], vec![3000], vec![9000], vec![100, 100]]);
-        assert!(super::chunks(&[] as &[usize], |n| *n).is_empty());
     }
 }

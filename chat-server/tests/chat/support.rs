@@ -33,7 +33,7 @@ impl TestDatabase {
         let mut connection = sqlx::PgConnection::connect(&admin)
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL must answer at {admin} (scripts/test starts it): {e}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut connection).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut connection).await.unwrap();
         let (server, _) = admin.rsplit_once('/').expect("a database URL");
         Self { url: format!("{server}/{name}"), name, admin }
     }
@@ -49,7 +49,7 @@ impl Drop for TestDatabase {
             runtime.block_on(async {
                 if let Ok(mut connection) = sqlx::PgConnection::connect(&admin).await {
                     let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut connection).await;
+                    let _ = sqlx::query(&drop).execute(&mut connection).await;
                 }
             })
         })
