@@ -136,7 +136,7 @@ fn start_fanout(args: &Args, prefix: &str) -> anyhow::Result<Fanout> {
     command
         .args(["fanout", "--amqp-url", &args.amqp_url, "--topology-prefix", prefix, "--languages", ""])
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("FANOUT_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null());
     if let Some(url) = &args.history_url {
         command.args(["--history-url", url]);
