@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Runs chat-bench against Parley and both reference servers, side by side in one run, and writes the
-medians of several runs to bench/results/<date>.json. Usage: bench/run_all.py [--runs 3] [--quick]
+"""Runs the broadcast benchmarks of BENCHMARKS.md: chat-bench against Parley and the reference servers,
+side by side in each round, and the translator benchmark; writes bench/results/<date>.json.
 
-Needs release builds (cargo build --release -p chat-server -p chat-bench -p raw-baseline), RabbitMQ on
-127.0.0.1:5672, and `npm install` in bench/apollo.
+Usage: bench/run_all.py [--runs 3] [--quick]
+
+Needs release builds (cargo build --release -p chat-server -p chat-bench -p raw-baseline -p translate-bench),
+RabbitMQ on 127.0.0.1:5672, `npm ci` in bench/apollo, and apertium-apy with apertium-eng-spa.
+Then bench/report.py bench/results/<date>.json prints the tables and draws the latency-vs-load plot.
 """
 
 import argparse
@@ -24,6 +27,9 @@ TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "re
 # leftover quorum queues slow the broker down for whatever runs next.
 VHOST = "parley-bench"
 AMQP = os.environ.get("PARLEY_BENCH_AMQP_URL", f"amqp://guest:guest@127.0.0.1:5672/{VHOST}")
+SOURCE_IPS = "127.0.0.2-127.0.0.20"
+# Subscribers of an independent probe process (one thread each, blocking reads) in every measured row.
+PROBE = 20
 
 
 def rabbitmqctl(*args):
@@ -48,8 +54,9 @@ def wait_ready(url, process):
     raise RuntimeError(f"not ready: {url}")
 
 
-def start(kind, port):
-    """Starts one server of `kind`; returns (processes, graphql urls, pids)."""
+def start(kind):
+    """Starts one server of `kind`; returns (processes, graphql urls, pids whose RSS and CPU count)."""
+    port = free_port()
     log = open(f"/tmp/bench-{kind}-{port}.log", "w")
     url = f"http://127.0.0.1:{port}/graphql"
     if kind == "raw":
@@ -92,17 +99,6 @@ def start_gateways(count):
     return procs, urls, [p.pid for p in procs[1:]]
 
 
-def bench(urls, pids, subscribers, chats, rate, duration, extra=()):
-    out = pathlib.Path(f"/tmp/bench-{uuid.uuid4().hex}.json")
-    # Several source addresses for every run: TIME_WAIT from the previous run otherwise exhausts one
-    # address's ports (19k subscribers on 127.0.0.1 alone connected only 13,770).
-    cmd = [TARGET / "chat-bench", "--url", ",".join(urls), "--subscribers", str(subscribers), "--chats", str(chats),
-           "--rate", str(rate), "--duration", str(duration), "--drain", "3", "--server-pid", ",".join(map(str, pids)),
-           "--source-ips", "127.0.0.2-127.0.0.20", "--json", str(out), *extra]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
-    return json.loads(out.read_text())
-
-
 def stop(procs):
     for p in procs:
         p.terminate()
@@ -113,26 +109,56 @@ def stop(procs):
             p.kill()
 
 
-def median_of(results):
-    def med(path):
-        values = []
-        for r in results:
-            v = r
-            for key in path:
-                v = v[key]
-            values.append(v)
-        return statistics.median(values)
-    return {
-        "runs": len(results),
-        "connected": med(["connected"]),
-        "deliveries_per_sec": med(["deliveries_per_sec"]),
-        "reach": med(["reach"]),
-        "latency_ms": {k: med(["latency_ms", k]) for k in ("p50", "p95", "p99", "max")},
-        "last_subscriber_ms_p99": med(["last_subscriber_ms_p99"]),
-        "client_cpu_seconds": med(["client_cpu_seconds"]),
-        "server_rss_bytes": med(["server_rss_bytes"]),
-        "all": results,
+def chat_bench(urls, pids, subscribers, chats, rate, duration, extra=()):
+    out = pathlib.Path(f"/tmp/bench-{uuid.uuid4().hex}.json")
+    # Several source addresses for every run: TIME_WAIT from the previous run otherwise exhausts one
+    # address's ports (19k subscribers on 127.0.0.1 alone connected only 13,770).
+    cmd = [TARGET / "chat-bench", "--url", ",".join(urls), "--subscribers", str(subscribers), "--chats", str(chats),
+           "--rate", str(rate), "--duration", str(duration), "--drain", "3", "--server-pid", ",".join(map(str, pids)),
+           "--source-ips", SOURCE_IPS, "--json", str(out), *extra]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1200)
+    return json.loads(out.read_text())
+
+
+def on_fresh_server(kind, measure):
+    procs, urls, pids = start(kind) if kind != "3 gateways" else start_gateways(3)
+    try:
+        return measure(urls, pids)
+    finally:
+        stop(procs)
+        # Let TIME_WAIT and the broker settle between servers.
+        time.sleep(2)
+
+
+def med(rows, *path):
+    values = []
+    for r in rows:
+        v = r
+        for key in path:
+            v = v[key]
+        values.append(v)
+    return statistics.median(values)
+
+
+def summary(rows):
+    """Medians of the rows of one scenario, with every single row kept."""
+    m = {
+        "runs": len(rows),
+        "connected": med(rows, "connected"),
+        "deliveries_per_sec": med(rows, "deliveries_per_sec"),
+        "drained": med(rows, "drained"),
+        "reach": med(rows, "reach"),
+        "latency_ms": {k: med(rows, "latency_ms", k) for k in ("p50", "p95", "p99", "max")},
+        "last_subscriber_ms_p99": med(rows, "last_subscriber_ms_p99"),
+        "client_cpu_seconds": med(rows, "client_cpu_seconds"),
+        "server_cpu_seconds": med(rows, "server_cpu_seconds"),
+        "server_rss_bytes": med(rows, "server_rss_bytes"),
+        "all": rows,
     }
+    if all(r.get("probe") for r in rows):
+        m["probe_latency_ms"] = {k: med(rows, "probe", "latency_ms", k) for k in ("p50", "p99")}
+        m["probe_reach"] = med(rows, "probe", "reach")
+    return m
 
 
 def rss(pid):
@@ -144,21 +170,28 @@ def rss(pid):
 
 def idle_memory(kind, subscribers):
     """Server RSS per idle subscription: RSS with `subscribers` connected and quiet, minus RSS before."""
-    port = free_port()
-    procs, urls, pids = start(kind, port)
-    time.sleep(0.5)
-    before = sum(rss(p) for p in pids)
-    result = bench(urls, pids, subscribers, 10, 0.2, 1)
-    stop(procs)
+    procs, urls, pids = start(kind)
+    try:
+        time.sleep(0.5)
+        before = sum(rss(p) for p in pids)
+        result = chat_bench(urls, pids, subscribers, 10, 0.2, 1)
+    finally:
+        stop(procs)
     return {"subscribers": subscribers, "rss_before": before, "rss_after": result["server_rss_bytes"],
             "bytes_per_subscription": (result["server_rss_bytes"] - before) / subscribers}
+
+
+def translate(mode, apy_url):
+    cmd = [TARGET / "translate-bench", mode, "--chat-server", TARGET / "chat-server", "--amqp-url", AMQP]
+    cmd += ["--messages", "3000"] if mode == "libretranslate" else ["--messages", "1000", "--provider-url", apy_url]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--duration", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="1k only")
+    parser.add_argument("--duration", type=int, default=5, help="seconds of sending per measurement")
+    parser.add_argument("--quick", action="store_true", help="one chat, no search, no 50k, no Apollo")
     args = parser.parse_args()
     if "PARLEY_BENCH_AMQP_URL" not in os.environ:
         rabbitmqctl("delete_vhost", VHOST)
@@ -171,57 +204,81 @@ def main():
             rabbitmqctl("delete_vhost", VHOST)
 
 
-def run(args):
-    results = {"machine": {"cores": os.cpu_count()}, "method": {"runs": args.runs, "duration_s": args.duration, "drain_s": 3, "chats": 10}}
-    scenarios = [(1000, 10), (1000, 100)] + ([] if args.quick else [(10000, 10), (10000, 100)])
-    kinds = ["raw", "parley-inproc", "parley-rabbitmq", "apollo"]
-    table = {}
-    for subscribers, rate in scenarios:
-        for kind in kinds:
-            runs = []
-            for _ in range(args.runs):
-                port = free_port()
-                procs, urls, pids = start(kind, port)
-                try:
-                    runs.append(bench(urls, pids, subscribers, 10, rate, args.duration))
-                finally:
-                    stop(procs)
-            key = f"{kind} {subscribers}x{rate}"
-            table[key] = median_of(runs)
-            m = table[key]
-            print(f"{key:32} {m['deliveries_per_sec']:>10.0f}/s reach {m['reach']:.4f} p50 {m['latency_ms']['p50']:.1f} "
-                  f"p99 {m['latency_ms']['p99']:.1f} ms rss {m['server_rss_bytes']/2**20:.0f} MiB cpu {m['client_cpu_seconds']:.1f}s",
-                  flush=True)
-    if not args.quick:
-        for kind in ["parley-inproc", "raw"]:
-            runs = []
-            for _ in range(args.runs):
-                port = free_port()
-                procs, urls, pids = start(kind, port)
-                try:
-                    runs.append(bench(urls, pids, 19000, 10, 10, args.duration))
-                finally:
-                    stop(procs)
-            table[f"{kind} 19000x10"] = median_of(runs)
-            m = table[f"{kind} 19000x10"]
-            print(f"{kind} 19000x10: {m['connected']} connected {m['deliveries_per_sec']:.0f}/s reach {m['reach']:.4f} p99 {m['latency_ms']['p99']:.1f} ms", flush=True)
-        runs = []
-        for _ in range(args.runs):
-            procs, urls, pids = start_gateways(3)
-            try:
-                runs.append(bench(urls, pids, 50000, 10, 10, args.duration))
-            finally:
-                stop(procs)
-        table["parley-rabbitmq 3 gateways 50000x10"] = median_of(runs)
-        m = table["parley-rabbitmq 3 gateways 50000x10"]
-        print(f"3 gateways 50000x10: {m['connected']} connected {m['deliveries_per_sec']:.0f}/s reach {m['reach']:.4f} p99 {m['latency_ms']['p99']:.1f} ms", flush=True)
-        results["idle"] = {kind: idle_memory(kind, 10000) for kind in ["parley-inproc", "raw", "apollo"]}
-        print("idle:", json.dumps({k: round(v["bytes_per_subscription"]) for k, v in results["idle"].items()}), flush=True)
-    results["scenarios"] = table
+def say(text):
+    print(time.strftime("%H:%M:%S"), text, flush=True)
+
+
+def save(results):
+    """Writes what is measured so far: a failure late in a long run loses nothing before it."""
     out = ROOT / "bench" / "results" / f"{time.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out}")
+    return out
+
+
+def run(args):
+    results = {"machine": {"cores": os.cpu_count()},
+               "method": {"runs": args.runs, "duration_s": args.duration, "drain_s": 3, "probe": PROBE}}
+    layouts = [("1 chat", 1)] + ([] if args.quick else [("10 chats", 10)])
+    kinds = ["raw", "parley-inproc", "parley-rabbitmq"]
+    fixed = {}
+    searches = {}
+    # 10,000 subscribers, each receiving 100 messages/s at the fixed rate; the search starts at a quarter.
+    for _ in range(args.runs):
+        for layout, chats in layouts:
+            for kind in kinds:
+                key = f"{kind} 10000x100 {layout}"
+
+                def measure(urls, pids):
+                    row = chat_bench(urls, pids, 10000, chats, 100, args.duration, ["--probe", str(PROBE)])
+                    found = None if args.quick else chat_bench(
+                        urls, pids, 10000, chats, 25, max(3, args.duration - 1), ["--search", "--search-steps", "7"])
+                    return row, found
+
+                row, found = on_fresh_server(kind, measure)
+                fixed.setdefault(key, []).append(row)
+                if found:
+                    searches.setdefault(key, []).append(found)
+                l = row["latency_ms"]
+                probe = row.get("probe") or {"latency_ms": {"p99": float("nan")}}
+                say(f"{key:36} {row['deliveries_per_sec']:>9,.0f}/s reach {row['reach']:.4f} p50 {l['p50']:.0f} "
+                    f"p99 {l['p99']:.0f} ms (probe p99 {probe['latency_ms']['p99']:.0f}) "
+                    f"sustained {found['sustained_rate'] if found else '-'}/s per chat")
+                save(results | {"partial": {"fixed": fixed, "searches": searches}})
+    results["fixed"] = {k: summary(v) for k, v in fixed.items()}
+    results["sustained"] = {k: {"median": statistics.median(s["sustained_rate"] for s in v), "all": v}
+                            for k, v in searches.items()}
+    if not args.quick:
+        # Apollo, for the latency-vs-load curve: it saturates far below these rates at 10k subscribers.
+        apollo = {}
+        for _ in range(args.runs):
+            for rate in (0.5, 1, 2, 4):
+                row = on_fresh_server("apollo", lambda urls, pids: chat_bench(urls, pids, 10000, 1, rate, args.duration))
+                apollo.setdefault(str(rate), []).append(row)
+                say(f"apollo 10000 x {rate}/s: reach {row['reach']:.4f} p99 {row['latency_ms']['p99']:.0f} ms")
+        results["apollo"] = {rate: summary(rows) for rate, rows in apollo.items()}
+        big = []
+        for _ in range(args.runs):
+            row = on_fresh_server("3 gateways", lambda urls, pids: chat_bench(urls, pids, 50000, 10, 10, args.duration))
+            big.append(row)
+            say(f"3 gateways 50000x10: {row['connected']} connected reach {row['reach']:.4f} p99 {row['latency_ms']['p99']:.0f} ms")
+        results["fixed"]["parley-rabbitmq 3 gateways 50000x10 10 chats"] = summary(big)
+        results["idle"] = {kind: idle_memory(kind, 10000) for kind in ["parley-inproc", "raw", "apollo"]}
+        say("idle: " + json.dumps({k: round(v["bytes_per_subscription"]) for k, v in results["idle"].items()}))
+        apy_port = free_port()
+        apy = subprocess.Popen(["apertium-apy", "-p", str(apy_port), "/usr/share/apertium/modes"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(f"http://127.0.0.1:{apy_port}/listPairs", apy)
+            runs = {"libretranslate": [], "apertium": []}
+            for _ in range(args.runs):
+                for mode in runs:
+                    runs[mode].append(translate(mode, f"http://127.0.0.1:{apy_port}"))
+                    say(f"translate {mode}: {runs[mode][-1]['translations_per_sec']:.1f}/s")
+        finally:
+            apy.kill()
+        results["translate"] = runs
+    say(f"wrote {save(results)}")
 
 
 if __name__ == "__main__":

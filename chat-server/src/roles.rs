@@ -39,9 +39,16 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
     match role {
         Role::Gateway => {
             let history = gateway_history(&settings).await?;
-            let bus = connect(&settings, &settings.languages, "gateway", &cancel).await?;
-            let served = gateway::serve(bus.clone(), history, &settings, cancel).await;
+            let dispatcher = gateway::Dispatcher::start().context("failed to start the dispatch thread")?;
+            let bus = dispatcher
+                .run({
+                    let (settings, cancel) = (settings.clone(), cancel.clone());
+                    async move { connect(&settings, &settings.languages, "gateway", &cancel).await }
+                })
+                .await?;
+            let served = gateway::serve(bus.clone(), history, &settings, &dispatcher, cancel).await;
             bus.close().await;
+            drop(dispatcher);
             served
         }
         Role::Translator { language } => {
@@ -171,9 +178,15 @@ where
     )
     .with_graceful_shutdown(cancel.clone().cancelled_owned());
     let health = tokio::spawn(async move { health.await });
-    let mut delay = Duration::from_millis(500);
+    const FIRST_DELAY: Duration = Duration::from_millis(500);
+    let mut delay = FIRST_DELAY;
     let result = loop {
+        let started = std::time::Instant::now();
         let outcome = attempt(current.clone()).await;
+        // A role that ran a good while failed afresh: the next failure starts the backoff over.
+        if started.elapsed() > Duration::from_secs(60) {
+            delay = FIRST_DELAY;
+        }
         current.clear();
         if cancel.is_cancelled() {
             break outcome;
@@ -205,8 +218,17 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
             Arc::new(history::memory::MemoryHistory::default())
         }
     };
+    let dispatcher = gateway::Dispatcher::start().context("failed to start the dispatch thread")?;
     let bus: Arc<dyn Bus> = match settings.amqp_url {
-        Some(_) => connect(&settings, &settings.languages, "standalone", &cancel).await?,
+        // The broker connection's tasks run on the dispatch thread, not behind the connections' tasks.
+        Some(_) => {
+            dispatcher
+                .run({
+                    let (settings, cancel) = (settings.clone(), cancel.clone());
+                    async move { connect(&settings, &settings.languages, "standalone", &cancel).await }
+                })
+                .await?
+        }
         None => {
             tracing::info!("no --amqp-url: running on the in-process bus");
             Arc::new(MemoryBus::new(&settings.languages))
@@ -256,10 +278,11 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
         failed_watch.cancelled().await;
         stop_gateway.cancel();
     });
-    let served = gateway::serve(bus.clone(), Some(history), &settings, gateway_cancel).await;
+    let served = gateway::serve(bus.clone(), Some(history), &settings, &dispatcher, gateway_cancel).await;
     cancel.cancel();
     let _ = tokio::task::spawn_blocking(move || workers.join()).await;
     bus.close().await;
+    drop(dispatcher);
     served?;
     anyhow::ensure!(!failed.is_cancelled(), "a role failed; see the log above");
     Ok(())

@@ -9,8 +9,8 @@
 //!   translator can be set against its provider's own limit.
 //!
 //! The language queue is filled with `--messages` originals first (distinct texts, so the translator's
-//! cache never answers), then the translator starts; the rate is timed from its first translation to
-//! its last, as read off `<P>.translated`.
+//! cache never answers), then the translator starts; the rate is timed over the steady part, from the
+//! end of the first tenth of the translations to the last, as read off `<P>.translated`.
 
 use std::{
     net::SocketAddr,
@@ -215,19 +215,24 @@ async fn main() -> anyhow::Result<()> {
         Mode::Apertium => ("apertium", args.provider_url.clone()),
     };
     let translator = start_translator(&args, &prefix, kind, &url)?;
-    let mut first = None;
+    // The rate is taken over the steady part: from the translation that ends the first tenth to the
+    // last. The start (connecting, the first calls going out together) is left out, and so is every
+    // translation counted before the clock starts.
+    let skip = args.messages / 10;
+    let mut from = None;
     let mut received = 0;
     while received < args.messages {
         match tokio::time::timeout(Duration::from_secs(120), translations.next()).await {
             Ok(Some(Ok(_))) => received += 1,
             _ => bail!("only {received} of {} translations arrived", args.messages),
         }
-        first.get_or_insert_with(Instant::now);
+        if received == skip.max(1) {
+            from = Some(Instant::now());
+        }
     }
-    let seconds = first.expect("translations arrived").elapsed().as_secs_f64();
+    let seconds = from.expect("translations arrived").elapsed().as_secs_f64();
     drop(translator);
-    // The first translation starts the clock, so it is not counted.
-    let rate = (args.messages - 1) as f64 / seconds;
+    let rate = (args.messages - skip.max(1)) as f64 / seconds;
     let mut result = json!({"mode": kind, "messages": args.messages, "concurrency": args.concurrency,
         "seconds": seconds, "translations_per_sec": rate});
     match args.mode {

@@ -27,7 +27,8 @@ pub enum FanoutError {
 pub struct Fanout {
     pub bus: Arc<dyn Bus>,
     pub history: Arc<dyn History>,
-    /// Kept by the active fanout only: a standby never receives a message, so never starts it.
+    /// Every fanout runs the retention loop; the store lets one delete at a time (PostgreSQL: the one
+    /// holding an advisory lock), so an idle active fanout and a standby alike keep the history short.
     pub retention: Option<Retention>,
 }
 
@@ -69,11 +70,12 @@ impl Fanout {
         let mut messages = self.bus.consume(Source::Fanout).await?;
         // A standby consumes too, and receives nothing until the active consumer goes.
         tracing::info!("fanout consuming");
-        let mut active: Option<tokio_util::sync::DropGuard> = None;
+        let _retention = self.start_retention(&cancel).drop_guard();
+        let mut active = false;
         while let Some(first) = next_unless_cancelled(&mut messages, &cancel).await {
-            if active.is_none() {
+            if !active {
                 tracing::info!("fanout active");
-                active = Some(self.start_retention(&cancel).drop_guard());
+                active = true;
             }
             // Whatever else has already arrived joins the batch: one store transaction and one
             // confirm round trip for all of it.

@@ -16,7 +16,7 @@ pub mod ring;
 pub mod schema;
 pub mod socket;
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use axum::serve::ListenerExt;
@@ -32,9 +32,10 @@ use socket::{SocketLimits, Sockets};
 /// How long open sockets get to receive their close frame after the listener stops.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A runtime of its own, on its own thread, for the delivery path: the hub's feed and the groups'
-/// executions. On the connections' runtime a delivery would wait behind every connection task the
-/// previous broadcast woke, at each hop from the bus to the ring.
+/// A runtime of its own, on its own thread, for the delivery path: the broker connection's own tasks
+/// (connect the bus with [`Dispatcher::run`]), the hub's feed and the groups' executions. On the
+/// connections' runtime a delivery would wait behind every connection task the previous broadcast
+/// woke, at each hop from the broker to the ring.
 pub struct Dispatcher {
     handle: tokio::runtime::Handle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -57,6 +58,15 @@ impl Dispatcher {
     pub fn handle(&self) -> &tokio::runtime::Handle {
         &self.handle
     }
+
+    /// Runs `work` on the dispatch thread and waits for it: whatever it spawns (lapin spawns its
+    /// connection's tasks on the runtime it was connected from) stays there.
+    pub async fn run<T: Send + 'static>(&self, work: impl Future<Output = T> + Send + 'static) -> T {
+        match self.handle.spawn(work).await {
+            Ok(done) => done,
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
+    }
 }
 
 impl Drop for Dispatcher {
@@ -70,18 +80,19 @@ impl Drop for Dispatcher {
 }
 
 /// Serves until `cancel` fires or the delivery feed is lost for good (then it fails, so the pod restarts).
-/// The caller closes the bus, after whatever else still uses it has stopped.
+/// The delivery path runs on `dispatcher`, where the bus should be connected. The caller closes the
+/// bus, after whatever else still uses it has stopped, and only then drops the dispatcher.
 pub async fn serve(
     bus: Arc<dyn Bus>,
     history: Option<Arc<dyn History>>,
     settings: &Settings,
+    dispatcher: &Dispatcher,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let (binder, feed) = bus.delivery_feed().await?;
     let hub = Hub::new(binder, hub::BACKLOG);
     let serving = cancel.child_token();
     let feed_lost = CancellationToken::new();
-    let dispatcher = Dispatcher::start().context("failed to start the dispatch thread")?;
     let feed_task = dispatcher.handle().spawn({
         let (hub, serving, feed_lost) = (hub.clone(), serving.clone(), feed_lost.clone());
         async move {
@@ -136,7 +147,6 @@ pub async fn serve(
         tracing::warn!("some sockets did not close in time");
     }
     feed_task.abort();
-    drop(dispatcher);
     anyhow::ensure!(
         cancel.is_cancelled() || !feed_lost.is_cancelled(),
         "the broker delivery feed was lost and could not be recovered"

@@ -16,8 +16,8 @@ use futures_util::future::BoxFuture;
 use sqlx::{
     error::BoxDynError,
     migrate::{Migration, MigrationSource, MigrationType, Migrator},
-    postgres::{PgPool, PgPoolOptions, PgRow},
-    Row,
+    postgres::{PgConnection, PgPool, PgPoolOptions, PgRow},
+    Connection as _, Row,
 };
 use uuid::Uuid;
 
@@ -96,8 +96,14 @@ async fn insert(tx: &mut sqlx::PgTransaction<'_>, rows: &[Delivery]) -> Result<u
     Ok(inserted.rows_affected())
 }
 
+/// The advisory lock of the fanout that enforces retention (advisory locks are per database).
+const RETENTION_LOCK: i64 = 0x7061_726c_6579_0001;
+
 pub struct PostgresHistory {
     pool: PgPool,
+    /// The session holding [`RETENTION_LOCK`], when this process enforces retention: one fanout at a
+    /// time does, and another takes over when its session ends.
+    retention: tokio::sync::Mutex<Option<PgConnection>>,
 }
 
 impl PostgresHistory {
@@ -110,7 +116,7 @@ impl PostgresHistory {
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, retention: tokio::sync::Mutex::default() })
     }
 
     /// Appends a batch that may hold redeliveries: the chats' rows locked, every delivery looked up first.
@@ -126,9 +132,10 @@ impl PostgresHistory {
         .bind(&chats)
         .execute(&mut *tx)
         .await?;
-        // Locked in one order, so two writers never wait on each other in a circle.
+        // Locked in one order, byte order as the fast path's, so two writers never wait on each other
+        // in a circle.
         let rows = sqlx::query(
-            "SELECT chat_id, last_seq FROM parley_chats WHERE chat_id = ANY($1) ORDER BY chat_id FOR UPDATE",
+            "SELECT chat_id, last_seq FROM parley_chats WHERE chat_id = ANY($1) ORDER BY chat_id COLLATE \"C\" FOR UPDATE",
         )
         .bind(&chats)
         .fetch_all(&mut *tx)
@@ -338,7 +345,25 @@ impl History for PostgresHistory {
             .map_err(HistoryError::from)
     }
 
+    /// Deletes only in the process that holds the retention lock (taking it when it is free): the
+    /// other fanouts delete nothing, so two never delete at once.
     async fn expire(&self, cutoff: SystemTime, limit: u32) -> Result<u64, HistoryError> {
+        let mut owner = self.retention.lock().await;
+        if owner.is_none() {
+            // A session of its own, out of the pool: the lock lasts as long as it does.
+            let mut session = self.pool.acquire().await?.detach();
+            let granted: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(RETENTION_LOCK)
+                .fetch_one(&mut session)
+                .await?;
+            if !granted {
+                let _ = session.close().await;
+                return Ok(0);
+            }
+            tracing::info!("this fanout enforces the history's retention");
+            *owner = Some(session);
+        }
+        let session = owner.as_mut().expect("the retention session was just set");
         let cutoff = cutoff.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
         let deleted = sqlx::query(
             "DELETE FROM parley_deliveries WHERE ctid IN \
@@ -346,9 +371,16 @@ impl History for PostgresHistory {
         )
         .bind(cutoff)
         .bind(i64::from(limit))
-        .execute(&self.pool)
-        .await?;
-        Ok(deleted.rows_affected())
+        .execute(&mut *session)
+        .await;
+        match deleted {
+            Ok(deleted) => Ok(deleted.rows_affected()),
+            Err(err) => {
+                // The session (and with it the lock) may be gone: start over next time.
+                *owner = None;
+                Err(err.into())
+            }
+        }
     }
 
     async fn ready(&self) -> bool {

@@ -4,7 +4,9 @@
 //! Up to `--translate-concurrency` provider calls are in flight per replica, so a replica's throughput
 //! is not one over the provider's latency. Where the provider takes several texts per call
 //! (LibreTranslate), the messages waiting are sent together. Recent translations are remembered
-//! ([`cache`]), so a text said again costs no provider call.
+//! ([`cache`]), so a text said again costs no provider call. Translations are published as their
+//! calls finish, so those of one chat may reach the fanout (and get their `seq`) in another order
+//! than their originals, as they already could with several replicas.
 
 pub mod cache;
 pub mod provider;
@@ -66,20 +68,20 @@ impl Translator {
     /// Consumes until `cancel` fires (finishing the messages in hand) or the bus gives up.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) -> Result<(), BusError> {
         let batch = self.provider.max_batch().max(1);
-        let prefetch = u16::try_from(self.concurrency.max(1) * batch).unwrap_or(u16::MAX);
+        let concurrency = self.concurrency.max(1);
+        // Enough for every call in flight and one more call's worth waiting, and no more: the
+        // operator's autoscaler and drain count a queue's ready messages, not the ones replicas hold.
+        let prefetch = u16::try_from(concurrency + batch).unwrap_or(u16::MAX);
         let mut messages = self.bus.consume(Source::Translate { language: &self.language, prefetch }).await?;
-        tracing::info!(
-            language = %self.language,
-            provider = self.provider.name(),
-            concurrency = self.concurrency,
-            "translator consuming"
-        );
-        let calls = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        tracing::info!(language = %self.language, provider = self.provider.name(), concurrency, "translator consuming");
+        // Ends the retries of the calls in hand however the role ends, not only on SIGTERM.
+        let stop = cancel.child_token();
+        let calls = Arc::new(Semaphore::new(concurrency));
         let mut in_flight: JoinSet<Result<(), BusError>> = JoinSet::new();
         let result = 'consume: loop {
             // A finished batch that lost the bus stops the role: its messages go back to the queue.
             while let Some(done) = in_flight.try_join_next() {
-                if let Ok(Err(err)) = done {
+                if let Err(err) = settled(done) {
                     break 'consume Err(err);
                 }
             }
@@ -87,24 +89,30 @@ impl Translator {
                 _ = cancel.cancelled() => break 'consume Ok(()),
                 permit = calls.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             };
-            let Some(first) = next_unless_cancelled(&mut messages, &cancel).await else { break Ok(()) };
-            let mut taken = vec![first?];
+            let mut taken = match next_unless_cancelled(&mut messages, &cancel).await {
+                None => break Ok(()),
+                Some(Err(err)) => break Err(err),
+                Some(Ok(first)) => vec![first],
+            };
             // Whatever else waits already goes along, as far as one provider call takes it.
             while taken.len() < batch {
                 match messages.next().now_or_never() {
-                    Some(Some(incoming)) => taken.push(incoming?),
+                    Some(Some(Ok(incoming))) => taken.push(incoming),
+                    Some(Some(Err(err))) => break 'consume Err(err),
                     _ => break,
                 }
             }
-            let (translator, cancel) = (self.clone(), cancel.clone());
+            let (translator, stop) = (self.clone(), stop.clone());
             in_flight.spawn(async move {
                 let _permit = permit;
-                translator.handle(taken, &cancel).await
+                translator.handle(taken, &stop).await
             });
         };
-        // The messages in hand are finished (or, on SIGTERM, retried no further and requeued).
+        stop.cancel();
+        // The messages in hand are finished: translated and published, or, when the provider is down,
+        // given back to the queue.
         while let Some(done) = in_flight.join_next().await {
-            if let Ok(Err(err)) = done {
+            if let Err(err) = settled(done) {
                 tracing::warn!(language = %self.language, error = %err, "a batch could not be settled");
             }
         }
@@ -226,6 +234,9 @@ impl Translator {
     ) -> Vec<Result<String, TextFailure>> {
         let mut delay = self.retry.first_delay;
         for attempt in 1u64.. {
+            if cancel.is_cancelled() {
+                return texts.iter().map(|_| Err(TextFailure::Stopped)).collect();
+            }
             let called = if texts.len() == 1 {
                 self.provider.translate(texts[0], from, &self.language).await.map(|t| vec![t])
             } else {
@@ -243,6 +254,16 @@ impl Translator {
                     }
                     return one_by_one;
                 }
+                // A batch that keeps failing may hold the one text the provider chokes on: the others
+                // go on alone, each waiting out the outage by itself.
+                Err(err) if texts.len() > 1 && attempt >= SPLIT_AFTER => {
+                    tracing::warn!(language = %self.language, texts = texts.len(), attempt, error = %err, "a batch keeps failing; translating its texts one by one");
+                    let mut one_by_one = Vec::with_capacity(texts.len());
+                    for text in texts {
+                        one_by_one.extend(Box::pin(self.translate_texts(&[text], from, cancel)).await);
+                    }
+                    return one_by_one;
+                }
                 Err(err) => {
                     tracing::warn!(language = %self.language, texts = texts.len(), attempt, retry_in = ?delay, error = %err, "translation failed; retrying");
                     tokio::select! {
@@ -254,6 +275,19 @@ impl Translator {
             }
         }
         unreachable!("the retry loop only ends by returning")
+    }
+}
+
+/// Failed attempts of a call carrying several texts before they are sent one by one.
+const SPLIT_AFTER: u64 = 3;
+
+/// A finished batch's outcome; a batch that panicked takes the role with it.
+fn settled(done: Result<Result<(), BusError>, tokio::task::JoinError>) -> Result<(), BusError> {
+    match done {
+        Ok(result) => result,
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        // Aborted: only when the set is dropped, which this role does not do while it runs.
+        Err(_) => Ok(()),
     }
 }
 

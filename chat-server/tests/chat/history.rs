@@ -168,3 +168,29 @@ async fn two_writers_at_once_never_give_one_seq_twice() {
     let stored = seqs(&a.latest(&chat, Languages(None), 500, None).await.unwrap());
     assert_eq!(stored, (1..=80).collect::<Vec<u64>>());
 }
+
+#[tokio::test]
+async fn one_fanout_at_a_time_deletes_expired_deliveries_and_another_takes_over_when_it_goes() {
+    let database = TestDatabase::create().await;
+    let (first, second) =
+        (history::connect(&database.url, true).await.unwrap(), history::connect(&database.url, true).await.unwrap());
+    let chat = unique_chat();
+    first.append((0..4).map(|_| original(&chat)).collect()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cutoff = SystemTime::now();
+    assert_eq!(first.expire(cutoff, 1).await.unwrap(), 1, "the first to ask holds the lock and deletes");
+    assert_eq!(second.expire(cutoff, 10).await.unwrap(), 0, "the other deletes nothing while it does");
+    assert_eq!(first.expire(cutoff, 1).await.unwrap(), 1);
+    drop(first);
+    // The lock goes with its holder's session; the other takes over.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let deleted = second.expire(cutoff, 10).await.unwrap();
+        if deleted > 0 {
+            assert_eq!(deleted, 2, "the rest of the expired deliveries");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the lock was never released");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -159,7 +159,10 @@ async fn when_the_active_fanout_is_killed_the_standby_numbers_on_without_gap_or_
             sent
         }
     });
+    let deadline = tokio::time::Instant::now() + STARTUP;
     while accepted.load(Ordering::Relaxed) < 330 {
+        assert!(!sender.is_finished(), "the sender stopped early");
+        assert!(tokio::time::Instant::now() < deadline, "only {} messages accepted", accepted.load(Ordering::Relaxed));
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     d.fanouts[active].kill();
