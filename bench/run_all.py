@@ -257,12 +257,15 @@ def run(args):
                 apollo.setdefault(str(rate), []).append(row)
                 say(f"apollo 10000 x {rate}/s: reach {row['reach']:.4f} p99 {row['latency_ms']['p99']:.0f} ms")
         results["apollo"] = {rate: summary(rows) for rate, rows in apollo.items()}
-        big = []
-        for _ in range(args.runs):
-            row = on_fresh_server("3 gateways", lambda urls, pids: chat_bench(urls, pids, 50000, 10, 10, args.duration))
-            big.append(row)
-            say(f"3 gateways 50000x10: {row['connected']} connected reach {row['reach']:.4f} p99 {row['latency_ms']['p99']:.0f} ms")
-        results["fixed"]["parley-rabbitmq 3 gateways 50000x10 10 chats"] = summary(big)
+        # 50,000 subscribers over three gateways: at 10 messages/s each (as in the earlier runs) and at 1.
+        for rate in (10, 1):
+            big = []
+            for _ in range(args.runs):
+                row = on_fresh_server("3 gateways", lambda urls, pids: chat_bench(urls, pids, 50000, 10, rate, args.duration))
+                big.append(row)
+                say(f"3 gateways 50000x{rate}: {row['connected']} connected reach {row['reach']:.4f} "
+                    f"p99 {row['latency_ms']['p99']:.0f} ms")
+            results["fixed"][f"parley-rabbitmq 3 gateways 50000x{rate} 10 chats"] = summary(big)
         results["idle"] = {kind: idle_memory(kind, 10000) for kind in ["parley-inproc", "raw", "apollo"]}
         say("idle: " + json.dumps({k: round(v["bytes_per_subscription"]) for k, v in results["idle"].items()}))
         apy_port = free_port()
