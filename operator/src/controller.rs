@@ -52,7 +52,8 @@ pub fn error_policy(chat: Arc<ChatDeployment>, error: &Error, ctx: Arc<Context>)
     ctx.metrics.error(&error.metric_label());
     let mut failures = ctx.failures.lock().expect("failures lock");
     let count = failures.entry(key(&chat)).or_insert(0);
-    *count = (*count + 1).min(8);
+    // 2^9 s is past the cap: the ninth failure in a row and every later one wait the full 5 minutes.
+    *count = (*count + 1).min(9);
     let delay = Duration::from_secs(2u64.pow(*count)).min(Duration::from_secs(300));
     tracing::warn!(chat = key(&chat), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)

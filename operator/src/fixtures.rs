@@ -49,3 +49,23 @@ pub fn autoscaling(mode: AutoscalingMode, min: i32, max: i32) -> AutoscalingSpec
 pub fn autoscaled(code: &str, autoscaling: AutoscalingSpec) -> LanguageSpec {
     LanguageSpec { code: code.into(), replicas: None, autoscaling: Some(autoscaling) }
 }
+
+/// A clock a test moves by hand.
+#[derive(Default)]
+pub struct TestClock {
+    ahead: std::sync::Mutex<std::time::Duration>,
+}
+
+impl TestClock {
+    /// Moves the clock `by` ahead of the wall clock (further each time).
+    pub fn advance(&self, by: std::time::Duration) {
+        *self.ahead.lock().expect("clock lock") += by;
+    }
+}
+
+impl crate::reconcile::Clock for TestClock {
+    fn now(&self) -> k8s_openapi::jiff::Timestamp {
+        let ahead = *self.ahead.lock().expect("clock lock");
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::try_from(ahead).expect("a short test")
+    }
+}

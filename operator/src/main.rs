@@ -51,6 +51,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // One TLS crypto provider for the process, whichever rustls backends the build links.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
         Command::Crd => {
             print!("{}", parley_operator::crd_yaml());
@@ -71,7 +73,9 @@ async fn main() -> anyhow::Result<()> {
             json_logs,
         } => {
             let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
-            let logs = tracing_subscriber::fmt().with_env_filter(filter);
+            // Colours only for a person at a terminal: a pod's log gets plain text.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            let logs = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
             if json_logs {
                 logs.json().init();
             } else {

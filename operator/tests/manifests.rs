@@ -153,13 +153,13 @@ fn every_example_parses_into_typed_objects_without_unknown_fields() {
     assert!(count >= 8, "expected the examples' objects, found {count}");
 }
 
+/// Needs the chart rendered by Helm's engine: `scripts/test` renders it and runs this (ignored) test,
+/// so a plain `cargo test` shows it as ignored instead of passing without having parsed anything.
 #[test]
+#[ignore = "needs the rendered chart in PARLEY_RENDERED_DIR: scripts/test renders it and runs this"]
 fn every_rendered_chart_manifest_parses_into_typed_objects_without_unknown_fields() {
-    let Some(dir) = std::env::var_os("PARLEY_RENDERED_DIR") else {
-        assert!(std::env::var_os("CI").is_none(), "CI must render the chart first: run scripts/test");
-        eprintln!("PARLEY_RENDERED_DIR is not set: run scripts/test to render the chart and check it here");
-        return;
-    };
+    let dir = std::env::var_os("PARLEY_RENDERED_DIR")
+        .expect("PARLEY_RENDERED_DIR names the rendered chart: run scripts/test, which renders it");
     let count = check_files(&yaml_files(Path::new(&dir)));
     assert!(count >= 10, "expected the rendered chart's objects, found {count}");
 }

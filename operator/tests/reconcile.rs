@@ -23,7 +23,7 @@ use kube::{
 use lapin::{Connection, ConnectionProperties};
 use parley_contract::topology::Topology;
 use parley_operator::{
-    controller::reconcile,
+    controller::{error_policy, reconcile},
     crd::{
         AutoscalingMode, AutoscalingSpec, ChatDeployment, DatabaseSpec, HistorySpec, LanguageSpec, Phase, SecretKeyRef,
     },
@@ -82,6 +82,8 @@ struct Harness {
     recorder: recorder::Recorder,
     ctx: Arc<Context>,
     namespace: String,
+    /// The reconciles' clock, moved by hand where a test needs time to pass.
+    clock: Arc<fixtures::TestClock>,
 }
 
 impl Harness {
@@ -114,8 +116,10 @@ impl Harness {
         let operator_client = recorder.wrap(client.clone());
         let reporter = Reporter { controller: "parley-operator".into(), instance: Some("test".into()) };
         let settings = Settings::new("ghcr.io/parley/chat-server:test");
-        let ctx = Arc::new(Context::new(operator_client, reporter, Arc::new(Metrics::default()), settings));
-        Self { client, recorder, ctx, namespace }
+        let clock = Arc::new(fixtures::TestClock::default());
+        let ctx = Context::new(operator_client, reporter, Arc::new(Metrics::default()), settings);
+        let ctx = Arc::new(ctx.with_clock(clock.clone()));
+        Self { client, recorder, ctx, namespace, clock }
     }
 
     fn api<K>(&self) -> Api<K>
@@ -166,6 +170,18 @@ impl Harness {
         self.api::<ChatDeployment>().replace(NAME, &Default::default(), &chat).await.unwrap();
     }
 
+    /// Every Event as (type, reason, note).
+    async fn events(&self) -> Vec<(String, String, String)> {
+        self.api::<Event>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+
     async fn event_reasons(&self) -> Vec<String> {
         self.api::<Event>()
             .list(&ListParams::default())
@@ -196,6 +212,13 @@ impl Harness {
         let patch = serde_json::json!({"status": status});
         self.api::<Deployment>().patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     }
+}
+
+/// Messages ready in `queue`, `None` when it does not exist.
+async fn depth(queue: &str) -> Option<u32> {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    parley_contract::topology::queue_depth(&channel, queue).await.unwrap().map(|d| d.messages)
 }
 
 async fn queue_exists(queue: &str) -> bool {
@@ -266,6 +289,11 @@ async fn a_removed_language_has_its_deployment_pruned_and_its_empty_queue_delete
     assert!(!queue_exists(&h.topology().translate_queue("fr")).await, "an empty queue is deleted at once");
     assert!(queue_exists(&h.topology().translate_queue("de")).await);
     assert!(h.event_reasons().await.contains(&"Pruned".to_owned()));
+    let deleted: Vec<(String, String, String)> =
+        h.events().await.into_iter().filter(|(_, reason, _)| reason == "LanguageQueueDeleted").collect();
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    assert_eq!(deleted[0].0, "Normal", "nothing was lost");
+    assert!(deleted[0].2.contains("deleted the drained queue of removed language fr"), "{deleted:?}");
 }
 
 #[tokio::test]
@@ -337,6 +365,11 @@ async fn an_unreachable_broker_sets_broker_ready_false_while_every_other_object_
     assert_eq!(condition(&chat, "BrokerReady"), ("False".into(), "BrokerUnreachable".into()));
     assert_eq!(chat.status.as_ref().unwrap().phase, Some(Phase::Degraded));
     assert!(h.event_reasons().await.contains(&"BrokerUnreachable".to_owned()));
+    // The controller hands the error to the error policy, which counts it by its reason.
+    error_policy(Arc::new(chat), &result.unwrap_err(), h.ctx.clone());
+    let metrics = h.ctx.metrics.encode();
+    assert!(metrics.contains("parley_operator_reconcile_errors_total{error=\"BrokerUnreachable\"} 1"), "{metrics}");
+    assert!(metrics.contains("parley_operator_reconciles_total{result=\"error\"}"), "{metrics}");
 }
 
 #[tokio::test]
@@ -406,6 +439,95 @@ async fn a_paused_chat_deployment_is_left_unchanged() {
     assert!(!ours(&chat) && chat.status.is_none());
 }
 
+/// A ChatDeployment already in deletion, seeded into a fresh API server (kube-fake-client 0.3 removes
+/// objects on delete even with finalizers), after one reconcile declared its topology.
+async fn in_deletion(h: &Harness, change: impl FnOnce(&mut ChatDeployment), broker_uri: &str) -> Harness {
+    let mut deleting = h.chat().await;
+    deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    deleting.metadata.resource_version = None;
+    change(&mut deleting);
+    Harness::new(deleting, broker_uri).await
+}
+
+#[tokio::test]
+async fn pause_never_blocks_deletion() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    let paused = |c: &mut ChatDeployment| {
+        c.metadata.annotations = Some([("chat.parley.dev/paused".to_owned(), "true".to_owned())].into());
+    };
+    let h = in_deletion(&h, paused, &amqp_url()).await;
+
+    reconcile(Arc::new(h.chat().await), h.ctx.clone()).await.unwrap();
+
+    assert!(!queue_exists(&h.topology().translate_queue("de")).await, "the topology is removed");
+    let remaining = h.api::<ChatDeployment>().get_opt(NAME).await.unwrap();
+    assert!(remaining.is_none_or(|chat| !ours(&chat)), "and the finalizer with it");
+    assert!(h.event_reasons().await.contains(&"TopologyRemoved".to_owned()));
+}
+
+#[tokio::test]
+async fn deletion_with_the_broker_secret_gone_lets_go_and_says_what_was_left_behind() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    let h = in_deletion(&h, |_| {}, &amqp_url()).await;
+    h.api::<Secret>().delete("rabbitmq", &Default::default()).await.unwrap();
+
+    reconcile(Arc::new(h.chat().await), h.ctx.clone()).await.unwrap();
+
+    let remaining = h.api::<ChatDeployment>().get_opt(NAME).await.unwrap();
+    assert!(remaining.is_none_or(|chat| !ours(&chat)), "deletion is never held forever");
+    let left: Vec<_> = h.events().await.into_iter().filter(|(_, reason, _)| reason == "TopologyLeftBehind").collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, "Warning");
+    assert!(left[0].2.contains(&format!("left {}.* on the broker", h.topology().prefix())), "{left:?}");
+    // Tidy up what the test itself left.
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    parley_contract::topology::delete_all(&channel, &h.topology(), &["de"]).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_broker_secret_or_key_is_the_reason_broker_ready_is_false() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.api::<Secret>().delete("rabbitmq", &Default::default()).await.unwrap();
+    assert!(h.reconcile().await.is_err(), "retried with backoff");
+    assert_eq!(condition(&h.chat().await, "BrokerReady"), ("False".into(), "BrokerSecretNotFound".into()));
+    assert!(h.event_reasons().await.contains(&"BrokerSecretNotFound".to_owned()));
+
+    h.api::<Secret>().create(&Default::default(), &secret(&h.namespace, &amqp_url())).await.unwrap();
+    h.edit(|c| c.spec.broker.secret_ref.key = "url".into()).await;
+    assert!(h.reconcile().await.is_err());
+    assert_eq!(condition(&h.chat().await, "BrokerReady"), ("False".into(), "BrokerSecretKeyMissing".into()));
+    assert!(h.event_reasons().await.contains(&"BrokerSecretKeyMissing".to_owned()));
+}
+
+#[tokio::test]
+async fn a_topology_the_broker_refuses_is_the_reason_broker_ready_is_false() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    // Someone declared the language's queue by hand as a classic queue: the broker refuses to
+    // declare it again as a quorum queue.
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = h.topology().translate_queue("de");
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions { durable: true, ..Default::default() },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+
+    assert!(h.reconcile().await.is_err());
+
+    assert_eq!(condition(&h.chat().await, "BrokerReady"), ("False".into(), "TopologyFailed".into()));
+    assert!(h.event_reasons().await.contains(&"TopologyFailed".to_owned()));
+    let tidy = connection.create_channel().await.unwrap();
+    tidy.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
+    parley_contract::topology::delete_all(&tidy, &h.topology(), &["de"]).await.unwrap();
+}
+
 #[tokio::test]
 async fn an_invalid_spec_gets_a_condition_and_an_event_and_is_not_retried() {
     let mut bad = chat(&unique_namespace(), &[("de", 1)]);
@@ -457,6 +579,10 @@ async fn a_removed_language_with_a_backlog_keeps_its_queue_until_the_drain_timeo
     let fr = status.translators.iter().find(|t| t.language == "fr").expect("the draining language is reported");
     assert!(fr.draining_since.is_some());
     assert_eq!(fr.backlog, Some(1));
+    // Messages sent after the removal no longer reach the removed language's queue.
+    publish_posted(&h.topology(), 2).await;
+    assert_eq!(depth(&h.topology().translate_queue("fr")).await, Some(1), "unbound from new messages");
+    assert_eq!(depth(&h.topology().translate_queue("de")).await, Some(3), "the kept language takes them");
 
     h.edit(|c| c.spec.drain_timeout_seconds = 0).await;
     h.reconcile().await.unwrap();
@@ -464,7 +590,34 @@ async fn a_removed_language_with_a_backlog_keeps_its_queue_until_the_drain_timeo
     assert!(!queue_exists(&h.topology().translate_queue("fr")).await, "deleted once the drain timeout passed");
     assert!(!h.deployments().await.contains(&"town-hall-translator-fr".to_owned()), "and its Deployment with it");
     assert!(h.chat().await.status.unwrap().translators.iter().all(|t| t.language != "fr"));
-    assert!(h.event_reasons().await.contains(&"LanguageQueueDeleted".to_owned()));
+    let deleted: Vec<(String, String, String)> =
+        h.events().await.into_iter().filter(|(_, reason, _)| reason == "LanguageQueueDeleted").collect();
+    assert_eq!(deleted.len(), 1, "{deleted:?}");
+    let (kind, _, note) = &deleted[0];
+    assert_eq!(kind, "Warning", "messages were lost: {note}");
+    assert!(note.contains("after the drain timeout with 1 messages untranslated"), "{note}");
+}
+
+#[tokio::test]
+async fn the_error_backoff_doubles_from_2_seconds_up_to_5_minutes_and_starts_over_after_a_success() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    let chat = Arc::new(h.chat().await);
+    let error = Error::Waiting("a test".into());
+    let delays: Vec<Action> = (0..11).map(|_| error_policy(chat.clone(), &error, h.ctx.clone())).collect();
+    let expected: Vec<Action> = [2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
+        .into_iter()
+        .map(|s| Action::requeue(std::time::Duration::from_secs(s)))
+        .collect();
+    assert_eq!(delays, expected);
+
+    // A reconcile that succeeds clears the count.
+    let h = Harness::new(self::chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    let chat = Arc::new(h.chat().await);
+    for _ in 0..3 {
+        error_policy(chat.clone(), &error, h.ctx.clone());
+    }
+    h.reconcile().await.unwrap();
+    assert_eq!(error_policy(chat, &error, h.ctx.clone()), Action::requeue(std::time::Duration::from_secs(2)));
 }
 
 fn autoscaled(namespace: &str, mode: AutoscalingMode, window: i64) -> ChatDeployment {
@@ -517,6 +670,17 @@ async fn builtin_autoscaling_follows_the_backlog_and_returns_to_the_minimum_afte
     assert_eq!(status.translators[0].backlog, Some(23));
     assert!(status.translators[0].last_scale_time.is_some());
     assert!(h.event_reasons().await.contains(&"TranslatorScaled".to_owned()));
+    // The readings and decisions are metrics too, under the names the docs give.
+    let metrics = h.ctx.metrics.encode();
+    let labels = format!("namespace=\"{}\",chat=\"town-hall\",language=\"fr\"", h.namespace);
+    for line in [
+        format!("parley_operator_translator_backlog{{{labels}}} 23"),
+        format!("parley_operator_translator_desired_replicas{{{labels}}} 5"),
+        "parley_operator_reconciles_total{result=\"ok\"}".to_owned(),
+        "parley_operator_reconcile_duration_seconds_bucket{".to_owned(),
+    ] {
+        assert!(metrics.contains(&line), "{line} missing from:\n{metrics}");
+    }
 
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -524,7 +688,7 @@ async fn builtin_autoscaling_follows_the_backlog_and_returns_to_the_minimum_afte
     h.reconcile().await.unwrap();
     assert_eq!(translator_replicas(&h).await, Some(5), "no scale-down inside the stabilization window");
 
-    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    h.clock.advance(std::time::Duration::from_secs(4));
     h.reconcile().await.unwrap();
     assert_eq!(translator_replicas(&h).await, Some(1), "back to the minimum after the window");
 }

@@ -95,6 +95,20 @@ impl Settings {
     }
 }
 
+/// Where the reconciles read the time: the wall clock, or a test's.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+}
+
+/// The wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -105,11 +119,25 @@ pub struct Context {
     pub(crate) failures: Mutex<HashMap<String, u32>>,
     /// Recent autoscaling recommendations by ChatDeployment and language (lost on restart, which only delays scale-down).
     histories: Mutex<HashMap<String, BTreeMap<String, History>>>,
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Context {
     pub fn new(client: Client, reporter: Reporter, metrics: Arc<Metrics>, settings: Settings) -> Self {
-        Self { client, reporter, metrics, settings, failures: Mutex::default(), histories: Mutex::default() }
+        Self {
+            client,
+            reporter,
+            metrics,
+            settings,
+            failures: Mutex::default(),
+            histories: Mutex::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The same context reading the time from `clock`.
+    pub fn with_clock(self, clock: Arc<dyn Clock>) -> Self {
+        Self { clock, ..self }
     }
 
     async fn publish(&self, chat: &ChatDeployment, note: Note) {
@@ -132,8 +160,8 @@ pub fn key(chat: &ChatDeployment) -> String {
     format!("{}/{}", chat.namespace().unwrap_or_default(), chat.name_any())
 }
 
-fn elapsed_since(since: &str) -> Duration {
-    since.parse::<Timestamp>().ok().and_then(|t| Timestamp::now().duration_since(t).try_into().ok()).unwrap_or_default()
+fn elapsed_since(since: &str, now: Timestamp) -> Duration {
+    since.parse::<Timestamp>().ok().and_then(|t| now.duration_since(t).try_into().ok()).unwrap_or_default()
 }
 
 async fn patch_status(ctx: &Context, chat: &ChatDeployment, status: ChatDeploymentStatus) -> Result<(), Error> {
@@ -145,7 +173,7 @@ async fn patch_status(ctx: &Context, chat: &ChatDeployment, status: ChatDeployme
 
 /// Brings the cluster and the broker to what `chat` asks for, then writes its status: the steps in order.
 pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> {
-    let now = Time(Timestamp::now());
+    let now = Time(ctx.clock.now());
     let valid = match validate(chat, &ctx.settings.default_image) {
         Ok(valid) => valid,
         Err(errors) => return reject(chat, ctx, &errors, &now).await,
@@ -153,7 +181,7 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
     let observed = observe::observe(&ctx.client, &valid).await?;
     // The broker first: its backlogs drive the autoscaler and decide which removed languages still drain.
     let draining = status::draining(chat.status.as_ref(), &valid.language_codes(), &now.0.to_string());
-    let broker = broker::step(&observed, &valid, draining, elapsed_since).await;
+    let broker = broker::step(&observed, &valid, draining, |since| elapsed_since(since, now.0)).await;
     let history = database::step(&observed).await;
     let plan = {
         let mut histories = ctx.histories.lock().expect("histories lock");
@@ -285,8 +313,12 @@ pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Err
             Ok(Action::await_change())
         }
         Err(err) => {
-            let deleting_for =
-                chat.meta().deletion_timestamp.as_ref().map(|t| elapsed_since(&t.0.to_string())).unwrap_or_default();
+            let deleting_for = chat
+                .meta()
+                .deletion_timestamp
+                .as_ref()
+                .map(|t| elapsed_since(&t.0.to_string(), ctx.clock.now()))
+                .unwrap_or_default();
             let secret_gone = matches!(err, BrokerError::Secret(_));
             if secret_gone || deleting_for >= CLEANUP_GRACE {
                 // Never block deletion forever: say what was left behind instead.

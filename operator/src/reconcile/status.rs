@@ -414,6 +414,23 @@ mod tests {
     }
 
     #[test]
+    fn a_deployment_whose_rollout_is_in_progress_is_not_ready_though_its_old_replicas_are() {
+        // The Deployment controller has not seen the new template yet (observed 1 of generation 2).
+        let mut behind = deployment("town-hall-gateway", 2, 2);
+        behind.metadata.generation = Some(2);
+        let s = case().deployment(0, behind).compute();
+        assert_eq!(get(&s, GATEWAY_READY).status, "False");
+        assert_eq!(get(&s, READY).status, "False");
+        assert_ne!(s.phase, Some(Phase::Ready));
+        // Or it has, and only some replicas run the new template yet.
+        let mut rolling = deployment("town-hall-gateway", 2, 2);
+        rolling.status.as_mut().unwrap().updated_replicas = Some(1);
+        let s = case().deployment(0, rolling).compute();
+        assert_eq!(get(&s, GATEWAY_READY).status, "False");
+        assert_ne!(s.phase, Some(Phase::Ready));
+    }
+
+    #[test]
     fn all_deployments_ready_makes_the_chat_ready() {
         let s = case().compute();
         assert_eq!(s.phase, Some(Phase::Ready));
