@@ -232,10 +232,16 @@ pub(crate) mod tests {
         })
     }
 
-    async fn settle() {
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
+    /// Waits until `chat_id` has `count` local subscribers (leaving runs in a task of its own).
+    async fn until_subscribers(hub: &Hub, chat_id: &str, count: usize) {
+        for _ in 0..1000 {
+            let now = hub.rooms.lock().await.get(chat_id).map_or(0, |room| room.subscribers);
+            if now == count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        panic!("{chat_id} never had {count} subscribers");
     }
 
     #[tokio::test]
@@ -245,12 +251,14 @@ pub(crate) mod tests {
         let first = hub.subscribe("c").await.unwrap();
         let second = hub.subscribe("c").await.unwrap();
         drop(first);
-        settle().await;
+        // The first has left (so an unbind would have happened by now), and the chat stays bound.
+        until_subscribers(&hub, "c", 1).await;
         assert_eq!(*binder.0.lock().unwrap(), vec!["bind c"]);
         drop(second);
-        settle().await;
-        assert_eq!(*binder.0.lock().unwrap(), vec!["bind c", "unbind c"]);
+        until_subscribers(&hub, "c", 0).await;
+        // The room goes before the unbind call; the binder is called under the same lock.
         assert_eq!(hub.chats().await, 0);
+        assert_eq!(*binder.0.lock().unwrap(), vec!["bind c", "unbind c"]);
     }
 
     #[tokio::test]

@@ -521,7 +521,9 @@ async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets) {
                 _ = signal.overflowed() => false,
             };
             if gathered.is_break() || conn.signal.has_overflowed() {
-                break Some((SLOW_CONSUMER, conn.slow_consumer_reason()));
+                let reason = conn.slow_consumer_reason();
+                tracing::info!(reason, "closing a slow consumer");
+                break Some((SLOW_CONSUMER, reason));
             }
             if !sent {
                 break None;

@@ -77,3 +77,71 @@ async fn the_history_is_the_same_after_every_process_the_broker_and_the_database
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Starts the broker's application again when dropped, should a test stop half way.
+struct StartAppOnDrop;
+
+impl Drop for StartAppOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for action in ["start_app", "await_startup"] {
+                let _ = std::process::Command::new("sh").args(["-c", &format!("rabbitmqctl -q {action}")]).status();
+            }
+        }
+    }
+}
+
+/// `/readyz` of `server`, as a status code (0 when it does not answer).
+async fn readiness(server: &Server) -> u16 {
+    let url = format!("http://127.0.0.1:{}/readyz", server.port);
+    match reqwest::Client::new().get(url).timeout(Duration::from_secs(5)).send().await {
+        Ok(response) => response.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+async fn until_ready_is(servers: &[&Server], status: u16, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    for server in servers {
+        loop {
+            let now = readiness(server).await;
+            if now == status {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz of {} stayed {now}, not {status}",
+                server.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "restarts the shared broker: scripts/test runs it alone"]
+async fn readiness_follows_the_broker_connection_and_the_chat_works_again_after_it_returns() {
+    let d = Deployment::with("readiness", Layout { languages: &["es"], ..Layout::default() }).await;
+    let roles = [d.gateway(), &d.fanouts[0], &d.translators[0]];
+    until_ready_is(&roles, 200, DELIVERY).await;
+
+    as_root("rabbitmqctl -q stop_app");
+    // Whatever happens below, the broker comes back for the tests after this one.
+    let _restart = StartAppOnDrop;
+    until_ready_is(&roles, 503, Duration::from_secs(30)).await;
+    // Still alive: liveness is not readiness.
+    let health = reqwest::get(format!("http://127.0.0.1:{}/healthz", d.gateway().port)).await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    for action in ["start_app", "await_startup"] {
+        as_root(&format!("rabbitmqctl -q {action}"));
+    }
+    until_ready_is(&roles, 200, Duration::from_secs(60)).await;
+    // The same processes carry a translated chat again.
+    let chat = unique_chat();
+    let mut subscriber = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
+    subscriber.subscribe_messages("1", &d.gateway().http(), &chat, None).await;
+    let id = send(&d.gateway().http(), &chat, "Good morning, how are you?").await;
+    let got = subscriber.collect_message(&id, 2, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 2, "the original and its translation: {got:?}");
+}

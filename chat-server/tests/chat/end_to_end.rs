@@ -37,9 +37,23 @@ async fn subscriber_asking_for_one_language_gets_the_original_and_only_that_tran
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
     subscriber.subscribe_messages("1", &d.gateway().http(), &chat, Some(&["ca"])).await;
+    // A subscriber of every language shows when the Spanish translation has been handed out.
+    let mut everything = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
+    everything.subscribe_messages("1", &d.gateway().http(), &chat, None).await;
 
     let id = send(&d.gateway().http(), &chat, "Good morning, how are you?").await;
-    let mut messages = subscriber.collect_message(&id, 3, Duration::from_secs(5)).await;
+    let all = everything.collect_message(&id, 3, DELIVERY).await;
+    assert!(all.iter().any(|m| m["language"] == "es"), "the Spanish translation exists: {all:?}");
+    let mut messages = subscriber.collect_message(&id, 2, DELIVERY).await;
+    // Anything of `id` would come before a message sent after it was all handed out.
+    let sentinel = send(&d.gateway().http(), &chat, "sentinel").await;
+    let mut rest = Vec::new();
+    while !rest.iter().any(|m: &serde_json::Value| m["id"] == sentinel.as_str()) {
+        let got = subscriber.collect(1, DELIVERY).await;
+        assert!(!got.is_empty(), "the sentinel never arrived");
+        rest.extend(got);
+    }
+    messages.extend(rest.into_iter().filter(|m| m["id"] == id.as_str()));
     messages.sort_by_key(|m| m["language"].as_str().unwrap().to_owned());
 
     let languages: Vec<_> = messages.iter().map(|m| m["language"].as_str().unwrap()).collect();

@@ -16,6 +16,8 @@ async fn dead_letters(prefix: &str) -> Option<u32> {
 async fn a_message_the_provider_cannot_translate_is_dead_lettered_not_dropped() {
     let apertium = Apertium::start().await;
     let prefix = unique_prefix("dead-letter");
+    // Declared first, so dropped last: after the processes that use the topology.
+    let _cleanup = TopologyCleanup::new(&prefix, &["de"]);
     let url = amqp_url();
     // The harness's Apertium has no English→German pair.
     let broker = broker_args(&prefix, &url, "de");
@@ -38,16 +40,62 @@ async fn a_message_the_provider_cannot_translate_is_dead_lettered_not_dropped() 
     assert!(german.log_text().contains("dead-lettering"), "the translator says why");
 }
 
+/// A provider address the test holds from start to end: it answers 503 until [`Outage::end`], then
+/// forwards every request to a real Apertium APY. (A port left unbound while the provider is "down"
+/// could be taken by another process meanwhile.)
+#[derive(Clone, Default)]
+struct Outage {
+    upstream: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Outage {
+    async fn serve(self) -> String {
+        use axum::{body::Bytes, extract::State, http::HeaderMap, routing::any};
+        async fn forward(
+            State(outage): State<Outage>,
+            uri: axum::http::Uri,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> (axum::http::StatusCode, Bytes) {
+            let Some(upstream) = outage.upstream.lock().unwrap().clone() else {
+                return (axum::http::StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"down for the test"));
+            };
+            let mut request = reqwest::Client::new().post(format!("{upstream}{uri}")).body(body);
+            if let Some(kind) = headers.get("content-type") {
+                request = request.header("content-type", kind.as_bytes());
+            }
+            match request.send().await {
+                Ok(answer) => (
+                    axum::http::StatusCode::from_u16(answer.status().as_u16()).unwrap(),
+                    answer.bytes().await.unwrap_or_default(),
+                ),
+                Err(_) => (axum::http::StatusCode::BAD_GATEWAY, Bytes::new()),
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(any(forward)).with_state(self);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    }
+
+    fn end(&self, upstream: &str) {
+        *self.upstream.lock().unwrap() = Some(upstream.to_owned());
+    }
+}
+
 #[tokio::test]
 async fn a_translator_retries_a_provider_that_is_down_and_translates_once_it_is_up() {
-    let provider_port = free_port();
-    let provider_url = format!("http://127.0.0.1:{provider_port}");
+    let outage = Outage::default();
+    let provider_url = outage.clone().serve().await;
     let prefix = unique_prefix("provider-down");
+    // Declared first, so dropped last: after the processes that use the topology.
+    let _cleanup = TopologyCleanup::new(&prefix, &["es"]);
     let url = amqp_url();
     let broker = broker_args(&prefix, &url, "es");
     let gateway = Server::start(&[&["gateway"], broker.as_slice()].concat()).await;
     let _fanout = Server::start(&[&["fanout"], broker.as_slice()].concat()).await;
-    let _spanish = Deployment::spawn_translator(&prefix, "es", &provider_url).ready().await;
+    let spanish = Deployment::spawn_translator(&prefix, "es", &provider_url).ready().await;
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
     subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
@@ -56,9 +104,15 @@ async fn a_translator_retries_a_provider_that_is_down_and_translates_once_it_is_
     let early = subscriber.collect_message(&id, 2, Duration::from_secs(2)).await;
     assert_eq!(early.len(), 1, "only the original while the provider is down");
 
-    let _apertium = Apertium::start_on(provider_port).await;
+    let apertium = Apertium::start().await;
+    outage.end(&apertium.url);
     let late = subscriber.collect_message(&id, 1, Duration::from_secs(60)).await;
     assert_eq!(late.len(), 1, "the translation arrives once the provider is back");
     assert!(late[0]["text"].as_str().unwrap().contains("Buenos días"), "{}", late[0]);
     assert_eq!(dead_letters(&prefix).await, Some(0), "nothing was dead-lettered");
+    // Waited out in place, with backoff: the translator kept the message and retried the provider,
+    // never giving it back to the queue (which would count towards the delivery limit).
+    let log = spanish.log_text();
+    assert!(log.contains("translation failed; retrying") && log.contains("attempt=3"), "{log}");
+    assert!(!log.contains("giving the message back to the queue"), "{log}");
 }

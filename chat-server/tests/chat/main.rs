@@ -1,6 +1,8 @@
 //! chat-server's integration tests, as one test binary: real chat-server processes on a real RabbitMQ
 //! with real Apertium APYs. `cargo test -p chat-server --test chat <module>::` runs one part.
 
+mod broker;
+mod configuration;
 mod disruptive;
 mod end_to_end;
 mod failures;

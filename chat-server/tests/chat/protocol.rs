@@ -1,7 +1,13 @@
 //! Transport behaviour of the gateway: HTTP verbs, errors that keep the socket usable, limits, shutdown.
-//! These run the standalone server on the in-process bus, so they need neither RabbitMQ nor Apertium.
+//! Most run the standalone server on the in-process bus, so they need neither RabbitMQ nor Apertium.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use crate::support::*;
 use futures_util::{FutureExt, StreamExt};
@@ -11,9 +17,74 @@ async fn originals_only(extra: &[&str]) -> Server {
     Server::start(&[&["standalone", "--languages", ""], extra].concat()).await
 }
 
+/// Which bus a transport test's standalone server runs on.
+#[derive(Clone, Copy)]
+enum Bus {
+    InProcess,
+    /// RabbitMQ: deliveries then reach the gateway through its own queue, as in a deployment.
+    RabbitMq,
+}
+
+/// A standalone server with no languages, and (on RabbitMQ) the topology it leaves behind.
+struct BusServer {
+    server: Server,
+    _cleanup: Option<TopologyCleanup>,
+}
+
+impl std::ops::Deref for BusServer {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+impl std::ops::DerefMut for BusServer {
+    fn deref_mut(&mut self) -> &mut Server {
+        &mut self.server
+    }
+}
+
+impl Bus {
+    async fn server(self, extra: &[&str]) -> BusServer {
+        match self {
+            Self::InProcess => BusServer { server: originals_only(extra).await, _cleanup: None },
+            Self::RabbitMq => {
+                let prefix = unique_prefix("protocol");
+                let cleanup = TopologyCleanup::new(&prefix, &[]);
+                let url = amqp_url();
+                let args = ["--amqp-url", url.as_str(), "--topology-prefix", prefix.as_str()];
+                BusServer { server: originals_only(&[&args[..], extra].concat()).await, _cleanup: Some(cleanup) }
+            }
+        }
+    }
+}
+
+/// Runs a transport test once on the in-process bus and once on RabbitMQ: `<test>::in_process` and
+/// `<test>::on_rabbitmq`.
+macro_rules! on_both_buses {
+    ($(#[$attr:meta])* async fn $name:ident($bus:ident: Bus) $body:block) => {
+        mod $name {
+            use super::*;
+
+            async fn run($bus: Bus) $body
+
+            $(#[$attr])*
+            async fn in_process() {
+                run(Bus::InProcess).await
+            }
+
+            $(#[$attr])*
+            async fn on_rabbitmq() {
+                run(Bus::RabbitMq).await
+            }
+        }
+    };
+}
+
+on_both_buses! {
 #[tokio::test]
-async fn mutations_and_queries_work_over_post_and_get() {
-    let server = originals_only(&[]).await;
+async fn mutations_and_queries_work_over_post_and_get(bus: Bus) {
+    let server = bus.server(&[]).await;
     let posted = graphql(&server.http(), SEND, json!({"chatId": "c", "text": "hi"})).await;
     assert!(posted["data"]["sendMessage"]["id"].is_string(), "{posted}");
 
@@ -26,6 +97,7 @@ async fn mutations_and_queries_work_over_post_and_get() {
         client.get(server.http()).query(&[("query", "{ languages }")]).send().await.unwrap().json().await.unwrap();
     assert_eq!(languages, json!({"data": {"languages": []}}));
 }
+}
 
 #[tokio::test]
 async fn graphiql_health_and_readiness_are_served() {
@@ -37,9 +109,10 @@ async fn graphiql_health_and_readiness_are_served() {
     assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
 }
 
+on_both_buses! {
 #[tokio::test]
-async fn bad_operations_get_graphql_errors_and_the_socket_serves_the_next_one() {
-    let server = originals_only(&["--max-text-bytes", "64"]).await;
+async fn bad_operations_get_graphql_errors_and_the_socket_serves_the_next_one(bus: Bus) {
+    let server = bus.server(&["--max-text-bytes", "64"]).await;
     let mut client = WsClient::connect(&server.ws(), Wire::TransportWs).await;
 
     client.start("syntax", "subscription { messages(chatId: ", json!({})).await;
@@ -49,15 +122,18 @@ async fn bad_operations_get_graphql_errors_and_the_socket_serves_the_next_one() 
     client.start("lang", SUBSCRIBE, json!({"chatId": "c", "languages": ["xx"]})).await;
     let error = client.result_of("lang", DELIVERY).await;
     assert!(error.to_string().contains("unknown language \\\"xx\\\""), "{error}");
+    assert_eq!(error_code(&error).as_deref(), Some("BAD_USER_INPUT"), "{error}");
 
     client.start("long", SEND, json!({"chatId": "c", "text": "x".repeat(65)})).await;
     let error = client.result_of("long", DELIVERY).await;
     assert!(error.to_string().contains("more than the limit of 64 bytes"), "{error}");
+    assert_eq!(error_code(&error).as_deref(), Some("BAD_USER_INPUT"), "{error}");
 
     let chat = unique_chat();
     client.subscribe_messages("ok", &server.http(), &chat, None).await;
     let id = send(&server.http(), &chat, "still here").await;
     assert_eq!(client.collect_message(&id, 1, DELIVERY).await.len(), 1);
+}
 }
 
 #[tokio::test]
@@ -68,6 +144,33 @@ async fn invalid_graphql_over_http_is_a_graphql_error() {
     let too_deep = "{ __schema { types { fields { type { fields { type { fields { type { fields { type { name } } } } } } } } } } }";
     let response = graphql(&server.http(), too_deep, json!({})).await;
     assert!(response["errors"].to_string().contains("nested too deep"), "{response}");
+}
+
+#[tokio::test]
+async fn a_query_over_the_complexity_limit_is_refused_and_one_under_it_runs() {
+    let server = originals_only(&["--max-query-complexity", "3"]).await;
+    let wide = "{ languages a: languages b: languages c: languages }";
+    let response = graphql(&server.http(), wide, json!({})).await;
+    assert!(response["errors"].to_string().contains("too complex"), "{response}");
+    assert!(response["data"].is_null(), "{response}");
+    let narrow = "{ languages a: languages }";
+    let response = graphql(&server.http(), narrow, json!({})).await;
+    assert_eq!(response, json!({"data": {"languages": [], "a": []}}));
+}
+
+#[tokio::test]
+async fn a_history_that_cannot_be_read_is_unavailable() {
+    // A gateway whose history database has no tables yet (only the fanout migrates): reading fails.
+    let database = TestDatabase::create().await;
+    let prefix = unique_prefix("unavailable");
+    // Declared first, so dropped last: after the processes that use the topology.
+    let _cleanup = TopologyCleanup::new(&prefix, &[]);
+    let url = amqp_url();
+    let broker = broker_args(&prefix, &url, "");
+    let gateway =
+        Server::start(&[&["gateway"], broker.as_slice(), &["--history-url", database.url.as_str()]].concat()).await;
+    let response = graphql(&gateway.http(), "{ messages(chatId: \"c\") { id } }", json!({})).await;
+    assert_eq!(error_code(&response).as_deref(), Some("UNAVAILABLE"), "{response}");
 }
 
 #[tokio::test]
@@ -90,9 +193,10 @@ async fn plain_frames_that_are_not_requests_get_an_error_frame_and_the_socket_st
     }
 }
 
+on_both_buses! {
 #[tokio::test]
-async fn subscriptions_beyond_the_per_connection_limit_are_refused_and_the_first_keeps_working() {
-    let server = originals_only(&["--max-subscriptions-per-connection", "1"]).await;
+async fn subscriptions_beyond_the_per_connection_limit_are_refused_and_the_first_keeps_working(bus: Bus) {
+    let server = bus.server(&["--max-subscriptions-per-connection", "1"]).await;
     let chat = unique_chat();
     let mut client = WsClient::connect(&server.ws(), Wire::TransportWs).await;
     client.subscribe_messages("first", &server.http(), &chat, None).await;
@@ -100,38 +204,55 @@ async fn subscriptions_beyond_the_per_connection_limit_are_refused_and_the_first
     client.start("second", SUBSCRIBE, json!({"chatId": chat})).await;
     let error = client.result_of("second", DELIVERY).await;
     assert!(error.to_string().contains("too many subscriptions"), "{error}");
+    assert_eq!(error_code(&error).as_deref(), Some("LIMIT_EXCEEDED"), "{error}");
 
     let id = send(&server.http(), &chat, "one more").await;
     assert_eq!(client.collect_message(&id, 1, DELIVERY).await.len(), 1);
 }
+}
 
+on_both_buses! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_that_stops_reading_is_closed_as_a_slow_consumer_while_others_get_everything() {
-    const MESSAGES: usize = 2000;
-    let server = originals_only(&["--subscriber-buffer", "256"]).await;
+async fn a_subscriber_that_stops_reading_is_closed_as_a_slow_consumer_while_others_get_everything(bus: Bus) {
+    let server = bus.server(&["--subscriber-buffer", "256"]).await;
     let chat = unique_chat();
     let mut stalled = WsClient::connect_with_small_receive_buffer(&server.ws(), Wire::TransportWs).await;
     stalled.subscribe_messages("s", &server.http(), &chat, None).await;
     let mut reader = WsClient::connect(&server.ws(), Wire::LegacyWs).await;
     reader.subscribe_messages("r", &server.http(), &chat, None).await;
-    let reading = tokio::spawn(async move {
-        let mut texts = 0;
-        while texts < MESSAGES {
-            match reader.next(DELIVERY).await {
-                Some(Received::Next { payload, .. }) if payload["data"]["messages"]["text"] != "warm-up" => texts += 1,
-                Some(Received::Next { .. }) => {}
-                other => panic!("the reading subscriber got {other:?} after {texts} messages"),
+    let read = Arc::new(AtomicUsize::new(0));
+    let reading = tokio::spawn({
+        let read = read.clone();
+        async move {
+            loop {
+                match reader.next(DELIVERY).await {
+                    Some(Received::Next { payload, .. }) if payload["data"]["messages"]["text"] != "warm-up" => {
+                        read.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(Received::Next { .. }) => {}
+                    other => panic!("the reading subscriber got {other:?} after {} messages", read.load(Ordering::Relaxed)),
+                }
             }
         }
-        texts
     });
 
-    // 7 MB of frames: more than the socket buffers (the server's grows to 4 MiB), the writer's and 256 frames hold.
+    // However large this machine's socket buffers are: frames of 3.5 KB, 200 at a time, until the
+    // server closes the subscriber that does not read.
     let text = "x".repeat(3500);
     let http = server.http();
-    futures_util::stream::iter(0..MESSAGES).for_each_concurrent(32, |_| send(&http, &chat, &text).map(drop)).await;
-
-    assert_eq!(reading.await.unwrap(), MESSAGES, "a subscriber that reads gets every message");
+    let mut sent = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !server.log_text().contains("closing a slow consumer") {
+        assert!(tokio::time::Instant::now() < deadline, "the stalled subscriber was never closed after {sent} messages");
+        futures_util::stream::iter(0..200).for_each_concurrent(32, |_| send(&http, &chat, &text).map(drop)).await;
+        sent += 200;
+    }
+    let deadline = tokio::time::Instant::now() + DELIVERY;
+    while read.load(Ordering::Relaxed) < sent {
+        assert!(tokio::time::Instant::now() < deadline, "the reader got {} of {sent}", read.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reading.abort();
     let mut received = 0;
     let closed = loop {
         match stalled.next(DELIVERY).await {
@@ -146,12 +267,14 @@ async fn a_subscriber_that_stops_reading_is_closed_as_a_slow_consumer_while_othe
         }
         other => panic!("expected a 1008 close after {received} frames, got {other:?}"),
     }
-    assert!(received < MESSAGES, "the stalled subscriber was closed early, after {received} of {MESSAGES}");
+    assert!(received < sent, "the stalled subscriber was closed early, after {received} of {sent}");
+}
 }
 
+on_both_buses! {
 #[tokio::test]
-async fn a_subscribe_that_reuses_a_running_id_is_closed_with_4409() {
-    let server = originals_only(&[]).await;
+async fn a_subscribe_that_reuses_a_running_id_is_closed_with_4409(bus: Bus) {
+    let server = bus.server(&[]).await;
     let mut client = WsClient::connect(&server.ws(), Wire::TransportWs).await;
     client.subscribe_messages("1", &server.http(), &unique_chat(), None).await;
     client.start("1", SUBSCRIBE, json!({"chatId": unique_chat()})).await;
@@ -159,6 +282,7 @@ async fn a_subscribe_that_reuses_a_running_id_is_closed_with_4409() {
         Some(Received::Closed { code, reason }) => assert_eq!(code, Some(4409), "{reason}"),
         other => panic!("expected a 4409 close, got {other:?}"),
     }
+}
 }
 
 #[tokio::test]
@@ -171,9 +295,10 @@ async fn a_client_that_never_sends_connection_init_is_closed_with_4408() {
     }
 }
 
+on_both_buses! {
 #[tokio::test]
-async fn sigterm_closes_open_sockets_with_a_going_away_frame_and_exits_cleanly() {
-    let mut server = originals_only(&[]).await;
+async fn sigterm_closes_open_sockets_with_a_going_away_frame_and_exits_cleanly(bus: Bus) {
+    let mut server = bus.server(&[]).await;
     let mut graphql_ws = WsClient::connect(&server.ws(), Wire::TransportWs).await;
     graphql_ws.subscribe_messages("1", &server.http(), &unique_chat(), None).await;
     let mut plain = WsClient::connect(&server.ws(), Wire::Plain).await;
@@ -187,6 +312,7 @@ async fn sigterm_closes_open_sockets_with_a_going_away_frame_and_exits_cleanly()
             other => panic!("expected a 1001 close frame, got {other:?}"),
         }
     }
+}
 }
 
 #[tokio::test]

@@ -157,13 +157,25 @@ impl Server {
     }
 
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_with_env(args, &[])
+    }
+
+    /// Like [`Server::spawn`], with `env` set for the process. Nothing else of the caller's `PARLEY_*`
+    /// environment reaches it: a test's server is configured by the test alone.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let (log, path) = log_file(args.first().copied().unwrap_or("server"));
-        let child = Command::new(env!("CARGO_BIN_EXE_chat-server"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_chat-server"));
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("PARLEY_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command
             .args(args)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "info,chat_server=debug")
-            .env_remove("PARLEY_AMQP_URL")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -226,6 +238,13 @@ pub async fn graphql(url: &str, query: &str, variables: Value) -> Value {
         .json()
         .await
         .unwrap()
+}
+
+/// The `extensions.code` of the first error in a GraphQL response, or in the error payload of a
+/// socket (an array of errors in graphql-transport-ws, `{"errors": [...]}` in a `next`).
+pub fn error_code(payload: &Value) -> Option<String> {
+    let first = if payload.is_array() { &payload[0] } else { &payload["errors"][0] };
+    first["extensions"]["code"].as_str().map(str::to_owned)
 }
 
 pub const SEND: &str = "mutation($chatId: ID!, $text: String!) { sendMessage(chatId: $chatId, text: $text) { id } }";
@@ -492,6 +511,8 @@ pub struct Deployment {
     pub translators: Vec<Server>,
     /// The history database, when the deployment keeps one; dropped with the deployment.
     pub _history: Option<TestDatabase>,
+    /// Removes the broker topology once the processes (dropped before it) are gone.
+    pub _topology: TopologyCleanup,
     /// The arguments every gateway and fanout got, to start another.
     pub common: Vec<String>,
 }
@@ -510,6 +531,39 @@ pub struct Layout<'a> {
 impl Default for Layout<'_> {
     fn default() -> Self {
         Self { languages: &[], gateways: 1, fanouts: 1, history: false, extra: &[] }
+    }
+}
+
+/// Deletes a topology when dropped, so that tests leave no durable queues on the broker (whichever
+/// vhost `PARLEY_TEST_AMQP_URL` names).
+pub struct TopologyCleanup {
+    pub prefix: String,
+    pub languages: Vec<String>,
+}
+
+impl TopologyCleanup {
+    pub fn new(prefix: &str, languages: &[&str]) -> Self {
+        Self { prefix: prefix.to_owned(), languages: languages.iter().map(|l| l.to_string()).collect() }
+    }
+}
+
+impl Drop for TopologyCleanup {
+    fn drop(&mut self) {
+        let (prefix, languages) = (std::mem::take(&mut self.prefix), std::mem::take(&mut self.languages));
+        // Drop runs inside the test's runtime, which cannot block on its own futures.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let Ok(topology) = parley_contract::topology::Topology::new(prefix.as_str()) else { return };
+                let properties = lapin::ConnectionProperties::default();
+                if let Ok(connection) = lapin::Connection::connect(&amqp_url(), properties).await {
+                    if let Ok(channel) = connection.create_channel().await {
+                        let _ = parley_contract::topology::delete_all(&channel, &topology, &languages).await;
+                    }
+                }
+            })
+        })
+        .join();
     }
 }
 
@@ -549,6 +603,7 @@ impl Deployment {
             ready_translators.push(translator.ready().await);
         }
         let common = common.iter().map(|a| a.to_string()).collect();
+        let topology = TopologyCleanup::new(&prefix, layout.languages);
         Self {
             prefix,
             apertium,
@@ -556,6 +611,7 @@ impl Deployment {
             fanouts,
             translators: ready_translators,
             _history: history,
+            _topology: topology,
             common,
         }
     }

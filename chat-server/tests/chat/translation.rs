@@ -80,6 +80,8 @@ async fn waiting_texts_go_to_libretranslate_in_one_call_and_a_repeated_text_in_n
     double.release();
     let provider = double.clone().serve().await;
     let prefix = unique_prefix("libre-batch");
+    // Declared first, so dropped last: after the processes that use the topology.
+    let _cleanup = TopologyCleanup::new(&prefix, &["es"]);
     let url = amqp_url();
     let broker = broker_args(&prefix, &url, "es");
     let gateway = Server::start(&[&["gateway"], broker.as_slice()].concat()).await;

@@ -1,0 +1,178 @@
+//! What the broker path guarantees, on the real RabbitMQ: the delivery limit dead-letters, a message
+//! published twice is delivered once and stored once, `seq` rises strictly per chat, and a gateway
+//! stops taking a chat's deliveries when its last subscriber leaves.
+
+use std::time::Duration;
+
+use lapin::{
+    options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions},
+    BasicProperties, Channel, Connection, ConnectionProperties,
+};
+use parley_contract::topology::{self, Topology};
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+async fn channel() -> (Connection, Channel) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    (connection, channel)
+}
+
+/// Publishes `payload` to `exchange` with `routing_key`; the confirmation says whether it was routed.
+async fn publish(channel: &Channel, exchange: &str, routing_key: &str, payload: &[u8]) -> lapin::Confirmation {
+    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+    channel
+        .basic_publish(exchange.into(), routing_key.into(), options, payload, BasicProperties::default())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+fn posted(chat: &str, text: &str) -> Value {
+    json!({"v": 1, "id": uuid::Uuid::now_v7(), "chatId": chat, "text": text, "sourceLanguage": "en",
+        "sentAt": "2026-01-01T00:00:00.000Z"})
+}
+
+#[tokio::test]
+async fn a_message_handed_out_more_than_the_delivery_limit_is_dead_lettered() {
+    let prefix = unique_prefix("delivery-limit");
+    let _cleanup = TopologyCleanup::new(&prefix, &["de"]);
+    let topology = Topology::new(prefix.as_str()).unwrap();
+    let (_connection, channel) = channel().await;
+    topology::declare(&channel, &topology, &["de"]).await.unwrap();
+    publish(&channel, &topology.posted_exchange(), "", posted("c", "never translated").to_string().as_bytes()).await;
+
+    // A consumer that keeps giving the message back, as a failing translator would.
+    let queue = topology.translate_queue("de");
+    let mut deliveries = 0;
+    let deadline = tokio::time::Instant::now() + DELIVERY;
+    loop {
+        match channel.basic_get(queue.as_str().into(), BasicGetOptions::default()).await.unwrap() {
+            Some(message) => {
+                deliveries += 1;
+                message.delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+            }
+            None if deliveries > 0 => break,
+            None => {}
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still in {queue} after {deliveries} deliveries");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!((10..=11).contains(&deliveries), "x-delivery-limit is 10: handed out {deliveries} times");
+    let dead = topology.dead_letters();
+    let deadline = tokio::time::Instant::now() + DELIVERY;
+    loop {
+        let depth = topology::queue_depth(&channel, &dead).await.unwrap().map_or(0, |d| d.messages);
+        if depth == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{dead} holds {depth} messages");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_message_published_twice_is_delivered_once_and_stored_once() {
+    let d = Deployment::with("twice", Layout { history: true, ..Layout::default() }).await;
+    let chat = unique_chat();
+    let mut subscriber = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
+    subscriber.subscribe_messages("1", &d.gateway().http(), &chat, None).await;
+    let topology = Topology::new(d.prefix.as_str()).unwrap();
+    let (_connection, channel) = channel().await;
+
+    // The same original twice, as a gateway that lost a confirm and retried would publish it.
+    let message = posted(&chat, "once only");
+    let id = message["id"].as_str().unwrap().to_owned();
+    for _ in 0..2 {
+        publish(&channel, &topology.posted_exchange(), "", message.to_string().as_bytes()).await;
+    }
+    let sentinel = send(&d.gateway().http(), &chat, "sentinel").await;
+    let mut got = Vec::new();
+    while !got.iter().any(|m: &Value| m["id"] == sentinel.as_str()) {
+        let next = subscriber.collect(1, DELIVERY).await;
+        assert!(!next.is_empty(), "the sentinel never arrived; got {got:?}");
+        got.extend(next);
+    }
+    let copies: Vec<&Value> = got.iter().filter(|m| m["id"] == id.as_str()).collect();
+    assert_eq!(copies.len(), 1, "{got:?}");
+
+    // A delivery the fanout publishes again (it lost the confirms of a batch) is handed out once too.
+    let delivery = json!({"v": 1, "id": id, "chatId": chat, "seq": copies[0]["seq"], "language": "en",
+        "sourceLanguage": "en", "original": true, "text": "once only", "sentAt": "2026-01-01T00:00:00.000Z"});
+    publish(&channel, &topology.deliver_exchange(), &chat, delivery.to_string().as_bytes()).await;
+    let after = send(&d.gateway().http(), &chat, "after").await;
+    let mut later = Vec::new();
+    while !later.iter().any(|m: &Value| m["id"] == after.as_str()) {
+        let next = subscriber.collect(1, DELIVERY).await;
+        assert!(!next.is_empty(), "the last message never arrived; got {later:?}");
+        later.extend(next);
+    }
+    assert!(later.iter().all(|m| m["id"] != id.as_str()), "handed out again: {later:?}");
+
+    let stored =
+        graphql(&d.gateway().http(), "query($c: ID!) { messages(chatId: $c) { id } }", json!({"c": chat})).await;
+    let rows = stored["data"]["messages"].as_array().unwrap().iter().filter(|m| m["id"] == id.as_str()).count();
+    assert_eq!(rows, 1, "stored once: {stored}");
+}
+
+#[tokio::test]
+async fn seq_rises_strictly_per_chat_in_what_every_subscriber_receives() {
+    let d = Deployment::start("seq-order", &["es", "ca"], 2).await;
+    let chat = unique_chat();
+    let mut subscribers = Vec::new();
+    for gateway in &d.gateways {
+        let mut client = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
+        client.subscribe_messages("1", &gateway.http(), &chat, None).await;
+        subscribers.push(client);
+    }
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..30 {
+            ids.push(send(&d.gateways[i % 2].http(), &chat, &format!("Message number {i}")).await);
+        }
+        ids
+    };
+    for (g, subscriber) in subscribers.iter_mut().enumerate() {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while seen.iter().filter(|m: &&Value| ids.iter().any(|id| m["id"] == id.as_str())).count() < ids.len() * 3 {
+            assert!(tokio::time::Instant::now() < deadline, "gateway {g}: got {} deliveries", seen.len());
+            seen.extend(subscriber.collect(1, Duration::from_secs(1)).await);
+        }
+        let seqs: Vec<u64> = seen.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "gateway {g}: seq must rise strictly: {seqs:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_unbinds_a_chat_from_its_queue_when_the_last_subscriber_leaves() {
+    let d = Deployment::start("unbind", &[], 1).await;
+    let chat = unique_chat();
+    let topology = Topology::new(d.prefix.as_str()).unwrap();
+    let (_connection, channel) = channel().await;
+    let probe = json!({"v": 1, "id": uuid::Uuid::now_v7(), "chatId": chat, "seq": 1, "language": "en",
+        "sourceLanguage": "en", "original": true, "text": "probe", "sentAt": "2026-01-01T00:00:00.000Z"})
+    .to_string();
+    let routed = |confirmation: lapin::Confirmation| confirmation.take_message().is_none();
+    assert!(
+        !routed(publish(&channel, &topology.deliver_exchange(), &chat, probe.as_bytes()).await),
+        "no one watches it yet"
+    );
+
+    let mut subscriber = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
+    subscriber.subscribe_messages("1", &d.gateway().http(), &chat, None).await;
+    assert!(
+        routed(publish(&channel, &topology.deliver_exchange(), &chat, probe.as_bytes()).await),
+        "bound while watched"
+    );
+
+    drop(subscriber);
+    let deadline = tokio::time::Instant::now() + DELIVERY;
+    while routed(publish(&channel, &topology.deliver_exchange(), &chat, probe.as_bytes()).await) {
+        assert!(tokio::time::Instant::now() < deadline, "the chat stayed bound to the gateway's queue");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

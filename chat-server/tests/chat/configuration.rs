@@ -1,0 +1,63 @@
+//! How a chat-server process takes its settings: flags over `PARLEY_*` environment variables over
+//! the `--config` file; and the log formats.
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+/// Whether a `text` of `bytes` bytes is accepted by `server`.
+async fn accepts(server: &Server, bytes: usize) -> bool {
+    let response = graphql(&server.http(), SEND, json!({"chatId": "c", "text": "x".repeat(bytes)})).await;
+    if response["data"]["sendMessage"]["id"].is_string() {
+        return true;
+    }
+    assert!(response.to_string().contains("more than the limit"), "{response}");
+    false
+}
+
+#[tokio::test]
+async fn flags_override_the_environment_which_overrides_the_config_file() {
+    let file = std::env::temp_dir().join(format!("parley-config-{}.toml", uuid::Uuid::now_v7().simple()));
+    std::fs::write(&file, "languages = \"\"\nmax-text-bytes = 100\n").unwrap();
+    let config = file.to_str().unwrap();
+
+    let from_file = Server::start(&["standalone", "--config", config]).await;
+    assert!(accepts(&from_file, 90).await && !accepts(&from_file, 120).await, "the file's limit");
+
+    let environment = [("PARLEY_MAX_TEXT_BYTES", "50")];
+    let from_env = Server::spawn_with_env(&["standalone", "--config", config], &environment).ready().await;
+    assert!(accepts(&from_env, 40).await && !accepts(&from_env, 60).await, "the environment's limit");
+
+    let from_flag = Server::spawn_with_env(&["standalone", "--config", config, "--max-text-bytes", "80"], &environment)
+        .ready()
+        .await;
+    assert!(accepts(&from_flag, 70).await && !accepts(&from_flag, 90).await, "the flag's limit");
+    let _ = std::fs::remove_file(&file);
+}
+
+#[tokio::test]
+async fn an_unknown_key_in_the_config_file_is_an_error_that_names_it() {
+    let file = std::env::temp_dir().join(format!("parley-config-{}.toml", uuid::Uuid::now_v7().simple()));
+    std::fs::write(&file, "languages = \"\"\nmax-text-byte = 100\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chat-server"))
+        .args(["standalone", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("max-text-byte"), "{said}");
+}
+
+#[tokio::test]
+async fn json_logs_are_one_json_object_a_line() {
+    let server = Server::start(&["standalone", "--languages", "", "--log-format", "json"]).await;
+    send(&server.http(), "c", "hello").await;
+    let log = server.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "{log}");
+    for line in lines {
+        let entry: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(entry["level"].is_string() && entry["timestamp"].is_string() && entry["fields"].is_object(), "{line}");
+    }
+}
