@@ -192,6 +192,9 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5, help="seconds of sending per measurement")
     parser.add_argument("--quick", action="store_true", help="one chat, no search, no 50k, no Apollo")
+    parser.add_argument("--sections", default="main,apollo,big,idle,translate",
+                        help="which parts to run, comma-separated: main, apollo, big, idle, translate")
+    parser.add_argument("--merge", help="a results file to add these sections to (a run that stopped part way)")
     args = parser.parse_args()
     if "PARLEY_BENCH_AMQP_URL" not in os.environ:
         rabbitmqctl("delete_vhost", VHOST)
@@ -219,11 +222,68 @@ def save(results):
 def run(args):
     results = {"machine": {"cores": os.cpu_count()},
                "method": {"runs": args.runs, "duration_s": args.duration, "drain_s": 3, "probe": PROBE}}
+    if args.merge:
+        results = json.loads(pathlib.Path(args.merge).read_text())
+        partial = results.pop("partial", None)
+        if partial and "fixed" not in results:
+            results["fixed"] = {k: summary(v) for k, v in partial["fixed"].items()}
+            results["sustained"] = {k: {"median": statistics.median(s["sustained_rate"] for s in v), "all": v}
+                                    for k, v in partial["searches"].items()}
+    sections = args.sections.split(",")
+    if "main" in sections:
+        main_scenarios(args, results)
+    if args.quick:
+        return
+    if "apollo" in sections:
+        # Apollo, for the latency-vs-load curve: it saturates far below these rates at 10k subscribers.
+        apollo = {}
+        for _ in range(args.runs):
+            for rate in (0.5, 1, 2, 4):
+                row = on_fresh_server("apollo", lambda urls, pids: chat_bench(urls, pids, 10000, 1, rate, args.duration))
+                apollo.setdefault(str(rate), []).append(row)
+                say(f"apollo 10000 x {rate}/s: reach {row['reach']:.4f} p99 {row['latency_ms']['p99']:.0f} ms")
+        results["apollo"] = {rate: summary(rows) for rate, rows in apollo.items()}
+        save(results)
+    if "big" in sections:
+        # 50,000 subscribers over three gateways: at 10 messages/s each (as in the earlier runs) and at 1.
+        for rate in (10, 1):
+            big = []
+            for _ in range(args.runs):
+                row = on_fresh_server("3 gateways", lambda urls, pids: chat_bench(urls, pids, 50000, 10, rate, args.duration))
+                big.append(row)
+                say(f"3 gateways 50000x{rate}: {row['connected']} connected reach {row['reach']:.4f} "
+                    f"p99 {row['latency_ms']['p99']:.0f} ms")
+            results.setdefault("fixed", {})[f"parley-rabbitmq 3 gateways 50000x{rate} 10 chats"] = summary(big)
+            save(results)
+    if "idle" in sections:
+        results["idle"] = {kind: idle_memory(kind, 10000) for kind in ["parley-inproc", "raw", "apollo"]}
+        say("idle: " + json.dumps({k: round(v["bytes_per_subscription"]) for k, v in results["idle"].items()}))
+        save(results)
+    if "translate" in sections:
+        # Below the ephemeral range: APY binds every address, and the benchmark's client sockets (from
+        # 127.0.0.2–20, many in TIME_WAIT) can hold any ephemeral port number on one of them.
+        apy_port = 2738
+        apy = subprocess.Popen(["apertium-apy", "-p", str(apy_port), "/usr/share/apertium/modes"],
+                               stdout=open("/tmp/bench-apy.log", "w"), stderr=subprocess.STDOUT)
+        try:
+            wait_ready(f"http://127.0.0.1:{apy_port}/listPairs", apy)
+            runs = {"libretranslate": [], "apertium": []}
+            for _ in range(args.runs):
+                for mode in runs:
+                    runs[mode].append(translate(mode, f"http://127.0.0.1:{apy_port}"))
+                    say(f"translate {mode}: {runs[mode][-1]['translations_per_sec']:.1f}/s")
+        finally:
+            apy.kill()
+        results["translate"] = runs
+    say(f"wrote {save(results)}")
+
+
+def main_scenarios(args, results):
+    """10,000 subscribers, each receiving 100 messages/s at the fixed rate; the search starts at a quarter."""
     layouts = [("1 chat", 1)] + ([] if args.quick else [("10 chats", 10)])
     kinds = ["raw", "parley-inproc", "parley-rabbitmq"]
     fixed = {}
     searches = {}
-    # 10,000 subscribers, each receiving 100 messages/s at the fixed rate; the search starts at a quarter.
     for _ in range(args.runs):
         for layout, chats in layouts:
             for kind in kinds:
@@ -248,40 +308,7 @@ def run(args):
     results["fixed"] = {k: summary(v) for k, v in fixed.items()}
     results["sustained"] = {k: {"median": statistics.median(s["sustained_rate"] for s in v), "all": v}
                             for k, v in searches.items()}
-    if not args.quick:
-        # Apollo, for the latency-vs-load curve: it saturates far below these rates at 10k subscribers.
-        apollo = {}
-        for _ in range(args.runs):
-            for rate in (0.5, 1, 2, 4):
-                row = on_fresh_server("apollo", lambda urls, pids: chat_bench(urls, pids, 10000, 1, rate, args.duration))
-                apollo.setdefault(str(rate), []).append(row)
-                say(f"apollo 10000 x {rate}/s: reach {row['reach']:.4f} p99 {row['latency_ms']['p99']:.0f} ms")
-        results["apollo"] = {rate: summary(rows) for rate, rows in apollo.items()}
-        # 50,000 subscribers over three gateways: at 10 messages/s each (as in the earlier runs) and at 1.
-        for rate in (10, 1):
-            big = []
-            for _ in range(args.runs):
-                row = on_fresh_server("3 gateways", lambda urls, pids: chat_bench(urls, pids, 50000, 10, rate, args.duration))
-                big.append(row)
-                say(f"3 gateways 50000x{rate}: {row['connected']} connected reach {row['reach']:.4f} "
-                    f"p99 {row['latency_ms']['p99']:.0f} ms")
-            results["fixed"][f"parley-rabbitmq 3 gateways 50000x{rate} 10 chats"] = summary(big)
-        results["idle"] = {kind: idle_memory(kind, 10000) for kind in ["parley-inproc", "raw", "apollo"]}
-        say("idle: " + json.dumps({k: round(v["bytes_per_subscription"]) for k, v in results["idle"].items()}))
-        apy_port = free_port()
-        apy = subprocess.Popen(["apertium-apy", "-p", str(apy_port), "/usr/share/apertium/modes"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_ready(f"http://127.0.0.1:{apy_port}/listPairs", apy)
-            runs = {"libretranslate": [], "apertium": []}
-            for _ in range(args.runs):
-                for mode in runs:
-                    runs[mode].append(translate(mode, f"http://127.0.0.1:{apy_port}"))
-                    say(f"translate {mode}: {runs[mode][-1]['translations_per_sec']:.1f}/s")
-        finally:
-            apy.kill()
-        results["translate"] = runs
-    say(f"wrote {save(results)}")
+    save(results)
 
 
 if __name__ == "__main__":
