@@ -183,14 +183,7 @@ impl Harness {
     }
 
     async fn event_reasons(&self) -> Vec<String> {
-        self.api::<Event>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .filter_map(|e| e.reason)
-            .collect()
+        self.events().await.into_iter().map(|(_, reason, _)| reason).filter(|r| !r.is_empty()).collect()
     }
 
     fn topology(&self) -> Topology {

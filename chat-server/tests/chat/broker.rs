@@ -90,12 +90,7 @@ async fn a_message_published_twice_is_delivered_once_and_stored_once() {
         publish(&channel, &topology.posted_exchange(), "", message.to_string().as_bytes()).await;
     }
     let sentinel = send(&d.gateway().http(), &chat, "sentinel").await;
-    let mut got = Vec::new();
-    while !got.iter().any(|m: &Value| m["id"] == sentinel.as_str()) {
-        let next = subscriber.collect(1, DELIVERY).await;
-        assert!(!next.is_empty(), "the sentinel never arrived; got {got:?}");
-        got.extend(next);
-    }
+    let got = subscriber.collect_until(&sentinel).await;
     let copies: Vec<&Value> = got.iter().filter(|m| m["id"] == id.as_str()).collect();
     assert_eq!(copies.len(), 1, "{got:?}");
 
@@ -104,12 +99,7 @@ async fn a_message_published_twice_is_delivered_once_and_stored_once() {
         "sourceLanguage": "en", "original": true, "text": "once only", "sentAt": "2026-01-01T00:00:00.000Z"});
     publish(&channel, &topology.deliver_exchange(), &chat, delivery.to_string().as_bytes()).await;
     let after = send(&d.gateway().http(), &chat, "after").await;
-    let mut later = Vec::new();
-    while !later.iter().any(|m: &Value| m["id"] == after.as_str()) {
-        let next = subscriber.collect(1, DELIVERY).await;
-        assert!(!next.is_empty(), "the last message never arrived; got {later:?}");
-        later.extend(next);
-    }
+    let later = subscriber.collect_until(&after).await;
     assert!(later.iter().all(|m| m["id"] != id.as_str()), "handed out again: {later:?}");
 
     let stored =

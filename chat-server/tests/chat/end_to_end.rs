@@ -47,12 +47,7 @@ async fn subscriber_asking_for_one_language_gets_the_original_and_only_that_tran
     let mut messages = subscriber.collect_message(&id, 2, DELIVERY).await;
     // Anything of `id` would come before a message sent after it was all handed out.
     let sentinel = send(&d.gateway().http(), &chat, "sentinel").await;
-    let mut rest = Vec::new();
-    while !rest.iter().any(|m: &serde_json::Value| m["id"] == sentinel.as_str()) {
-        let got = subscriber.collect(1, DELIVERY).await;
-        assert!(!got.is_empty(), "the sentinel never arrived");
-        rest.extend(got);
-    }
+    let rest = subscriber.collect_until(&sentinel).await;
     messages.extend(rest.into_iter().filter(|m| m["id"] == id.as_str()));
     messages.sort_by_key(|m| m["language"].as_str().unwrap().to_owned());
 

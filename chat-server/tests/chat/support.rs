@@ -440,6 +440,18 @@ impl WsClient {
         found
     }
 
+    /// Every `messages` payload up to and including message `id`'s first delivery: with `id` a message
+    /// sent after others, whatever of those others was going to arrive has arrived.
+    pub async fn collect_until(&mut self, id: &str) -> Vec<Value> {
+        let mut got = Vec::new();
+        while !got.iter().any(|m: &Value| m["id"] == id) {
+            let next = self.collect(1, DELIVERY).await;
+            assert!(!next.is_empty(), "message {id} never arrived; got {got:?}");
+            got.extend(next);
+        }
+        got
+    }
+
     /// The next `count` `messages` payloads of any operation, or fewer when `within` passes first.
     pub async fn collect(&mut self, count: usize, within: Duration) -> Vec<Value> {
         let deadline = tokio::time::Instant::now() + within;
