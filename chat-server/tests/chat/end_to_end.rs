@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::support::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[tokio::test]
 async fn graphql_transport_ws_subscriber_receives_the_original_and_apertium_translations() {
@@ -151,4 +151,51 @@ async fn messages_posted_while_no_translator_runs_are_translated_once_it_starts(
     assert_eq!(late.len(), 1, "the translation arrives once a translator runs");
     assert!(late[0]["text"].as_str().unwrap().contains("Buenos días"), "{}", late[0]);
     drop(translator);
+}
+
+#[tokio::test]
+async fn a_message_already_in_a_target_language_passes_through_and_a_reply_keeps_its_parent_in_every_language() {
+    let d = Deployment::with("passthrough", Layout { languages: &["es"], history: true, ..Layout::default() }).await;
+    let chat = unique_chat();
+    let mut subscriber = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
+    let live = "subscription($c: ID!) { messages(chatId: $c) { id seq language original text replyTo replyCount } }";
+    subscriber.start("1", live, json!({"c": chat})).await;
+    // Live once a warm-up sent over HTTP comes back.
+    let deadline = tokio::time::Instant::now() + STARTUP;
+    loop {
+        let warmup = send(&d.gateway().http(), &chat, "warm-up").await;
+        if !subscriber.collect_message(&warmup, 1, Duration::from_millis(500)).await.is_empty() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the subscription never became live");
+    }
+
+    // Sent in Spanish to a deployment that translates into Spanish: the translator passes it through
+    // (Apertium has no Spanish→Spanish pair: a call would dead-letter it), and the fanout keeps one
+    // delivery per message and language, so the original is the Spanish delivery.
+    let send_in = "mutation($c: ID!, $t: String!, $l: String, $r: ID) { sendMessage(chatId: $c, text: $t, language: $l, replyTo: $r) { id seq replyTo } }";
+    let sent = graphql(&d.gateway().http(), send_in, json!({"c": chat, "t": "Hola a todos", "l": "es"})).await;
+    assert!(sent["data"]["sendMessage"]["seq"].is_null(), "not numbered yet when answered: {sent}");
+    let root = sent["data"]["sendMessage"]["id"].as_str().unwrap().to_owned();
+    let got = subscriber.collect_message(&root, 1, DELIVERY).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (&got[0]["language"], &got[0]["original"], &got[0]["text"]),
+        (&json!("es"), &json!(true), &json!("Hola a todos"))
+    );
+
+    // A reply: every delivery of it, original and translation, names its parent; live deliveries
+    // carry no reply count (that comes from the history).
+    let reply = graphql(&d.gateway().http(), send_in, json!({"c": chat, "t": "Good morning", "r": root})).await;
+    let id = reply["data"]["sendMessage"]["id"].as_str().unwrap().to_owned();
+    let deliveries = subscriber.collect_message(&id, 2, DELIVERY).await;
+    let languages: std::collections::BTreeSet<&str> =
+        deliveries.iter().map(|m| m["language"].as_str().unwrap()).collect();
+    assert_eq!(languages, ["en", "es"].into_iter().collect(), "{deliveries:?}");
+    for delivery in &deliveries {
+        assert_eq!(delivery["replyTo"], root.as_str(), "{delivery}");
+        assert!(delivery["replyCount"].is_null(), "{delivery}");
+    }
+    let translator = d.translators[0].log_text();
+    assert!(!translator.contains("dead-lettering"), "the Spanish message was passed through: {translator}");
 }

@@ -116,3 +116,80 @@ async fn a_translator_retries_a_provider_that_is_down_and_translates_once_it_is_
     assert!(log.contains("translation failed; retrying") && log.contains("attempt=3"), "{log}");
     assert!(!log.contains("giving the message back to the queue"), "{log}");
 }
+
+/// Messages ready (not handed to a consumer) in `queue`.
+async fn ready(queue: &str) -> u32 {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    parley_contract::topology::queue_depth(&channel, queue).await.unwrap().map_or(0, |d| d.messages)
+}
+
+#[tokio::test]
+async fn a_translator_stopped_while_its_provider_is_down_gives_the_message_back_and_the_next_one_translates_it() {
+    let outage = Outage::default();
+    let provider_url = outage.clone().serve().await;
+    let prefix = unique_prefix("stop-in-outage");
+    let _cleanup = TopologyCleanup::new(&prefix, &["es"]);
+    let url = amqp_url();
+    let broker = broker_args(&prefix, &url, "es");
+    let gateway = Server::start(&[&["gateway"], broker.as_slice()].concat()).await;
+    let _fanout = Server::start(&[&["fanout"], broker.as_slice()].concat()).await;
+    let mut first = Deployment::spawn_translator(&prefix, "es", &provider_url).ready().await;
+    let chat = unique_chat();
+    let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
+    subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
+
+    let id = send(&gateway.http(), &chat, "Good morning, how are you?").await;
+    let deadline = std::time::Instant::now() + DELIVERY;
+    while !first.log_text().contains("translation failed; retrying") {
+        assert!(std::time::Instant::now() < deadline, "the translator never tried the provider");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(first.terminate().success(), "a clean exit on SIGTERM");
+    assert!(first.log_text().contains("giving the message back to the queue"), "{}", first.log_text());
+    let queue = parley_contract::topology::Topology::new(prefix.as_str()).unwrap().translate_queue("es");
+    // It, and the warm-ups sent while subscribing, wait in the queue.
+    assert!(ready(&queue).await >= 1, "the message waits in its queue");
+
+    let apertium = Apertium::start().await;
+    outage.end(&apertium.url);
+    let _second = Deployment::spawn_translator(&prefix, "es", &provider_url).ready().await;
+    let translated: Vec<_> = subscriber
+        .collect_message(&id, 2, Duration::from_secs(60))
+        .await
+        .into_iter()
+        .filter(|m| m["language"] == "es")
+        .collect();
+    assert_eq!(translated.len(), 1, "translated once, by the next translator");
+}
+
+#[tokio::test]
+async fn a_fanout_whose_store_fails_delivers_nothing_unstored_and_catches_up_once_it_works() {
+    use sqlx::Connection as _;
+    let d = Deployment::with("store-down", Layout { history: true, ..Layout::default() }).await;
+    let chat = unique_chat();
+    let mut subscriber = WsClient::connect(&d.gateway().ws(), Wire::TransportWs).await;
+    subscriber.subscribe_messages("1", &d.gateway().http(), &chat, None).await;
+    let database = d._history.as_ref().unwrap().url.clone();
+    let mut admin = sqlx::PgConnection::connect(&database).await.unwrap();
+    sqlx::query("ALTER TABLE parley_deliveries RENAME TO parley_deliveries_away").execute(&mut admin).await.unwrap();
+
+    let id = send(&d.gateway().http(), &chat, "while the store fails").await;
+    assert!(
+        subscriber.collect_message(&id, 1, Duration::from_secs(3)).await.is_empty(),
+        "nothing is published before it is stored"
+    );
+    assert!(d.fanouts[0].log_text().contains("failed to store a batch"), "{}", d.fanouts[0].log_text());
+
+    sqlx::query("ALTER TABLE parley_deliveries_away RENAME TO parley_deliveries").execute(&mut admin).await.unwrap();
+    let got = subscriber.collect_message(&id, 1, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 1, "delivered once the store works");
+    let again = subscriber.collect_message(&id, 1, Duration::from_secs(2)).await;
+    assert!(again.is_empty(), "and once only: {again:?}");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM parley_deliveries WHERE message_id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1);
+}

@@ -194,3 +194,16 @@ async fn one_fanout_at_a_time_deletes_expired_deliveries_and_another_takes_over_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn the_memory_store_keeps_the_newest_deliveries_of_each_chat_within_its_window() {
+    // Standalone keeps `DEFAULT_WINDOW` (10,000) per chat; a window of 3 behaves the same, smaller.
+    assert_eq!(history::memory::DEFAULT_WINDOW, 10_000);
+    let store = MemoryHistory::with_window(3);
+    let (chat, other) = (unique_chat(), unique_chat());
+    store.append((0..5).map(|_| original(&chat)).collect()).await.unwrap();
+    store.append(vec![original(&other)]).await.unwrap();
+    assert_eq!(seqs(&store.latest(&chat, Languages(None), 50, None).await.unwrap()), vec![3, 4, 5]);
+    assert_eq!(seqs(&store.latest(&other, Languages(None), 50, None).await.unwrap()), vec![1], "per chat");
+    assert_eq!(store.append(vec![original(&chat)]).await.unwrap()[0].delivery().seq, 6, "numbering goes on");
+}

@@ -141,6 +141,28 @@ async fn retention_deletes_old_messages_and_numbering_goes_on() {
 }
 
 #[tokio::test]
+async fn on_postgresql_one_of_two_fanouts_enforces_retention_and_numbering_goes_on() {
+    let layout = Layout { fanouts: 2, history: true, extra: &["--history-retention", "1s"], ..Layout::default() };
+    let d = Deployment::with("retention", layout).await;
+    let (server, chat) = (d.gateway(), unique_chat());
+    sent_and_stored(server, &chat, 3).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = graphql(&server.http(), HISTORY, json!({"chatId": chat})).await;
+        if response["data"]["messages"] == json!([]) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing expired: {response}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let enforcing = d.fanouts.iter().filter(|f| f.log_text().contains("enforces the history's retention")).count();
+    assert_eq!(enforcing, 1, "one fanout deletes");
+    sent_and_stored(server, &chat, 1).await;
+    let response = graphql(&server.http(), HISTORY, json!({"chatId": chat})).await;
+    assert_eq!(response["data"]["messages"][0]["seq"], 4, "{response}");
+}
+
+#[tokio::test]
 async fn a_gateway_without_a_history_says_history_disabled() {
     let d = Deployment::start("no-history", &[], 1).await;
     let http = d.gateway().http();

@@ -285,6 +285,33 @@ async fn a_subscribe_that_reuses_a_running_id_is_closed_with_4409(bus: Bus) {
 }
 }
 
+/// The close code `client` gets next.
+async fn close_code(client: &mut WsClient) -> Option<u16> {
+    loop {
+        match client.next(DELIVERY).await {
+            Some(Received::Closed { code, .. }) => return code,
+            Some(_) => {}
+            None => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn graphql_transport_ws_violations_close_with_the_protocols_codes() {
+    let server = originals_only(&[]).await;
+    let mut garbled = WsClient::connect(&server.ws(), Wire::TransportWs).await;
+    garbled.send_text("this is not a protocol message").await;
+    assert_eq!(close_code(&mut garbled).await, Some(4400), "an invalid message");
+
+    let mut early = WsClient::connect_raw(&server.ws(), Wire::TransportWs).await;
+    early.start("1", SUBSCRIBE, json!({"chatId": "c"})).await;
+    assert_eq!(close_code(&mut early).await, Some(4401), "an operation before connection_ack");
+
+    let mut twice = WsClient::connect(&server.ws(), Wire::TransportWs).await;
+    twice.send_json(json!({"type": "connection_init", "payload": {}})).await;
+    assert_eq!(close_code(&mut twice).await, Some(4429), "a second connection_init");
+}
+
 #[tokio::test]
 async fn a_client_that_never_sends_connection_init_is_closed_with_4408() {
     let server = originals_only(&["--connection-init-timeout-secs", "1"]).await;

@@ -350,6 +350,11 @@ impl WsClient {
         Self { ws, wire }
     }
 
+    /// Sends `text` as a text frame, whatever it holds.
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.to_owned().into())).await.unwrap();
+    }
+
     pub async fn send_json(&mut self, value: Value) {
         self.ws.send(Message::Text(value.to_string().into())).await.unwrap();
     }
