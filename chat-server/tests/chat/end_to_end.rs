@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::support::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[tokio::test]
 async fn graphql_transport_ws_subscriber_receives_the_original_and_apertium_translations() {
