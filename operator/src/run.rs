@@ -137,6 +137,21 @@ async fn control(
         .await;
 }
 
+/// The controllers for `namespaces` (`--namespaces`; every namespace when empty), until `stop`: with
+/// namespaces given, each watches and lists only inside its own, so namespaced RBAC suffices.
+pub async fn control_namespaces(client: Client, namespaces: &[String], ctx: Arc<Context>, stop: CancellationToken) {
+    let mut runs = Vec::new();
+    if namespaces.is_empty() {
+        runs.push(control(client.clone(), Api::all(client.clone()), None, ctx.clone(), stop.clone()).boxed());
+    } else {
+        for ns in namespaces {
+            let api = Api::namespaced(client.clone(), ns);
+            runs.push(control(client.clone(), api, Some(ns.clone()), ctx.clone(), stop.clone()).boxed());
+        }
+    }
+    futures_util::future::join_all(runs).await;
+}
+
 pub async fn run(options: RunOptions, stop: CancellationToken) -> anyhow::Result<()> {
     let client = Client::try_default().await.context("no Kubernetes configuration found (in-cluster or KUBECONFIG)")?;
     let metrics = Arc::new(Metrics::default());
@@ -148,10 +163,40 @@ pub async fn run(options: RunOptions, stop: CancellationToken) -> anyhow::Result
         .with_graceful_shutdown(stop.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
-    let elector = LeaderElector::new(client.clone(), &options.lease_namespace, &options.lease_name, &options.identity);
-    tracing::info!(lease = %options.lease_name, identity = %options.identity, "waiting for leadership");
     // Standbys are ready: they serve health and take over when the leader's lease lapses.
     ready.store(true, Ordering::Relaxed);
+    let lease = Lease { namespace: &options.lease_namespace, name: &options.lease_name, identity: &options.identity };
+    let (controllers_client, options) = (client.clone(), &options);
+    lead(client, lease, &stop, |controllers| async move {
+        let client = controllers_client;
+        let reporter = Reporter { controller: "parley-operator".into(), instance: Some(options.identity.clone()) };
+        let ctx = Arc::new(Context::new(client.clone(), reporter, metrics, options.settings.clone()));
+        control_namespaces(client, &options.namespaces, ctx, controllers).await;
+    })
+    .await?;
+    let _ = server.await;
+    Ok(())
+}
+
+/// The Lease this process competes for.
+#[derive(Debug, Clone, Copy)]
+pub struct Lease<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub identity: &'a str,
+}
+
+/// Waits for the Lease, then runs `work` with a token that ends it, renewing the Lease meanwhile, and
+/// gives the Lease up once `work` is done (on SIGTERM, `stop`), so a standby takes over at once. A
+/// leader that cannot renew in time stops `work` (and the process) before the Lease can lapse, and
+/// this returns an error.
+pub async fn lead<F, Fut>(client: Client, lease: Lease<'_>, stop: &CancellationToken, work: F) -> anyhow::Result<()>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let elector = LeaderElector::new(client.clone(), lease.namespace, lease.name, lease.identity);
+    tracing::info!(lease = %lease.name, identity = %lease.identity, "waiting for leadership");
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -177,7 +222,14 @@ pub async fn run(options: RunOptions, stop: CancellationToken) -> anyhow::Result
                 tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(RENEW_INTERVAL) => {} }
                 match tokio::time::timeout(RENEW_INTERVAL, elector.try_acquire()).await {
                     Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
-                    Ok(Ok(false)) => {}
+                    Ok(Ok(false)) => {
+                        // Another replica took the lease (it expired, or was written under us): stop at once.
+                        tracing::error!("another replica holds the leader lease; stopping");
+                        lost.cancel();
+                        controllers.cancel();
+                        stop.cancel();
+                        return;
+                    }
                     Ok(Err(err)) => tracing::warn!(error = %err, "failed to renew the leader lease"),
                     Err(_) => tracing::warn!("renewing the leader lease timed out"),
                 }
@@ -192,23 +244,11 @@ pub async fn run(options: RunOptions, stop: CancellationToken) -> anyhow::Result
             }
         }
     };
-    let reporter = Reporter { controller: "parley-operator".into(), instance: Some(options.identity.clone()) };
-    let ctx = Arc::new(Context::new(client.clone(), reporter, metrics, options.settings.clone()));
-    let mut runs = Vec::new();
-    if options.namespaces.is_empty() {
-        runs.push(control(client.clone(), Api::all(client.clone()), None, ctx.clone(), controllers.clone()).boxed());
-    } else {
-        for ns in &options.namespaces {
-            let api = Api::namespaced(client.clone(), ns);
-            runs.push(control(client.clone(), api, Some(ns.clone()), ctx.clone(), controllers.clone()).boxed());
-        }
-    }
     let renew = tokio::spawn(renewer);
-    futures_util::future::join_all(runs).await;
+    work(controllers).await;
     renew.abort();
-    let elector = LeaderElector::new(client, &options.lease_namespace, &options.lease_name, &options.identity);
+    let elector = LeaderElector::new(client, lease.namespace, lease.name, lease.identity);
     elector.release().await;
-    let _ = server.await;
     anyhow::ensure!(!lost.is_cancelled(), "leadership lost");
     Ok(())
 }

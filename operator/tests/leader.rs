@@ -83,3 +83,75 @@ async fn a_lease_its_holder_stopped_renewing_is_taken_over_after_it_expires() {
     let c = LeaderElector::new(client, "parley-system", "parley-operator", "c");
     assert!(!c.try_acquire().await.unwrap());
 }
+
+mod leading {
+    use std::time::Duration;
+
+    use k8s_openapi::api::coordination::v1::Lease as LeaseObject;
+    use kube::Api;
+    use parley_operator::run::{lead, Lease};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    const LEASE: Lease<'static> = Lease { namespace: "parley-system", name: "parley-operator", identity: "a" };
+
+    async fn holder(client: &Client) -> Option<String> {
+        let leases: Api<LeaseObject> = Api::namespaced(client.clone(), "parley-system");
+        leases.get_opt("parley-operator").await.unwrap()?.spec?.holder_identity
+    }
+
+    /// Runs `lead` for "a" with work that lasts until its token ends; returns once "a" leads.
+    async fn leading(
+        client: &Client,
+        stop: &CancellationToken,
+    ) -> (tokio::task::JoinHandle<anyhow::Result<()>>, tokio::sync::oneshot::Receiver<()>) {
+        let (started, started_rx) = tokio::sync::oneshot::channel();
+        let (ended, ended_rx) = tokio::sync::oneshot::channel();
+        let (client, stop) = (client.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            lead(client, LEASE, &stop, |controllers| async move {
+                let _ = started.send(());
+                controllers.cancelled().await;
+                let _ = ended.send(());
+            })
+            .await
+        });
+        tokio::time::timeout(Duration::from_secs(10), started_rx).await.expect("a leads").unwrap();
+        (task, ended_rx)
+    }
+
+    #[tokio::test]
+    async fn a_leader_stopped_by_sigterm_ends_its_work_and_releases_the_lease() {
+        let client = client().await;
+        let stop = CancellationToken::new();
+        let (task, ended) = leading(&client, &stop).await;
+        assert_eq!(holder(&client).await.as_deref(), Some("a"));
+
+        stop.cancel();
+        task.await.unwrap().expect("a clean stop is not an error");
+        ended.await.expect("the work was stopped, not dropped");
+        assert_eq!(holder(&client).await, None, "the lease is released on the way out");
+        let b = LeaderElector::new(client, "parley-system", "parley-operator", "b");
+        assert!(b.try_acquire().await.unwrap(), "a standby takes it at once, without waiting for expiry");
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_finds_another_holder_stops_leading() {
+        let client = client().await;
+        let stop = CancellationToken::new();
+        let (task, ended) = leading(&client, &stop).await;
+
+        // The lease is written under "a" by another replica (as after an expiry "a" did not notice).
+        let leases: Api<LeaseObject> = Api::namespaced(client.clone(), "parley-system");
+        let mut lease = leases.get("parley-operator").await.unwrap();
+        lease.spec.as_mut().unwrap().holder_identity = Some("b".into());
+        leases.replace("parley-operator", &Default::default(), &lease).await.unwrap();
+
+        let result = tokio::time::timeout(Duration::from_secs(20), task).await.expect("a stops within one renewal");
+        assert!(result.unwrap().is_err(), "losing the lease is an error, so the process exits non-zero");
+        ended.await.expect("its work was stopped");
+        assert!(stop.is_cancelled(), "the whole process is told to stop");
+        assert_eq!(holder(&client).await.as_deref(), Some("b"), "a does not release a lease it does not hold");
+    }
+}

@@ -14,7 +14,7 @@ pub struct Access {
 }
 
 #[derive(Clone, Default)]
-pub struct Recorder(Arc<Mutex<Vec<Access>>>);
+pub struct Recorder(Arc<Mutex<Vec<Access>>>, Arc<Mutex<Vec<String>>>);
 
 /// `/api/v1/namespaces/ns/secrets/name` or `/apis/apps/v1/namespaces/ns/deployments/name/status` → RBAC terms.
 fn access(method: &http::Method, path: &str, query: &str) -> Access {
@@ -51,12 +51,13 @@ fn access(method: &http::Method, path: &str, query: &str) -> Access {
 impl Recorder {
     /// A client that records each request and forwards it to `inner`.
     pub fn wrap(&self, inner: Client) -> Client {
-        let log = self.0.clone();
+        let (log, paths) = (self.0.clone(), self.1.clone());
         let service = tower::service_fn(move |request: http::Request<Body>| {
-            let (inner, log) = (inner.clone(), log.clone());
+            let (inner, log, paths) = (inner.clone(), log.clone(), paths.clone());
             async move {
                 let uri = request.uri().clone();
                 log.lock().unwrap().push(access(request.method(), uri.path(), uri.query().unwrap_or_default()));
+                paths.lock().unwrap().push(format!("{} {}", request.method(), uri));
                 inner.send(request).await
             }
         });
@@ -69,5 +70,11 @@ impl Recorder {
         all.sort();
         all.dedup();
         all
+    }
+
+    /// Every request made so far, as `METHOD /path?query`, in order.
+    #[allow(dead_code)]
+    pub fn requests(&self) -> Vec<String> {
+        self.1.lock().unwrap().clone()
     }
 }
