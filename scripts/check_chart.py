@@ -96,6 +96,11 @@ def in_sync(rendered):
         check(not wildcard, f"RBAC ({name} values): no wildcards")
         secrets = [r for d in docs if d["kind"] in ("ClusterRole", "Role") for r in d["rules"] if "secrets" in r["resources"]]
         check(all(set(r["verbs"]) <= {"get", "list", "watch"} for r in secrets), f"RBAC ({name} values): Secrets read-only")
+    default = dict(rendered)["default"]
+    operator = [d for d in default if d["kind"] == "Deployment"]
+    check(len(operator) == 1 and operator[0]["spec"]["replicas"] == 2
+          and any(e["name"] == "POD_NAME" for c in operator[0]["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])),
+          "the default install runs two operator replicas, each with its own identity (POD_NAME) for the Lease")
     namespaced = dict(rendered)["namespaced"]
     check(not any(d["kind"] == "ClusterRole" for d in namespaced)
           and {d["metadata"]["namespace"] for d in namespaced if d["kind"] == "Role"} >= {"events", "support"},

@@ -3,6 +3,7 @@
 use std::{
     sync::atomic::{AtomicU32, Ordering},
     sync::Arc,
+    time::Duration,
 };
 
 use k8s_openapi::{
@@ -287,6 +288,71 @@ async fn a_removed_language_has_its_deployment_pruned_and_its_empty_queue_delete
     assert_eq!(deleted.len(), 1, "{deleted:?}");
     assert_eq!(deleted[0].0, "Normal", "nothing was lost");
     assert!(deleted[0].2.contains("deleted the drained queue of removed language fr"), "{deleted:?}");
+}
+
+#[tokio::test]
+async fn a_language_added_to_a_running_chat_gets_its_queue_and_translator() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    assert!(!queue_exists(&h.topology().translate_queue("fr")).await);
+
+    h.edit(|c| c.spec.languages.push(LanguageSpec { code: "fr".into(), replicas: Some(2), autoscaling: None })).await;
+    h.reconcile().await.unwrap();
+
+    assert!(queue_exists(&h.topology().translate_queue("fr")).await, "its queue is declared");
+    let deployment = h.api::<Deployment>().get("town-hall-translator-fr").await.unwrap();
+    assert_eq!(deployment.spec.unwrap().replicas, Some(2));
+    let languages = h.chat().await.status.unwrap().translators.into_iter().map(|t| t.language).collect::<Vec<_>>();
+    assert_eq!(languages, ["de", "fr"]);
+    // New messages reach it.
+    publish_posted(&h.topology(), 1).await;
+    assert_eq!(depth(&h.topology().translate_queue("fr")).await, Some(1));
+}
+
+#[tokio::test]
+async fn with_namespaces_given_the_controllers_watch_and_touch_only_those() {
+    let (events, elsewhere) = (unique_namespace(), unique_namespace());
+    let client = kube_fake_client::ClientBuilder::new()
+        .with_resource::<ChatDeployment>()
+        .with_status_subresource::<ChatDeployment>()
+        .with_status_subresource::<Deployment>()
+        .with_object(secret(&events, &amqp_url()))
+        .with_object(secret(&elsewhere, &amqp_url()))
+        .with_object(chat(&events, &[("de", 1)]))
+        .with_object(chat(&elsewhere, &[("de", 1)]))
+        .build()
+        .await
+        .unwrap();
+    let recorder = recorder::Recorder::default();
+    let reporter = Reporter { controller: "parley-operator".into(), instance: Some("test".into()) };
+    let ctx = Context::new(recorder.wrap(client.clone()), reporter, Arc::new(Metrics::default()), Settings::new("img"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (operator, namespaces, token) = (recorder.wrap(client.clone()), vec![events.clone()], stop.clone());
+    let run = tokio::spawn(async move {
+        parley_operator::run::control_namespaces(operator, &namespaces, Arc::new(ctx), token).await
+    });
+
+    let finalized = |namespace: String| {
+        let api: Api<ChatDeployment> = Api::namespaced(client.clone(), &namespace);
+        async move { ours(&api.get("town-hall").await.unwrap()) }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !finalized(events.clone()).await {
+        assert!(tokio::time::Instant::now() < deadline, "the chat in a watched namespace is reconciled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    run.await.unwrap();
+
+    assert!(!finalized(elsewhere.clone()).await, "a chat outside --namespaces is left alone");
+    let requests = recorder.requests();
+    for kind in ["chatdeployments", "deployments", "services", "configmaps", "secrets"] {
+        let watch = format!("/namespaces/{events}/{kind}?");
+        assert!(requests.iter().any(|r| r.starts_with("GET") && r.contains(&watch)), "{kind} watched in {events}");
+    }
+    for request in &requests {
+        assert!(request.contains(&format!("/namespaces/{events}/")), "outside the watched namespace: {request}");
+    }
 }
 
 #[tokio::test]
