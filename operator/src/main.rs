@@ -37,7 +37,7 @@ enum Command {
         /// Name of the leader-election Lease.
         #[arg(long, env = "PARLEY_LEASE_NAME", default_value = "parley-operator")]
         lease_name: String,
-        /// This replica's identity in the Lease.
+        /// This replica's identity in the Lease (default: the hostname and a random suffix).
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
         /// Seconds between backlog polls of languages with builtin autoscaling.
@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
                     stop.cancel();
                 }
             });
-            let identity = identity.unwrap_or_else(|| format!("operator-{}", std::process::id()));
+            let identity = identity.unwrap_or_else(parley_operator::leader::default_identity);
             let namespaces = namespaces.into_iter().filter(|n| !n.is_empty()).collect();
             let options = RunOptions {
                 namespaces,

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     controller::{error_policy, reconcile},
     crd::ChatDeployment,
-    leader::{LeaderElector, RENEW_DEADLINE, RENEW_INTERVAL},
+    leader::{LeaderElector, RENEW_DEADLINE, RENEW_INTERVAL, RETRY_PERIOD},
     metrics::Metrics,
     reconcile::{Context, Settings},
 };
@@ -218,10 +218,19 @@ where
         let stop = stop.clone();
         async move {
             let mut last_renewal = tokio::time::Instant::now();
+            let mut wait = RENEW_INTERVAL;
             loop {
-                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(RENEW_INTERVAL) => {} }
-                match tokio::time::timeout(RENEW_INTERVAL, elector.try_acquire()).await {
-                    Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+                let left = RENEW_DEADLINE.saturating_sub(last_renewal.elapsed());
+                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(wait.min(left)) => {} }
+                // Each attempt is bounded by what is left before the deadline, so a hung call cannot
+                // carry this leader past it.
+                let left = RENEW_DEADLINE.saturating_sub(last_renewal.elapsed());
+                match tokio::time::timeout(left, elector.try_acquire()).await {
+                    Ok(Ok(true)) => {
+                        last_renewal = tokio::time::Instant::now();
+                        wait = RENEW_INTERVAL;
+                        continue;
+                    }
                     Ok(Ok(false)) => {
                         // Another replica took the lease (it expired, or was written under us): stop at once.
                         tracing::error!("another replica holds the leader lease; stopping");
@@ -233,9 +242,10 @@ where
                     Ok(Err(err)) => tracing::warn!(error = %err, "failed to renew the leader lease"),
                     Err(_) => tracing::warn!("renewing the leader lease timed out"),
                 }
+                wait = RETRY_PERIOD;
                 // Stop before the lease can expire, so a standby never leads while this one still does.
                 if last_renewal.elapsed() >= RENEW_DEADLINE {
-                    tracing::error!("lost the leader lease; stopping");
+                    tracing::error!("could not renew the leader lease in time; stopping");
                     lost.cancel();
                     controllers.cancel();
                     stop.cancel();
@@ -248,7 +258,10 @@ where
     work(controllers).await;
     renew.abort();
     let elector = LeaderElector::new(client, lease.namespace, lease.name, lease.identity);
-    elector.release().await;
+    // Bounded, like every call here: an API server that does not answer must not hold up the exit.
+    if tokio::time::timeout(RETRY_PERIOD, elector.release()).await.is_err() {
+        tracing::warn!("releasing the leader lease timed out; a standby takes it when it expires");
+    }
     anyhow::ensure!(!lost.is_cancelled(), "leadership lost");
     Ok(())
 }

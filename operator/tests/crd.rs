@@ -30,3 +30,22 @@ fn the_chart_ships_the_same_crd() {
         "copy crds/ into the chart"
     );
 }
+
+#[test]
+fn kubectl_knows_chat_deployments_as_chat_with_their_phase_and_readiness() {
+    use kube::CustomResourceExt;
+    let crd = parley_operator::crd::ChatDeployment::crd();
+    assert!(crd.spec.names.short_names.unwrap_or_default().contains(&"chat".to_owned()), "`kubectl get chat`");
+    let version = &crd.spec.versions[0];
+    let columns: Vec<(String, String)> = version
+        .additional_printer_columns
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| (c.name, c.json_path))
+        .collect();
+    for (name, path) in [("Phase", ".status.phase"), ("Ready", ".status.conditions[?(@.type==\"Ready\")].status")] {
+        assert!(columns.contains(&(name.into(), path.into())), "{name} column: {columns:?}");
+    }
+    assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "status is a subresource");
+}

@@ -49,43 +49,113 @@ async fn only_one_replica_holds_the_lease_and_a_release_hands_it_over() {
     assert!(!a.try_acquire().await.unwrap());
 }
 
-#[tokio::test]
-async fn a_lease_its_holder_stopped_renewing_is_taken_over_after_it_expires() {
+mod expiry {
+    use std::{sync::Arc, time::Duration};
+
     use k8s_openapi::{
         api::coordination::v1::{Lease, LeaseSpec},
         apimachinery::pkg::apis::meta::v1::MicroTime,
         jiff::{SignedDuration, Timestamp},
     };
     use kube::api::{Api, ObjectMeta, PostParams};
+    use parley_operator::fixtures::TestClock;
 
-    let client = client().await;
-    // "a" renewed 20 s ago a lease of 15 s, and then went away without releasing it.
-    let stale = Lease {
-        metadata: ObjectMeta { name: Some("parley-operator".into()), ..Default::default() },
-        spec: Some(LeaseSpec {
-            holder_identity: Some("a".into()),
-            lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(Timestamp::now() - SignedDuration::from_secs(20))),
-            lease_transitions: Some(0),
-            ..Default::default()
-        }),
-    };
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "parley-system");
-    leases.create(&PostParams::default(), &stale).await.unwrap();
+    use super::*;
 
-    let b = LeaderElector::new(client.clone(), "parley-system", "parley-operator", "b");
-    assert!(b.try_acquire().await.unwrap(), "an expired lease is taken");
-    let spec = leases.get("parley-operator").await.unwrap().spec.unwrap();
-    assert_eq!(spec.holder_identity.as_deref(), Some("b"));
-    assert_eq!(spec.lease_transitions, Some(1), "a change of holder is counted");
+    /// A Lease held by "a", renewed at `renewed` by a's clock.
+    async fn held_by_a(client: &Client, renewed: Timestamp) -> Api<Lease> {
+        let lease = Lease {
+            metadata: ObjectMeta { name: Some("parley-operator".into()), ..Default::default() },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("a".into()),
+                lease_duration_seconds: Some(15),
+                renew_time: Some(MicroTime(renewed)),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        };
+        let leases: Api<Lease> = Api::namespaced(client.clone(), "parley-system");
+        leases.create(&PostParams::default(), &lease).await.unwrap();
+        leases
+    }
 
-    // One that is still fresh is not.
-    let c = LeaderElector::new(client, "parley-system", "parley-operator", "c");
-    assert!(!c.try_acquire().await.unwrap());
+    fn candidate(client: &Client, identity: &str, clock: &Arc<TestClock>) -> LeaderElector {
+        LeaderElector::new(client.clone(), "parley-system", "parley-operator", identity).with_clock(clock.clone())
+    }
+
+    #[tokio::test]
+    async fn a_lease_its_holder_stopped_renewing_is_taken_over_once_seen_unchanged_for_its_duration() {
+        let client = client().await;
+        // "a" renewed 20 s ago a lease of 15 s, and then went away without releasing it.
+        let leases = held_by_a(&client, Timestamp::now() - SignedDuration::from_secs(20)).await;
+        let clock = Arc::new(TestClock::default());
+        let b = candidate(&client, "b", &clock);
+
+        assert!(!b.try_acquire().await.unwrap(), "b has only just seen it: its expiry is timed from then");
+        clock.advance(Duration::from_secs(10));
+        assert!(!b.try_acquire().await.unwrap());
+        clock.advance(Duration::from_secs(6));
+        assert!(b.try_acquire().await.unwrap(), "unchanged for longer than its duration: taken");
+        let spec = leases.get("parley-operator").await.unwrap().spec.unwrap();
+        assert_eq!(spec.holder_identity.as_deref(), Some("b"));
+        assert_eq!(spec.lease_transitions, Some(1), "a change of holder is counted");
+
+        // One that b itself renews is not taken by c.
+        let c = candidate(&client, "c", &clock);
+        assert!(!c.try_acquire().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_holder_whose_clock_runs_behind_keeps_its_lease_while_it_renews() {
+        let client = client().await;
+        // a's clock is an hour behind: every renewTime it writes looks long expired.
+        let behind = Timestamp::now() - SignedDuration::from_secs(3600);
+        let leases = held_by_a(&client, behind).await;
+        let clock = Arc::new(TestClock::default());
+        let b = candidate(&client, "b", &clock);
+
+        for renewal in 1..=4 {
+            assert!(!b.try_acquire().await.unwrap(), "a renews, so b never takes it (renewal {renewal})");
+            clock.advance(Duration::from_secs(10));
+            let mut lease = leases.get("parley-operator").await.unwrap();
+            lease.spec.as_mut().unwrap().renew_time = Some(MicroTime(behind + SignedDuration::from_secs(10 * renewal)));
+            leases.replace("parley-operator", &PostParams::default(), &lease).await.unwrap();
+        }
+        assert!(!b.try_acquire().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_lease_stamped_by_a_clock_running_ahead_still_expires_when_its_holder_stops() {
+        let client = client().await;
+        held_by_a(&client, Timestamp::now() + SignedDuration::from_secs(3600)).await;
+        let clock = Arc::new(TestClock::default());
+        let b = candidate(&client, "b", &clock);
+        assert!(!b.try_acquire().await.unwrap());
+        clock.advance(Duration::from_secs(16));
+        assert!(b.try_acquire().await.unwrap(), "a renewTime in the future does not keep a dead holder's lease");
+    }
+}
+
+#[test]
+fn replicas_without_pod_name_get_distinct_identities_named_for_their_host() {
+    let (a, b) = (parley_operator::leader::default_identity(), parley_operator::leader::default_identity());
+    assert_ne!(a, b, "two containers of one image must not share an identity");
+    let host =
+        std::env::var("HOSTNAME").ok().or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok()).unwrap();
+    assert!(a.starts_with(&format!("{}-", host.trim())), "{a}");
 }
 
 mod leading {
-    use std::time::Duration;
+    use std::{
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc, Mutex,
+        },
+        time::Duration,
+    };
+
+    use parley_operator::leader::LEASE_DURATION;
+    use tokio::time::Instant;
 
     use k8s_openapi::api::coordination::v1::Lease as LeaseObject;
     use kube::Api;
@@ -153,5 +223,55 @@ mod leading {
         ended.await.expect("its work was stopped");
         assert!(stop.is_cancelled(), "the whole process is told to stop");
         assert_eq!(holder(&client).await.as_deref(), Some("b"), "a does not release a lease it does not hold");
+    }
+
+    /// An API server that stops answering: once `broken`, the first request fails at once and every
+    /// later one hangs. Records when the last request that succeeded was answered.
+    #[derive(Clone, Default)]
+    struct Unanswering {
+        broken: Arc<AtomicBool>,
+        failed_once: Arc<AtomicBool>,
+        last_answered: Arc<Mutex<Option<Instant>>>,
+    }
+
+    impl Unanswering {
+        fn wrap(&self, inner: Client) -> Client {
+            let this = self.clone();
+            let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+                let (inner, this) = (inner.clone(), this.clone());
+                async move {
+                    if this.broken.load(Ordering::SeqCst) {
+                        if !this.failed_once.swap(true, Ordering::SeqCst) {
+                            return Err::<http::Response<kube::client::Body>, tower::BoxError>(
+                                "connection reset".into(),
+                            );
+                        }
+                        std::future::pending::<()>().await;
+                    }
+                    let response = inner.send(request).await?;
+                    *this.last_answered.lock().unwrap() = Some(Instant::now());
+                    Ok(response)
+                }
+            });
+            Client::new(service, "default")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_api_server_stops_answering_stops_before_its_lease_can_expire() {
+        let api = Unanswering::default();
+        let client = api.wrap(client().await);
+        let stop = CancellationToken::new();
+        let (task, ended) = leading(&client, &stop).await;
+
+        api.broken.store(true, Ordering::SeqCst);
+        let result = tokio::time::timeout(Duration::from_secs(30), task).await.expect("the leader stops");
+        let stopped = Instant::now();
+        assert!(result.unwrap().is_err(), "not renewing in time is an error");
+        ended.await.expect("its work was stopped");
+        let held = stopped - api.last_answered.lock().unwrap().expect("a renewal was answered");
+        // A standby may take the Lease LEASE_DURATION after the last renewal; the leader must have
+        // stopped well before (its deadline is RENEW_DEADLINE, whatever the calls in flight).
+        assert!(held < LEASE_DURATION - Duration::from_secs(1), "still leading {held:?} after the last renewal");
     }
 }
