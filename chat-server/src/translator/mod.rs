@@ -39,6 +39,13 @@ impl Default for RetryPolicy {
     }
 }
 
+impl RetryPolicy {
+    /// The waits before each retry: from `first_delay`, doubling up to `max_delay`, then steady.
+    pub fn delays(self) -> impl Iterator<Item = Duration> {
+        std::iter::successors(Some(self.first_delay), move |delay| Some((*delay * 2).min(self.max_delay)))
+    }
+}
+
 /// Translates every message of one language's queue.
 pub struct Translator {
     pub language: String,
@@ -232,7 +239,7 @@ impl Translator {
         from: &str,
         cancel: &CancellationToken,
     ) -> Vec<Result<String, TextFailure>> {
-        let mut delay = self.retry.first_delay;
+        let mut delays = self.retry.delays();
         for attempt in 1u64.. {
             if cancel.is_cancelled() {
                 return texts.iter().map(|_| Err(TextFailure::Stopped)).collect();
@@ -265,12 +272,12 @@ impl Translator {
                     return one_by_one;
                 }
                 Err(err) => {
+                    let delay = delays.next().expect("the delays never end");
                     tracing::warn!(language = %self.language, texts = texts.len(), attempt, retry_in = ?delay, error = %err, "translation failed; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => return texts.iter().map(|_| Err(TextFailure::Stopped)).collect(),
                         _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(self.retry.max_delay);
                 }
             }
         }
@@ -296,4 +303,19 @@ enum TextFailure {
     Permanent(ProviderError),
     /// The process is stopping while the provider was down.
     Stopped,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_provider_that_is_down_is_retried_from_250_ms_doubling_up_to_30_s() {
+        let waits: Vec<Duration> = RetryPolicy::default().delays().take(10).collect();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(
+            waits,
+            [ms(250), ms(500), ms(1000), ms(2000), ms(4000), ms(8000), ms(16000), ms(30000), ms(30000), ms(30000)]
+        );
+    }
 }

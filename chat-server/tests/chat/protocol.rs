@@ -1,5 +1,6 @@
 //! Transport behaviour of the gateway: HTTP verbs, errors that keep the socket usable, limits, shutdown.
-//! Most run the standalone server on the in-process bus, so they need neither RabbitMQ nor Apertium.
+//! Each runs the standalone server twice, on the in-process bus and on RabbitMQ (`on_both_buses!`);
+//! none needs Apertium.
 
 use std::{
     sync::{
@@ -87,6 +88,13 @@ async fn mutations_and_queries_work_over_post_and_get(bus: Bus) {
     let server = bus.server(&[]).await;
     let posted = graphql(&server.http(), SEND, json!({"chatId": "c", "text": "hi"})).await;
     assert!(posted["data"]["sendMessage"]["id"].is_string(), "{posted}");
+    // The answer is the original, in the source language, under a time-ordered UUID (version 7).
+    let answer = "mutation { sendMessage(chatId: \"c\", text: \"Good morning\") { id language text original } }";
+    let posted = graphql(&server.http(), answer, json!({})).await;
+    let message = &posted["data"]["sendMessage"];
+    assert_eq!((&message["language"], &message["text"], &message["original"]), (&json!("en"), &json!("Good morning"), &json!(true)), "{posted}");
+    let id = uuid::Uuid::parse_str(message["id"].as_str().unwrap()).unwrap();
+    assert_eq!(id.get_version_num(), 7, "{id}");
 
     let client = reqwest::Client::new();
     let query = "mutation { putEvent(message: \"hi\", chatId: \"c\") { Entries { EventId } FailedEntries } }";
@@ -99,14 +107,16 @@ async fn mutations_and_queries_work_over_post_and_get(bus: Bus) {
 }
 }
 
+on_both_buses! {
 #[tokio::test]
-async fn graphiql_health_and_readiness_are_served() {
-    let server = originals_only(&[]).await;
+async fn graphiql_health_and_readiness_are_served(bus: Bus) {
+    let server = bus.server(&[]).await;
     let base = format!("http://127.0.0.1:{}", server.port);
     let page = reqwest::get(format!("{base}/")).await.unwrap().text().await.unwrap();
     assert!(page.contains("graphiql"), "GraphiQL at /");
     assert_eq!(reqwest::get(format!("{base}/healthz")).await.unwrap().status(), 200);
     assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
+}
 }
 
 on_both_buses! {
@@ -136,19 +146,22 @@ async fn bad_operations_get_graphql_errors_and_the_socket_serves_the_next_one(bu
 }
 }
 
+on_both_buses! {
 #[tokio::test]
-async fn invalid_graphql_over_http_is_a_graphql_error() {
-    let server = originals_only(&[]).await;
+async fn invalid_graphql_over_http_is_a_graphql_error(bus: Bus) {
+    let server = bus.server(&[]).await;
     let response = graphql(&server.http(), "{ nope }", json!({})).await;
     assert!(response["errors"][0]["message"].as_str().unwrap().contains("nope"), "{response}");
     let too_deep = "{ __schema { types { fields { type { fields { type { fields { type { fields { type { name } } } } } } } } } } }";
     let response = graphql(&server.http(), too_deep, json!({})).await;
     assert!(response["errors"].to_string().contains("nested too deep"), "{response}");
 }
+}
 
+on_both_buses! {
 #[tokio::test]
-async fn a_query_over_the_complexity_limit_is_refused_and_one_under_it_runs() {
-    let server = originals_only(&["--max-query-complexity", "3"]).await;
+async fn a_query_over_the_complexity_limit_is_refused_and_one_under_it_runs(bus: Bus) {
+    let server = bus.server(&["--max-query-complexity", "3"]).await;
     let wide = "{ languages a: languages b: languages c: languages }";
     let response = graphql(&server.http(), wide, json!({})).await;
     assert!(response["errors"].to_string().contains("too complex"), "{response}");
@@ -156,6 +169,7 @@ async fn a_query_over_the_complexity_limit_is_refused_and_one_under_it_runs() {
     let narrow = "{ languages a: languages }";
     let response = graphql(&server.http(), narrow, json!({})).await;
     assert_eq!(response, json!({"data": {"languages": [], "a": []}}));
+}
 }
 
 #[tokio::test]
@@ -173,9 +187,10 @@ async fn a_history_that_cannot_be_read_is_unavailable() {
     assert_eq!(error_code(&response).as_deref(), Some("UNAVAILABLE"), "{response}");
 }
 
+on_both_buses! {
 #[tokio::test]
-async fn plain_frames_that_are_not_requests_get_an_error_frame_and_the_socket_stays_open() {
-    let server = originals_only(&[]).await;
+async fn plain_frames_that_are_not_requests_get_an_error_frame_and_the_socket_stays_open(bus: Bus) {
+    let server = bus.server(&[]).await;
     let mut client = WsClient::connect(&server.ws(), Wire::Plain).await;
     client.send_json(json!(["not", "a", "request"])).await;
     match client.next(DELIVERY).await {
@@ -191,6 +206,7 @@ async fn plain_frames_that_are_not_requests_get_an_error_frame_and_the_socket_st
         }
         other => panic!("expected a result frame, got {other:?}"),
     }
+}
 }
 
 on_both_buses! {
@@ -296,9 +312,10 @@ async fn close_code(client: &mut WsClient) -> Option<u16> {
     }
 }
 
+on_both_buses! {
 #[tokio::test]
-async fn graphql_transport_ws_violations_close_with_the_protocols_codes() {
-    let server = originals_only(&[]).await;
+async fn graphql_transport_ws_violations_close_with_the_protocols_codes(bus: Bus) {
+    let server = bus.server(&[]).await;
     let mut garbled = WsClient::connect(&server.ws(), Wire::TransportWs).await;
     garbled.send_text("this is not a protocol message").await;
     assert_eq!(close_code(&mut garbled).await, Some(4400), "an invalid message");
@@ -311,15 +328,18 @@ async fn graphql_transport_ws_violations_close_with_the_protocols_codes() {
     twice.send_json(json!({"type": "connection_init", "payload": {}})).await;
     assert_eq!(close_code(&mut twice).await, Some(4429), "a second connection_init");
 }
+}
 
+on_both_buses! {
 #[tokio::test]
-async fn a_client_that_never_sends_connection_init_is_closed_with_4408() {
-    let server = originals_only(&["--connection-init-timeout-secs", "1"]).await;
+async fn a_client_that_never_sends_connection_init_is_closed_with_4408(bus: Bus) {
+    let server = bus.server(&["--connection-init-timeout-secs", "1"]).await;
     let mut client = WsClient::connect_raw(&server.ws(), Wire::TransportWs).await;
     match client.next(Duration::from_secs(10)).await {
         Some(Received::Closed { code, .. }) => assert_eq!(code, Some(4408)),
         other => panic!("expected a 4408 close, got {other:?}"),
     }
+}
 }
 
 on_both_buses! {

@@ -1,4 +1,5 @@
-//! The exact laptop command, on the in-process bus and on RabbitMQ.
+//! The README's standalone command (with a free port and the test's own APY in place of 8080 and
+//! 2737), on the in-process bus and on RabbitMQ.
 
 use crate::support::*;
 
@@ -20,7 +21,19 @@ async fn standalone(apertium: &Apertium, extra: &[&str]) -> Server {
 #[tokio::test]
 async fn standalone_on_the_in_process_bus_gives_a_translated_chat() {
     let apertium = Apertium::start().await;
-    chat_translates(&standalone(&apertium, &[]).await).await;
+    let server = standalone(&apertium, &[]).await;
+    chat_translates(&server).await;
+    // What the quickstart shows it printing.
+    let log = server.log_text();
+    for line in [
+        "no --amqp-url: running on the in-process bus",
+        "fanout consuming",
+        "translator consuming language=es provider=\"apertium\"",
+        "translator consuming language=ca provider=\"apertium\"",
+        "gateway serving GraphQL on /graphql",
+    ] {
+        assert!(log.contains(line), "the log says {line:?}:\n{log}");
+    }
 }
 
 #[tokio::test]
