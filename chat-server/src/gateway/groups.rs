@@ -461,7 +461,12 @@ mod tests {
     }
 
     fn setup() -> (Arc<SharedSubscriptions>, Arc<Hub>) {
-        let hub = Hub::new(Arc::new(NoBinder), 64);
+        setup_with_backlog(64)
+    }
+
+    /// `backlog`: how far a subscriber may fall behind the hub.
+    fn setup_with_backlog(backlog: usize) -> (Arc<SharedSubscriptions>, Arc<Hub>) {
+        let hub = Hub::new(Arc::new(NoBinder), backlog);
         let chat = ChatContext {
             bus: Arc::new(MemoryBus::new(&["es"])),
             hub: hub.clone(),
@@ -616,5 +621,24 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the connection was never told it overflowed");
+    }
+
+    #[tokio::test]
+    async fn a_subscription_that_falls_behind_the_hub_ends_with_slow_consumer() {
+        use futures_util::StreamExt;
+        let (shared, hub) = setup_with_backlog(2);
+        let mut stream = shared.schema.execute_stream(request("c"));
+        // The first poll runs the resolver up to its first wait, which watches the chat.
+        assert!(tokio::time::timeout(Duration::from_millis(50), stream.next()).await.is_err());
+        until_bound(&hub, 1).await;
+        for i in 0..5 {
+            hub.dispatch(delivery("c", &format!("m{i}"))).await;
+        }
+        let response = stream.next().await.expect("an answer");
+        let error = &response.errors[0];
+        assert!(error.message.contains("fell 3 messages behind"), "{error:?}");
+        let code = error.extensions.as_ref().and_then(|e| e.get("code")).cloned();
+        assert_eq!(code, Some(async_graphql::Value::from("SLOW_CONSUMER")), "{error:?}");
+        assert!(stream.next().await.is_none(), "and then it ends");
     }
 }

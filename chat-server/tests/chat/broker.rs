@@ -5,7 +5,11 @@
 use std::time::Duration;
 
 use lapin::{
-    options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions},
+    options::{
+        BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    types::FieldTable,
     BasicProperties, Channel, Connection, ConnectionProperties,
 };
 use parley_contract::topology::{self, Topology};
@@ -83,6 +87,23 @@ async fn a_message_published_twice_is_delivered_once_and_stored_once() {
     let topology = Topology::new(d.prefix.as_str()).unwrap();
     let (_connection, channel) = channel().await;
 
+    // A probe of what the fanout publishes for this chat, beside the gateway's own queue.
+    let probe = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let probe = probe.name().as_str().to_owned();
+    let exchange = topology.deliver_exchange();
+    let (queue, key) = (probe.as_str().into(), chat.as_str().into());
+    channel
+        .queue_bind(queue, exchange.as_str().into(), key, QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+
     // The same original twice, as a gateway that lost a confirm and retried would publish it.
     let message = posted(&chat, "once only");
     let id = message["id"].as_str().unwrap().to_owned();
@@ -93,6 +114,16 @@ async fn a_message_published_twice_is_delivered_once_and_stored_once() {
     let got = subscriber.collect_until(&sentinel).await;
     let copies: Vec<&Value> = got.iter().filter(|m| m["id"] == id.as_str()).collect();
     assert_eq!(copies.len(), 1, "{got:?}");
+    // The fanout stored it once and published the copy again under the same seq; the gateway dropped it.
+    let mut published = Vec::new();
+    while let Some(message) = channel.basic_get(probe.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap()
+    {
+        let delivery: Value = serde_json::from_slice(&message.delivery.data).unwrap();
+        if delivery["id"] == id.as_str() {
+            published.push(delivery["seq"].clone());
+        }
+    }
+    assert_eq!(published, [copies[0]["seq"].clone(), copies[0]["seq"].clone()], "published twice, one seq");
 
     // A delivery the fanout publishes again (it lost the confirms of a batch) is handed out once too.
     let delivery = json!({"v": 1, "id": id, "chatId": chat, "seq": copies[0]["seq"], "language": "en",
@@ -110,7 +141,9 @@ async fn a_message_published_twice_is_delivered_once_and_stored_once() {
 
 #[tokio::test]
 async fn seq_rises_strictly_per_chat_in_what_every_subscriber_receives() {
-    let d = Deployment::start("seq-order", &["es", "ca"], 2).await;
+    // Numbered by the fanout through PostgreSQL, as in a deployment.
+    let layout = Layout { languages: &["es", "ca"], gateways: 2, history: true, ..Layout::default() };
+    let d = Deployment::with("seq-order", layout).await;
     let chat = unique_chat();
     let mut subscribers = Vec::new();
     for gateway in &d.gateways {
@@ -134,6 +167,8 @@ async fn seq_rises_strictly_per_chat_in_what_every_subscriber_receives() {
         }
         let seqs: Vec<u64> = seen.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "gateway {g}: seq must rise strictly: {seqs:?}");
+        let ours = seen.iter().filter(|m| ids.iter().any(|id| m["id"] == id.as_str())).count();
+        assert_eq!(ours, 90, "gateway {g}: each of the 30 messages in 3 languages, once");
     }
 }
 

@@ -43,14 +43,15 @@ fn texts(response: &Value) -> Vec<String> {
 async fn history_pages_backwards_from_the_newest_in_ascending_order() {
     let server = standalone(&[]).await;
     let chat = unique_chat();
-    sent_and_stored(&server, &chat, 7).await;
+    sent_and_stored(&server, &chat, 53).await;
     let newest = graphql(&server.http(), HISTORY, json!({"chatId": chat, "last": 3})).await;
-    assert_eq!(texts(&newest), ["message 4", "message 5", "message 6"]);
+    assert_eq!(texts(&newest), ["message 50", "message 51", "message 52"]);
     let first_seq = newest["data"]["messages"][0]["seq"].as_i64().unwrap();
     let older = graphql(&server.http(), HISTORY, json!({"chatId": chat, "last": 3, "before": first_seq})).await;
-    assert_eq!(texts(&older), ["message 1", "message 2", "message 3"]);
+    assert_eq!(texts(&older), ["message 47", "message 48", "message 49"]);
     let default = graphql(&server.http(), HISTORY, json!({"chatId": chat})).await;
-    assert_eq!(texts(&default).len(), 7, "last defaults to 50");
+    let default = texts(&default);
+    assert_eq!((default.len(), default[0].as_str()), (50, "message 3"), "last defaults to the newest 50");
     let empty = graphql(&server.http(), HISTORY, json!({"chatId": unique_chat()})).await;
     assert_eq!(empty["data"]["messages"], json!([]));
 }
@@ -104,12 +105,15 @@ async fn arguments_out_of_range_are_bad_user_input() {
     let chat = unique_chat();
     for variables in [
         json!({"chatId": chat, "last": 100000}),
+        json!({"chatId": chat, "last": 501}),
         json!({"chatId": chat, "last": 0}),
         json!({"chatId": chat, "before": -1}),
     ] {
         let response = graphql(&server.http(), HISTORY, variables.clone()).await;
         assert_eq!(code(&response), "BAD_USER_INPUT", "{variables}: {response}");
     }
+    let most = graphql(&server.http(), HISTORY, json!({"chatId": chat, "last": 500})).await;
+    assert_eq!(most["data"]["messages"], json!([]), "500 is the most one page holds: {most}");
     let reply = "mutation($replyTo: ID) { sendMessage(chatId: \"c\", text: \"hi\", replyTo: $replyTo) { id } }";
     for unknown in [uuid::Uuid::now_v7().to_string(), "not-an-id".to_owned()] {
         let response = graphql(&server.http(), reply, json!({"replyTo": unknown})).await;
