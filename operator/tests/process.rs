@@ -23,7 +23,7 @@ fn unreachable_kubeconfig() -> std::path::PathBuf {
 }
 
 #[test]
-fn the_operator_logs_json_serves_health_while_it_waits_and_stops_on_sigterm() {
+fn the_operator_logs_json_serves_health_and_metrics_while_it_waits_and_stops_on_sigterm() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let log = std::env::temp_dir().join(format!("parley-operator-{}.log", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_operator"))
@@ -44,15 +44,28 @@ fn the_operator_logs_json_serves_health_while_it_waits_and_stops_on_sigterm() {
         assert!(child.try_wait().unwrap().is_none(), "the operator exited: {text}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let health = |path: &str| {
+    let get = |path: &str| {
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         let mut answer = String::new();
         std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
-        answer.lines().next().unwrap_or_default().to_owned()
+        answer
     };
+    let health = |path: &str| get(path).lines().next().unwrap_or_default().to_owned();
     assert!(health("/healthz").contains("200"), "{}", health("/healthz"));
     assert!(health("/readyz").contains("200"), "a standby is ready: {}", health("/readyz"));
+    let metrics = get("/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("application/openmetrics-text"), "{metrics}");
+    // OpenMetrics names a counter's family without its `_total` suffix.
+    for family in [
+        "parley_operator_reconciles counter",
+        "parley_operator_reconcile_errors counter",
+        "parley_operator_reconcile_duration_seconds histogram",
+        "parley_operator_translator_backlog gauge",
+        "parley_operator_translator_desired_replicas gauge",
+    ] {
+        assert!(metrics.contains(&format!("# TYPE {family}\n")), "{family} on /metrics: {metrics}");
+    }
 
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);

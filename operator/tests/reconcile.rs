@@ -353,6 +353,57 @@ async fn with_namespaces_given_the_controllers_watch_and_touch_only_those() {
     for request in &requests {
         assert!(request.contains(&format!("/namespaces/{events}/")), "outside the watched namespace: {request}");
     }
+    delete_topologies(&[&events]).await;
+}
+
+#[tokio::test]
+async fn without_namespaces_the_controllers_watch_the_whole_cluster() {
+    let (one, two) = (unique_namespace(), unique_namespace());
+    let client = kube_fake_client::ClientBuilder::new()
+        .with_resource::<ChatDeployment>()
+        .with_status_subresource::<ChatDeployment>()
+        .with_status_subresource::<Deployment>()
+        .with_object(secret(&one, &amqp_url()))
+        .with_object(secret(&two, &amqp_url()))
+        .with_object(chat(&one, &[("de", 1)]))
+        .with_object(chat(&two, &[("de", 1)]))
+        .build()
+        .await
+        .unwrap();
+    let recorder = recorder::Recorder::default();
+    let reporter = Reporter { controller: "parley-operator".into(), instance: Some("test".into()) };
+    let ctx = Context::new(recorder.wrap(client.clone()), reporter, Arc::new(Metrics::default()), Settings::new("img"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (operator, token) = (recorder.wrap(client.clone()), stop.clone());
+    let run =
+        tokio::spawn(
+            async move { parley_operator::run::control_namespaces(operator, &[], Arc::new(ctx), token).await },
+        );
+    let finalized = |namespace: String| {
+        let api: Api<ChatDeployment> = Api::namespaced(client.clone(), &namespace);
+        async move { ours(&api.get("town-hall").await.unwrap()) }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !(finalized(one.clone()).await && finalized(two.clone()).await) {
+        assert!(tokio::time::Instant::now() < deadline, "a chat in every namespace is reconciled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    run.await.unwrap();
+    let requests = recorder.requests();
+    let watch = "/apis/chat.parley.dev/v1alpha1/chatdeployments?";
+    assert!(requests.iter().any(|r| r.starts_with("GET") && r.contains(watch)), "one cluster-wide watch: {requests:?}");
+    delete_topologies(&[&one, &two]).await;
+}
+
+/// Removes the topologies of the chat `town-hall` in `namespaces`, which a test's controllers declared.
+async fn delete_topologies(namespaces: &[&str]) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for namespace in namespaces {
+        let topology = Topology::for_chat_deployment(namespace, NAME).unwrap();
+        parley_contract::topology::delete_all(&channel, &topology, &["de"]).await.unwrap();
+    }
 }
 
 #[tokio::test]
@@ -541,6 +592,31 @@ async fn deletion_with_the_broker_secret_gone_lets_go_and_says_what_was_left_beh
     assert_eq!(left[0].0, "Warning");
     assert!(left[0].2.contains(&format!("left {}.* on the broker", h.topology().prefix())), "{left:?}");
     // Tidy up what the test itself left.
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    parley_contract::topology::delete_all(&channel, &h.topology(), &["de"]).await.unwrap();
+}
+
+#[tokio::test]
+async fn deletion_waits_out_an_unreachable_broker_for_5_minutes_then_says_what_was_left_behind() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    let unreachable = "amqp://guest:guest@127.0.0.1:1/%2f";
+    let h = in_deletion(&h, |_| {}, unreachable).await;
+
+    assert!(reconcile(Arc::new(h.chat().await), h.ctx.clone()).await.is_err(), "retried while the broker is away");
+    h.clock.advance(Duration::from_secs(290));
+    assert!(reconcile(Arc::new(h.chat().await), h.ctx.clone()).await.is_err(), "still within the 5 minutes");
+    assert!(ours(&h.chat().await), "the finalizer holds the chat meanwhile");
+    assert!(!h.event_reasons().await.contains(&"TopologyLeftBehind".to_owned()));
+
+    h.clock.advance(Duration::from_secs(11));
+    reconcile(Arc::new(h.chat().await), h.ctx.clone()).await.unwrap();
+    let remaining = h.api::<ChatDeployment>().get_opt(NAME).await.unwrap();
+    assert!(remaining.is_none_or(|chat| !ours(&chat)), "after 5 minutes deletion goes on");
+    let left: Vec<_> = h.events().await.into_iter().filter(|(_, reason, _)| reason == "TopologyLeftBehind").collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].2.contains(&format!("left {}.* on the broker", h.topology().prefix())), "{left:?}");
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     parley_contract::topology::delete_all(&channel, &h.topology(), &["de"]).await.unwrap();
