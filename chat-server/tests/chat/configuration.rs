@@ -61,3 +61,61 @@ async fn json_logs_are_one_json_object_a_line() {
         assert!(entry["level"].is_string() && entry["timestamp"].is_string() && entry["fields"].is_object(), "{line}");
     }
 }
+
+#[tokio::test]
+async fn the_roles_take_broker_languages_and_history_from_the_environment_and_translators_share_a_language() {
+    // As in the README: the broker, the languages and the history from PARLEY_* variables; here the
+    // translators' settings too, and two translators of one language at once (competing consumers).
+    let apertium = Apertium::start().await;
+    let database = TestDatabase::create().await;
+    let prefix = unique_prefix("environment");
+    let _cleanup = TopologyCleanup::new(&prefix, &["es"]);
+    let url = amqp_url();
+    let common = [
+        ("PARLEY_AMQP_URL", url.as_str()),
+        ("PARLEY_TOPOLOGY_PREFIX", prefix.as_str()),
+        ("PARLEY_LANGUAGES", "es"),
+        ("PARLEY_HISTORY_URL", database.url.as_str()),
+    ];
+    let translating =
+        [("PARLEY_LANGUAGE", "es"), ("PARLEY_TRANSLATOR", "apertium"), ("PARLEY_TRANSLATOR_URL", &apertium.url)];
+    let translator_env = [&common[..], &translating[..]].concat();
+    let fanout = Server::spawn_with_env(&["fanout"], &common).ready().await;
+    let gateway = Server::spawn_with_env(&["gateway"], &common).ready().await;
+    let translators = [
+        Server::spawn_with_env(&["translator"], &translator_env).ready().await,
+        Server::spawn_with_env(&["translator"], &translator_env).ready().await,
+    ];
+
+    let chat = unique_chat();
+    let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
+    subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(send(&gateway.http(), &chat, &format!("Good morning number {i}")).await);
+    }
+    let sentinel = ids.last().unwrap().clone();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + DELIVERY;
+    let translated = |got: &[Value]| {
+        got.iter()
+            .filter(|m| m["language"] == "es" && ids.contains(&m["id"].as_str().unwrap_or_default().to_owned()))
+            .count()
+    };
+    while translated(&got) < ids.len() {
+        assert!(tokio::time::Instant::now() < deadline, "translations missing: {got:?}");
+        got.extend(subscriber.collect(1, std::time::Duration::from_secs(1)).await);
+    }
+    for id in &ids {
+        let of = |language: &str| got.iter().filter(|m| m["id"] == id.as_str() && m["language"] == language).count();
+        assert_eq!((of("en"), of("es")), (1, 1), "{id}: once in each language, whichever translator took it");
+    }
+    let es = got.iter().find(|m| m["id"] == sentinel.as_str() && m["language"] == "es").unwrap();
+    assert!(es["text"].as_str().unwrap().contains("Buenos días"), "{es}");
+    let stored =
+        graphql(&gateway.http(), "query($c: ID!) { messages(chatId: $c, last: 100) { id } }", json!({"c": chat})).await;
+    let stored = stored["data"]["messages"].as_array().unwrap();
+    let ours = stored.iter().filter(|m| ids.contains(&m["id"].as_str().unwrap().to_owned())).count();
+    assert_eq!(ours, 40, "each original and translation in the history: {stored:?}");
+    drop((translators, gateway, fanout));
+}

@@ -189,3 +189,63 @@ async fn a_gateway_without_a_history_says_history_disabled() {
     // Live messages work as ever.
     client.subscribe_messages("2", &http, &chat, None).await;
 }
+
+#[tokio::test]
+async fn standalone_keeps_its_history_in_memory_only() {
+    let chat = unique_chat();
+    let mut first = standalone(&[]).await;
+    sent_and_stored(&first, &chat, 2).await;
+    assert!(first.terminate().success());
+    let second = standalone(&[]).await;
+    let history = graphql(&second.http(), HISTORY, json!({"chatId": chat})).await;
+    assert_eq!(history["data"]["messages"], json!([]), "lost on exit: {history}");
+}
+
+#[tokio::test]
+async fn a_gateway_needs_no_more_than_read_access_to_the_history() {
+    use sqlx::Connection as _;
+    let database = TestDatabase::create().await;
+    let prefix = unique_prefix("read-only");
+    let _cleanup = TopologyCleanup::new(&prefix, &[]);
+    let url = amqp_url();
+    let broker = broker_args(&prefix, &url, "");
+    // The fanout migrates and writes.
+    let fanout =
+        Server::start(&[&["fanout"], broker.as_slice(), &["--history-url", database.url.as_str()]].concat()).await;
+
+    // A role that may only read what the fanout created.
+    let reader = format!("reader_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    for statement in [
+        format!("CREATE ROLE {reader} LOGIN PASSWORD 'reader'"),
+        format!("GRANT USAGE ON SCHEMA public TO {reader}"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {reader}"),
+    ] {
+        sqlx::query(&statement).execute(&mut admin).await.unwrap();
+    }
+    let (_, host_and_database) = database.url.split_once('@').unwrap();
+    let read_only = format!("postgres://{reader}:reader@{host_and_database}");
+    let gateway =
+        Server::start(&[&["gateway"], broker.as_slice(), &["--history-url", read_only.as_str()]].concat()).await;
+
+    let chat = unique_chat();
+    let mut client = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
+    client.subscribe_messages("1", &gateway.http(), &chat, None).await;
+    let root = send(&gateway.http(), &chat, "read me").await;
+    assert_eq!(client.collect_message(&root, 1, DELIVERY).await.len(), 1);
+    let reply = "mutation($c: ID!, $r: ID) { sendMessage(chatId: $c, text: \"a reply\", replyTo: $r) { id } }";
+    let answered = graphql(&gateway.http(), reply, json!({"c": chat, "r": root})).await;
+    assert!(answered["data"]["sendMessage"]["id"].is_string(), "a reply checks its parent by reading: {answered}");
+    let history = graphql(&gateway.http(), HISTORY, json!({"chatId": chat})).await;
+    assert!(texts(&history).contains(&"read me".to_owned()), "{history}");
+    let rooms = graphql(&gateway.http(), "{ chats { id } }", json!({})).await;
+    assert!(rooms.to_string().contains(&chat), "{rooms}");
+    let thread =
+        graphql(&gateway.http(), "query($id: ID!) { thread(messageId: $id) { id } }", json!({"id": root})).await;
+    assert!(thread["errors"].is_null(), "{thread}");
+
+    drop((gateway, fanout));
+    for statement in [format!("DROP OWNED BY {reader}"), format!("DROP ROLE {reader}")] {
+        sqlx::query(&statement).execute(&mut admin).await.unwrap();
+    }
+}
