@@ -87,6 +87,8 @@ async fn the_roles_take_broker_languages_and_history_from_the_environment_and_tr
         Server::spawn_with_env(&["translator"], &translator_env).ready().await,
     ];
 
+    let languages = graphql(&gateway.http(), "{ languages }", json!({})).await;
+    assert_eq!(languages, json!({"data": {"languages": ["es"]}}), "PARLEY_LANGUAGES");
     let chat = unique_chat();
     let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
     subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
