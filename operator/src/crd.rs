@@ -24,10 +24,12 @@ use serde::{Deserialize, Serialize};
     derive = "Default",
     derive = "PartialEq",
     category = "parley",
-    printcolumn = r#"{"name":"Languages","type":"string","jsonPath":".spec.languages[*].code"}"#,
+    printcolumn = r#"{"name":"Languages","type":"string","jsonPath":".status.languages"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Backlog","type":"integer","jsonPath":".status.backlog","priority":1}"#,
+    printcolumn = r#"{"name":"Gateway","type":"string","jsonPath":".status.gateway.endpoint","priority":1}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ChatDeploymentSpec {
@@ -251,6 +253,14 @@ pub struct ChatDeploymentStatus {
     /// One entry per language, including removed languages whose queue is still draining.
     #[serde(default)]
     pub translators: Vec<TranslatorStatus>,
+    /// The target languages, joined (`es,ca`), for `kubectl get chat`: a printer column's JSONPath
+    /// over a list shows its first element only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub languages: Option<String>,
+    /// Messages waiting over every language's queue, when the broker could be asked
+    /// (`kubectl get chat -o wide`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<i64>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -32,7 +32,7 @@ fn the_chart_ships_the_same_crd() {
 }
 
 #[test]
-fn kubectl_knows_chat_deployments_as_chat_with_their_phase_and_readiness() {
+fn kubectl_knows_chat_deployments_as_chat_with_their_languages_phase_and_readiness() {
     use kube::CustomResourceExt;
     let crd = parley_operator::crd::ChatDeployment::crd();
     assert!(crd.spec.names.short_names.unwrap_or_default().contains(&"chat".to_owned()), "`kubectl get chat`");
@@ -44,8 +44,24 @@ fn kubectl_knows_chat_deployments_as_chat_with_their_phase_and_readiness() {
         .into_iter()
         .map(|c| (c.name, c.json_path))
         .collect();
-    for (name, path) in [("Phase", ".status.phase"), ("Ready", ".status.conditions[?(@.type==\"Ready\")].status")] {
+    // A real API server prints a list JSONPath's first element only: columns read scalars.
+    for (name, path) in [
+        ("Languages", ".status.languages"),
+        ("Phase", ".status.phase"),
+        ("Ready", ".status.conditions[?(@.type==\"Ready\")].status"),
+        ("Backlog", ".status.backlog"),
+        ("Gateway", ".status.gateway.endpoint"),
+    ] {
         assert!(columns.contains(&(name.into(), path.into())), "{name} column: {columns:?}");
     }
+    let wide: Vec<String> = version
+        .additional_printer_columns
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.priority == Some(1))
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(wide, ["Backlog", "Gateway"], "-o wide adds the backlog and the gateway's endpoint");
     assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "status is a subresource");
 }

@@ -22,18 +22,43 @@ fn unreachable_kubeconfig() -> std::path::PathBuf {
     path
 }
 
+/// The operator process, killed when the test ends however it ends.
+struct Killed(std::process::Child);
+
+impl std::ops::Deref for Killed {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn the_operator_logs_json_serves_health_and_metrics_while_it_waits_and_stops_on_sigterm() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let log = std::env::temp_dir().join(format!("parley-operator-{}.log", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_operator"))
-        .args(["run", "--chat-server-image", "img", "--listen", &format!("127.0.0.1:{port}"), "--identity", "test"])
-        .env("KUBECONFIG", unreachable_kubeconfig())
-        .env("RUST_LOG", "info")
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_operator"))
+            .args(["run", "--chat-server-image", "img", "--listen", &format!("127.0.0.1:{port}"), "--identity", "test"])
+            .env("KUBECONFIG", unreachable_kubeconfig())
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();

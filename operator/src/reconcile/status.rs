@@ -291,6 +291,15 @@ pub fn compute(
             endpoint: names.gateway_endpoint(),
         }),
         fanout: Some(RoleStatus { replicas: fanout.replicas, ready_replicas: fanout.ready }),
+        languages: Some(
+            translators
+                .iter()
+                .filter(|t| t.draining_since.is_none())
+                .map(|t| t.language.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        backlog: translators.iter().map(|t| t.backlog).sum(),
         translators,
     }
 }
@@ -456,6 +465,29 @@ mod tests {
         let s = case().generation(1).no_deployments().compute();
         assert_eq!(s.phase, Some(Phase::Pending));
         assert_eq!(get(&s, GATEWAY_READY).reason, "NotCreated");
+    }
+
+    #[test]
+    fn kubectl_columns_show_every_language_and_the_whole_backlog() {
+        let valid = validate(&chat(&[("es", Some(1)), ("ca", Some(1))]), "img").unwrap();
+        let broker =
+            BrokerReport::Ready { backlogs: [("es".to_owned(), 3), ("ca".to_owned(), 2), ("fr".to_owned(), 5)].into() };
+        let draining = [Draining { language: "fr".into(), since: "2026-01-01T00:00:00Z".into() }];
+        let scaling = ScalingReport::default();
+        let found = Findings {
+            deployments: &all_ready(),
+            broker: &broker,
+            draining: &draining,
+            scaling: &scaling,
+            history: None,
+        };
+        let s = compute(&valid, Some(1), found, &[], &time("2026-01-01T00:00:00Z"));
+        assert_eq!(s.languages.as_deref(), Some("es,ca"), "a draining language is no longer one of the chat's");
+        assert_eq!(s.backlog, Some(10), "but what waits in its queue still counts");
+
+        let unknown = BrokerReport::Failed { reason: "BrokerUnreachable".into(), message: "refused".into() };
+        let found = Findings { broker: &unknown, ..found };
+        assert_eq!(compute(&valid, Some(1), found, &[], &time("2026-01-01T00:00:00Z")).backlog, None);
     }
 
     #[test]
