@@ -853,6 +853,21 @@ async fn keda_mode_emits_a_scaled_object_for_the_language_queue() {
     assert_eq!(condition(&h.chat().await, "AutoscalingReady").0, "True");
 }
 
+#[tokio::test]
+async fn switching_the_last_language_off_keda_removes_its_scaled_object() {
+    let h = Harness::with_keda(autoscaled(&unique_namespace(), AutoscalingMode::Keda, 120), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    assert!(h.api::<ScaledObject>().get_opt("town-hall-translator-fr").await.unwrap().is_some());
+
+    h.edit(|c| c.spec.languages = vec![LanguageSpec { code: "fr".into(), replicas: Some(2), autoscaling: None }]).await;
+    h.reconcile().await.unwrap();
+
+    let left = h.api::<ScaledObject>().list(&Default::default()).await.unwrap().items;
+    assert!(left.is_empty(), "its HPA would fight the operator over replicas: {left:?}");
+    let auth = h.api::<TriggerAuthentication>().list(&Default::default()).await.unwrap().items;
+    assert!(auth.is_empty(), "{auth:?}");
+}
+
 /// An object labelled as this operator's for `town-hall` but never desired: prune must delete it.
 fn stray_meta(namespace: &str) -> ObjectMeta {
     ObjectMeta {

@@ -120,6 +120,8 @@ pub struct Context {
     /// Recent autoscaling recommendations by ChatDeployment and language (lost on restart, which only delays scale-down).
     histories: Mutex<HashMap<String, BTreeMap<String, History>>>,
     pub clock: Arc<dyn Clock>,
+    /// Whether the KEDA CRDs are installed, found out by the first reconcile that can ask.
+    keda: tokio::sync::OnceCell<bool>,
 }
 
 impl Context {
@@ -132,6 +134,7 @@ impl Context {
             failures: Mutex::default(),
             histories: Mutex::default(),
             clock: Arc::new(SystemClock),
+            keda: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -178,7 +181,7 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         Ok(valid) => valid,
         Err(errors) => return reject(chat, ctx, &errors, &now).await,
     };
-    let observed = observe::observe(&ctx.client, &valid).await?;
+    let observed = observe::observe(&ctx.client, &valid, &ctx.keda).await?;
     // The broker first: its backlogs drive the autoscaler and decide which removed languages still drain.
     let draining = status::draining(chat.status.as_ref(), &valid.language_codes(), &now.0.to_string());
     let broker = broker::step(&observed, &valid, draining, |since| elapsed_since(since, now.0)).await;

@@ -7,7 +7,7 @@ use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
 use kube::{api::ListParams, Api, Client, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use super::validate::{Scaling, ValidatedChat};
+use super::validate::ValidatedChat;
 use crate::{crd::SecretKeyRef, keda::ScaledObject, names::LANGUAGE_LABEL};
 
 /// A referenced Secret key that is not there.
@@ -30,7 +30,7 @@ pub struct Observed {
     pub history_secret: Option<Result<Vec<u8>, SecretError>>,
     /// The replicas each owned translator Deployment has now, by language.
     pub translator_replicas: BTreeMap<String, i32>,
-    /// Whether the KEDA CRDs are installed; only asked when a language uses KEDA.
+    /// Whether the KEDA CRDs are installed (asked once per operator process).
     pub keda_installed: bool,
 }
 
@@ -64,7 +64,11 @@ impl Observed {
 
 /// Reads everything in one pass. An API error fails the whole step: hashing a transient read failure
 /// into the pod template would roll every pod twice.
-pub async fn observe(client: &Client, chat: &ValidatedChat) -> Result<Observed, kube::Error> {
+pub async fn observe(
+    client: &Client,
+    chat: &ValidatedChat,
+    keda: &tokio::sync::OnceCell<bool>,
+) -> Result<Observed, kube::Error> {
     let namespace = &chat.names.namespace;
     let broker_secret = secret_value(client, namespace, &chat.broker).await?;
     let api_key = match &chat.api_key {
@@ -86,8 +90,9 @@ pub async fn observe(client: &Client, chat: &ValidatedChat) -> Result<Observed, 
             Some((language, d.spec.and_then(|s| s.replicas)?))
         })
         .collect();
-    let uses_keda = chat.languages.iter().any(|l| matches!(l.scaling, Scaling::Keda(_)));
-    let keda_installed = uses_keda && keda_installed(client, namespace).await?;
+    // Asked once per process, whether or not a language uses KEDA now: objects left from a language
+    // that did are pruned only where the CRDs exist.
+    let keda_installed = *keda.get_or_try_init(|| keda_installed(client, namespace)).await?;
     Ok(Observed { broker_secret, api_key, history_secret, translator_replicas, keda_installed })
 }
 
