@@ -24,6 +24,10 @@ use serde::{Deserialize, Serialize};
     derive = "Default",
     derive = "PartialEq",
     category = "parley",
+    // The name becomes the Service's and Deployments' (DNS-1035 labels): refuse one they cannot take.
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message(
+        "the name must start with a letter and hold only lowercase letters, digits and '-' (it names the chat's Service)"
+    ),
     printcolumn = r#"{"name":"Languages","type":"string","jsonPath":".status.languages"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,

@@ -32,6 +32,8 @@ pub enum Reason {
     HistorySecretKeyMissing,
     /// The history database did not answer (Warning).
     DatabaseUnreachable,
+    /// The API server refused an object the chat needs (Warning).
+    ApplyFailed,
 }
 
 impl Reason {
@@ -50,6 +52,7 @@ impl Reason {
             Self::HistorySecretNotFound => "HistorySecretNotFound",
             Self::HistorySecretKeyMissing => "HistorySecretKeyMissing",
             Self::DatabaseUnreachable => "DatabaseUnreachable",
+            Self::ApplyFailed => "ApplyFailed",
         }
     }
 }

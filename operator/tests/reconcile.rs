@@ -442,6 +442,48 @@ async fn conditions_follow_deployment_readiness() {
 }
 
 #[tokio::test]
+async fn an_object_the_api_server_refuses_turns_ready_false_with_its_error() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    for name in ["town-hall-gateway", "town-hall-fanout", "town-hall-translator-de"] {
+        h.mark_ready(name).await;
+    }
+    h.reconcile().await.unwrap();
+    assert_eq!(condition(&h.chat().await, "Ready").0, "True");
+
+    // An API server that refuses the gateway's Service, as a real one refuses an invalid name.
+    let inner = h.client.clone();
+    let refusing = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+        let inner = inner.clone();
+        async move {
+            if request.method() == http::Method::PATCH && request.uri().path().contains("/services/") {
+                let body = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": "Service \"town-hall-gateway\" is invalid", "reason": "Invalid", "code": 422});
+                let response =
+                    http::Response::builder().status(422).body(kube::client::Body::from(body.to_string().into_bytes()));
+                return Ok::<_, tower::BoxError>(response.unwrap());
+            }
+            Ok(inner.send(request).await?)
+        }
+    });
+    let reporter = Reporter { controller: "parley-operator".into(), instance: Some("test".into()) };
+    let ctx = Context::new(
+        kube::Client::new(refusing, "default"),
+        reporter,
+        Arc::new(Metrics::default()),
+        Settings::new("img"),
+    );
+
+    assert!(reconcile(Arc::new(h.chat().await), Arc::new(ctx)).await.is_err(), "retried with backoff");
+
+    let (status, reason) = condition(&h.chat().await, "Ready");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "ApplyFailed"), "an old Ready=True must not stand");
+    let ready = h.chat().await.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(ready.message.contains("is invalid"), "{}", ready.message);
+    assert!(h.event_reasons().await.contains(&"ApplyFailed".to_owned()));
+}
+
+#[tokio::test]
 async fn delete_removes_the_topology_and_then_the_finalizer() {
     let namespace = unique_namespace();
     let h = Harness::new(chat(&namespace, &[("de", 1)]), &amqp_url()).await;

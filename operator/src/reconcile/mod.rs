@@ -213,7 +213,10 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         .map(|d| (d.language.clone(), observed.translator_replicas.get(&d.language).copied().unwrap_or(1).max(1)))
         .collect();
     let desired = build(&valid, &inputs);
-    let applied = apply::apply(&ctx.client, &valid.names.namespace, &desired).await?;
+    let applied = match apply::apply(&ctx.client, &valid.names.namespace, &desired).await {
+        Ok(applied) => applied,
+        Err(err) => return Err(apply_failed(chat, ctx, err, &now).await),
+    };
     let pruned = apply::prune(&ctx.client, &valid.names, &desired, observed.keda_installed).await?;
 
     let notes = pruned
@@ -266,6 +269,22 @@ async fn reject(chat: &ChatDeployment, ctx: &Context, errors: &[SpecError], now:
     }
     ctx.metrics.error(Reason::InvalidSpec.as_str());
     Ok(Action::await_change())
+}
+
+/// An object the API server refused: `Ready=False` with its error (and an Event when that is news),
+/// so an old `Ready=True` never stands while the reconcile backs off.
+async fn apply_failed(chat: &ChatDeployment, ctx: &Context, err: kube::Error, now: &Time) -> Error {
+    let message = format!("applying the chat's objects failed: {err}");
+    let status =
+        status::not_ready(chat.status.as_ref(), Reason::ApplyFailed, message.clone(), chat.meta().generation, now);
+    let flipped = chat.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions);
+    if let Err(status_err) = patch_status(ctx, chat, status).await {
+        tracing::warn!(chat = key(chat), error = %status_err, "failed to write the apply failure to status");
+    }
+    if flipped {
+        ctx.publish(chat, Note::warning(Reason::ApplyFailed, message)).await;
+    }
+    Error::Kube(err)
 }
 
 /// The autoscaler's readings and decisions as metrics.

@@ -312,10 +312,22 @@ pub fn invalid(
     now: &Time,
 ) -> ChatDeploymentStatus {
     let message = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    not_ready(previous, Reason::InvalidSpec, message, generation, now)
+}
+
+/// The previous status with `Ready=False` for `reason` and the phase Degraded; the other conditions
+/// stay as they were observed.
+pub fn not_ready(
+    previous: Option<&ChatDeploymentStatus>,
+    reason: Reason,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> ChatDeploymentStatus {
     let mut status = previous.cloned().unwrap_or_default();
     let previous_conditions = std::mem::take(&mut status.conditions);
     let mut conditions: Vec<Condition> = previous_conditions.iter().filter(|c| c.type_ != READY).cloned().collect();
-    conditions.insert(0, condition(READY, false, Reason::InvalidSpec.as_str(), message, generation, now));
+    conditions.insert(0, condition(READY, false, reason.as_str(), message, generation, now));
     status.conditions = carry_transitions(conditions, &previous_conditions);
     status.phase = Some(Phase::Degraded);
     status.observed_generation = generation;

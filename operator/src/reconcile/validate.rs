@@ -38,6 +38,10 @@ pub enum SpecError {
     NegativeDrainTimeout(i64),
     #[error("object name {name:?} would be longer than 63 characters; shorten the ChatDeployment name")]
     NameTooLong { name: String },
+    #[error(
+        "the name {0:?} cannot name the chat's Service: use lowercase letters, digits and '-', starting with a letter"
+    )]
+    InvalidName(String),
     #[error("invalid topology: {0}")]
     Topology(String),
     #[error("languages[{0}] sets both replicas and autoscaling; choose one")]
@@ -163,6 +167,13 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     let namespace = chat.metadata.namespace.clone().ok_or_else(|| vec![SpecError::MissingMetadata("namespace")])?;
     let names = Names::new(&name, &namespace);
     let spec = &chat.spec;
+    // What the CRD's rule on metadata.name says, for objects created before it (a DNS-1035 label).
+    let label = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-');
+    if !label {
+        errors.push(SpecError::InvalidName(name.clone()));
+    }
 
     let source = spec.source_language.clone();
     if source != "auto" && topology::validate_language(&source).is_err() {
@@ -326,6 +337,18 @@ mod tests {
         c.spec.source_language = "auto".into();
         assert_eq!(errors(&c), vec![SpecError::AutoSourceUnsupported]);
         c.spec.translation.provider = Provider::Libretranslate;
+        assert!(validate(&c, "img").is_ok());
+    }
+
+    #[test]
+    fn a_name_that_cannot_name_a_service_is_rejected() {
+        for bad in ["town.hall", "1chat", "Town-hall", "town-hall-"] {
+            let mut c = chat(&[("de", None)]);
+            c.metadata.name = Some(bad.into());
+            assert_eq!(errors(&c), vec![SpecError::InvalidName(bad.into())], "{bad}");
+        }
+        let mut c = chat(&[("de", None)]);
+        c.metadata.name = Some("town-hall-2".into());
         assert!(validate(&c, "img").is_ok());
     }
 
