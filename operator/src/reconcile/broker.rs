@@ -48,7 +48,7 @@ async fn connect(url: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name("parley-operator".into());
     match tokio::time::timeout(BROKER_TIMEOUT, Connection::connect(url, props)).await {
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(err)) => Err(BrokerError::Unreachable(err.to_string())),
+        Ok(Err(err)) => Err(BrokerError::Unreachable(super::observe::scrub(&err.to_string(), url))),
         Err(_) => Err(BrokerError::Unreachable(format!("no answer within {BROKER_TIMEOUT:?}"))),
     }
 }
@@ -195,4 +195,20 @@ pub async fn remove(url: &str, topology: &Topology, languages: &[String]) -> Res
     .await;
     let _ = connection.close(200, "removed".into()).await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_broken_broker_uri_never_shows_its_password() {
+        for uri in
+            ["guest:s3cret@127.0.0.1:1/%2f", "amqp//guest:s3cret@127.0.0.1:1", "amqp://guest:s3cret@127.0.0.1:1/%2f"]
+        {
+            let err = connect(uri).await.err().expect("nothing listens there");
+            let text = err.to_string();
+            assert!(!text.contains("s3cret"), "{uri}: {text}");
+        }
+    }
 }

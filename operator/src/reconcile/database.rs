@@ -48,7 +48,9 @@ fn redacted(url: &str) -> String {
 
 /// Connects and runs `SELECT 1`.
 pub async fn probe(url: &str) -> Result<(), DatabaseError> {
-    let unreachable = |detail: String| DatabaseError::Unreachable { url: redacted(url), detail };
+    let scrub = |text: &str| super::observe::scrub(text, url);
+    let unreachable =
+        |detail: String| DatabaseError::Unreachable { url: scrub(&redacted(url)), detail: scrub(&detail) };
     let options = url.parse::<PgConnectOptions>().map_err(|e| unreachable(format!("invalid URI: {e}")))?;
     let attempt = async {
         let mut connection = options.connect().await?;
@@ -90,4 +92,22 @@ pub async fn step(observed: &Observed) -> HistoryStep {
         Some(Ok(url)) => Some(probe(&url).await),
         Some(Err(err)) => Some(Err(err.into())),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_broken_database_uri_never_shows_its_password() {
+        for uri in [
+            "postgres:s3cret@127.0.0.1:1/db",
+            "postgress://u:s3cret@127.0.0.1:1/db",
+            "postgres://u:s3cret@127.0.0.1:1/db",
+        ] {
+            let err = probe(uri).await.err().expect("nothing listens there");
+            let text = err.to_string();
+            assert!(!text.contains("s3cret"), "{uri}: {text}");
+        }
+    }
 }

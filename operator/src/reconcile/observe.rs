@@ -122,3 +122,14 @@ async fn keda_installed(client: &Client, namespace: &str) -> Result<bool, kube::
         Err(err) => Err(err),
     }
 }
+
+/// `text` with the password of `uri` (a connection URI read from a Secret) masked, however malformed
+/// the URI: error messages from a client library may quote it whole, and they reach status, Events
+/// and logs.
+pub(crate) fn scrub(text: &str, uri: &str) -> String {
+    let password = uri.rfind('@').and_then(|at| uri[..at].rsplit_once(':')).map(|(_, password)| password);
+    match password {
+        Some(password) if !password.is_empty() && !password.starts_with("//") => text.replace(password, "***"),
+        _ => text.to_owned(),
+    }
+}
