@@ -206,7 +206,7 @@ mod tests {
         for uri in
             ["guest:s3cret@127.0.0.1:1/%2f", "amqp//guest:s3cret@127.0.0.1:1", "amqp://guest:s3cret@127.0.0.1:1/%2f"]
         {
-            let err = connect(uri).await.err().expect("nothing listens there");
+            let Err(err) = connect(uri).await else { panic!("nothing listens there") };
             let text = err.to_string();
             assert!(!text.contains("s3cret"), "{uri}: {text}");
         }

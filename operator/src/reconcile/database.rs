@@ -105,7 +105,7 @@ mod tests {
             "postgress://u:s3cret@127.0.0.1:1/db",
             "postgres://u:s3cret@127.0.0.1:1/db",
         ] {
-            let err = probe(uri).await.err().expect("nothing listens there");
+            let Err(err) = probe(uri).await else { panic!("nothing listens there") };
             let text = err.to_string();
             assert!(!text.contains("s3cret"), "{uri}: {text}");
         }
