@@ -58,6 +58,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Drops the per-language series of a ChatDeployment that is gone, so they do not outlive it.
+    pub fn forget(&self, namespace: &str, chat: &str, languages: &[String]) {
+        for language in languages {
+            let labels =
+                LanguageLabels { namespace: namespace.to_owned(), chat: chat.to_owned(), language: language.clone() };
+            self.backlog.remove(&labels);
+            self.desired_replicas.remove(&labels);
+        }
+    }
+
     /// Starts timing a reconcile; the timer records when dropped (as "error" unless marked ok).
     pub fn timer(&self) -> ReconcileTimer<'_> {
         ReconcileTimer { metrics: self, start: Instant::now(), result: "error" }

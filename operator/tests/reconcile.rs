@@ -506,6 +506,31 @@ async fn delete_removes_the_topology_and_then_the_finalizer() {
 }
 
 #[tokio::test]
+async fn a_deleted_chat_leaves_no_metric_series_behind() {
+    let namespace = unique_namespace();
+    let h = Harness::new(chat(&namespace, &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    let mut deleting = h.chat().await;
+    deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+    deleting.metadata.resource_version = None;
+    let h = Harness::new(deleting, &amqp_url()).await;
+    // What the autoscaler reported for the chat while it ran.
+    let labels = parley_operator::metrics::LanguageLabels {
+        namespace: namespace.clone(),
+        chat: NAME.into(),
+        language: "de".into(),
+    };
+    h.ctx.metrics.backlog.get_or_create(&labels).set(3);
+    h.ctx.metrics.desired_replicas.get_or_create(&labels).set(2);
+    assert!(h.ctx.metrics.encode().contains(&namespace));
+
+    reconcile(Arc::new(h.chat().await), h.ctx.clone()).await.unwrap();
+
+    let metrics = h.ctx.metrics.encode();
+    assert!(!metrics.contains(&namespace), "series of a chat that is gone: {metrics}");
+}
+
+#[tokio::test]
 async fn an_unreachable_broker_sets_broker_ready_false_while_every_other_object_is_applied() {
     let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), "amqp://guest:guest@127.0.0.1:1/%2f").await;
 

@@ -143,6 +143,17 @@ impl Context {
         Self { clock, ..self }
     }
 
+    /// Drops what this process kept about `chat` once its finalizer lets go: the backoff count, the
+    /// autoscaling history and the metric series of its `languages`.
+    fn forget(&self, chat: &ChatDeployment, languages: &[String]) {
+        let key = key(chat);
+        self.failures.lock().expect("failures lock").remove(&key);
+        let histories = self.histories.lock().expect("histories lock").remove(&key);
+        let mut languages = languages.to_vec();
+        languages.extend(histories.into_iter().flat_map(|h| h.into_keys()));
+        self.metrics.forget(&chat.namespace().unwrap_or_default(), &chat.name_any(), &languages);
+    }
+
     async fn publish(&self, chat: &ChatDeployment, note: Note) {
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
         let event = Event {
@@ -332,6 +343,7 @@ pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Err
         Ok(()) => {
             let text = format!("deleted {}.* from the broker", topology.prefix());
             ctx.publish(chat, Note::normal(Reason::TopologyRemoved, text)).await;
+            ctx.forget(chat, &languages);
             Ok(Action::await_change())
         }
         Err(err) => {
@@ -346,6 +358,7 @@ pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Err
                 // Never block deletion forever: say what was left behind instead.
                 let text = format!("left {}.* on the broker: {err}", topology.prefix());
                 ctx.publish(chat, Note::warning(Reason::TopologyLeftBehind, text)).await;
+                ctx.forget(chat, &languages);
                 Ok(Action::await_change())
             } else {
                 ctx.publish(chat, Note::warning(err.reason(), err.to_string())).await;
