@@ -62,6 +62,7 @@ def schema_rejects():
         "a namespace that is not a DNS label": {"watchNamespaces": ["Not_A_Namespace"]},
         "a port out of range": {"metrics": {"service": {"port": 70000}}},
         "a non-boolean switch": {"metrics": {"serviceMonitor": {"enabled": "yes"}}},
+        "a disruption budget of no pods": {"podDisruptionBudget": {"maxUnavailable": 0}},
     }
     for what, values in bad.items():
         try:
@@ -101,6 +102,13 @@ def in_sync(rendered):
     check(len(operator) == 1 and operator[0]["spec"]["replicas"] == 2
           and any(e["name"] == "POD_NAME" for c in operator[0]["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])),
           "the default install runs two operator replicas, each with its own identity (POD_NAME) for the Lease")
+    budgets = [d for d in default if d["kind"] == "PodDisruptionBudget"]
+    check(len(budgets) == 1 and budgets[0]["spec"]["maxUnavailable"] == 1
+          and budgets[0]["spec"]["selector"]["matchLabels"] == operator[0]["spec"]["selector"]["matchLabels"],
+          "the default install's operator replicas have a PodDisruptionBudget (one down at a time)")
+    anti = operator[0]["spec"]["template"]["spec"].get("affinity", {}).get("podAntiAffinity", {})
+    check(anti.get("preferredDuringSchedulingIgnoredDuringExecution", [{}])[0].get("podAffinityTerm", {}).get("topologyKey") == "kubernetes.io/hostname",
+          "the default install's operator replicas prefer different nodes")
     namespaced = dict(rendered)["namespaced"]
     check(not any(d["kind"] == "ClusterRole" for d in namespaced)
           and {d["metadata"]["namespace"] for d in namespaced if d["kind"] == "Role"} >= {"events", "support"},

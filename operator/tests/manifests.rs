@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{Namespace, Secret, Service, ServiceAccount},
+    policy::v1::PodDisruptionBudget,
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use kube::CustomResource;
@@ -96,6 +97,7 @@ fn check_document(document: &Value) -> Result<Vec<String>, String> {
         ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(document),
         ("v1", "Namespace") => round_trip::<Namespace>(document),
         ("apps/v1", "Deployment") => round_trip::<Deployment>(document),
+        ("policy/v1", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(document),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(document),
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => round_trip::<ClusterRoleBinding>(document),
         ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(document),
