@@ -531,6 +531,26 @@ async fn a_deleted_chat_leaves_no_metric_series_behind() {
 }
 
 #[tokio::test]
+async fn a_warning_repeated_by_retries_is_one_event_with_a_count() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), "amqp://guest:guest@127.0.0.1:1/%2f").await;
+    for _ in 0..3 {
+        assert!(h.reconcile().await.is_err());
+    }
+    let api = h.api::<k8s_openapi::api::events::v1::Event>();
+    let unreachable: Vec<_> = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("BrokerUnreachable"))
+        .collect();
+    assert_eq!(unreachable.len(), 1, "one Event, not one per retry: {unreachable:?}");
+    let count = unreachable[0].series.as_ref().map(|s| s.count);
+    assert_eq!(count, Some(3), "{:?}", unreachable[0]);
+}
+
+#[tokio::test]
 async fn an_unreachable_broker_sets_broker_ready_false_while_every_other_object_is_applied() {
     let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), "amqp://guest:guest@127.0.0.1:1/%2f").await;
 

@@ -122,11 +122,14 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     /// Whether the KEDA CRDs are installed, found out by the first reconcile that can ask.
     keda: tokio::sync::OnceCell<bool>,
+    /// One recorder for every Event, so one repeated by retries becomes a series with a count.
+    recorder: Recorder,
 }
 
 impl Context {
     pub fn new(client: Client, reporter: Reporter, metrics: Arc<Metrics>, settings: Settings) -> Self {
         Self {
+            recorder: Recorder::new(client.clone(), reporter.clone()),
             client,
             reporter,
             metrics,
@@ -155,7 +158,6 @@ impl Context {
     }
 
     async fn publish(&self, chat: &ChatDeployment, note: Note) {
-        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
         let event = Event {
             type_: note.kind,
             reason: note.reason.as_str().into(),
@@ -163,7 +165,7 @@ impl Context {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(err) = recorder.publish(&event, &chat.object_ref(&())).await {
+        if let Err(err) = self.recorder.publish(&event, &chat.object_ref(&())).await {
             tracing::warn!(error = %err, reason = %note.reason, "failed to publish an Event");
         }
     }
