@@ -48,13 +48,37 @@ ensure_apy_running() {
   return 1
 }
 
+# RabbitMQ counts the files of every quorum queue against its open-file limit. At Debian's default soft
+# limit of 1024 a few hundred queues (a test run declares that many) leave no handle for a new
+# connection, which then hangs before the AMQP handshake. Where this script starts the broker it
+# raises the limit; a running broker with a low one gets a warning.
+RABBITMQ_ENV=/etc/rabbitmq/rabbitmq-env.conf
+
+rabbitmq_file_limit() {
+  grep -qs '^ulimit -S -n' "$RABBITMQ_ENV" && return 0
+  local limit
+  limit=$(ulimit -Hn)
+  [ "$limit" = unlimited ] && limit=65536
+  log "raising RabbitMQ's open-file limit to $limit ($RABBITMQ_ENV)"
+  echo "ulimit -S -n $limit" | as_root tee -a "$RABBITMQ_ENV" >/dev/null
+}
+
+warn_low_file_limit() {
+  local limit
+  limit=$(as_root rabbitmqctl -q eval 'file_handle_cache:get_limit().' 2>/dev/null | tr -dc 0-9)
+  if [ -n "$limit" ] && [ "$limit" -lt 4000 ]; then
+    log "warning: RabbitMQ may open only $limit files; the tests' quorum queues can exhaust that and hang new connections. Add 'ulimit -S -n 20000' to $RABBITMQ_ENV and restart RabbitMQ"
+  fi
+}
+
 ensure_rabbitmq() {
-  if port_open 5672 && command -v rabbitmqctl >/dev/null; then return 0; fi
+  if port_open 5672 && command -v rabbitmqctl >/dev/null; then warn_low_file_limit; return 0; fi
   command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server || {
     log "RabbitMQ is needed: install rabbitmq-server and start it on 127.0.0.1:5672"
     return 1
   }
   if ! port_open 5672; then
+    rabbitmq_file_limit
     log "starting RabbitMQ"
     as_root rabbitmq-server -detached
   fi
