@@ -309,43 +309,55 @@ async fn a_language_added_to_a_running_chat_gets_its_queue_and_translator() {
     assert_eq!(depth(&h.topology().translate_queue("fr")).await, Some(1));
 }
 
-#[tokio::test]
-async fn with_namespaces_given_the_controllers_watch_and_touch_only_those() {
-    let (events, elsewhere) = (unique_namespace(), unique_namespace());
-    let client = kube_fake_client::ClientBuilder::new()
+/// Runs the process's controllers (`run::control_namespaces`) for `watched` (every namespace when
+/// empty) over an API holding the chat `town-hall` in each of `namespaces`, until those in
+/// `wait_for` are reconciled. Returns every request they made and, per namespace, whether its chat
+/// was reconciled.
+async fn run_controllers(namespaces: &[&str], watched: &[&str], wait_for: &[&str]) -> (Vec<String>, Vec<bool>) {
+    let mut builder = kube_fake_client::ClientBuilder::new()
         .with_resource::<ChatDeployment>()
         .with_status_subresource::<ChatDeployment>()
-        .with_status_subresource::<Deployment>()
-        .with_object(secret(&events, &amqp_url()))
-        .with_object(secret(&elsewhere, &amqp_url()))
-        .with_object(chat(&events, &[("de", 1)]))
-        .with_object(chat(&elsewhere, &[("de", 1)]))
-        .build()
-        .await
-        .unwrap();
+        .with_status_subresource::<Deployment>();
+    for namespace in namespaces {
+        builder = builder.with_object(secret(namespace, &amqp_url())).with_object(chat(namespace, &[("de", 1)]));
+    }
+    let client = builder.build().await.unwrap();
     let recorder = recorder::Recorder::default();
     let reporter = Reporter { controller: "parley-operator".into(), instance: Some("test".into()) };
     let ctx = Context::new(recorder.wrap(client.clone()), reporter, Arc::new(Metrics::default()), Settings::new("img"));
     let stop = tokio_util::sync::CancellationToken::new();
-    let (operator, namespaces, token) = (recorder.wrap(client.clone()), vec![events.clone()], stop.clone());
+    let watched: Vec<String> = watched.iter().map(|n| n.to_string()).collect();
+    let (operator, token) = (recorder.wrap(client.clone()), stop.clone());
     let run = tokio::spawn(async move {
-        parley_operator::run::control_namespaces(operator, &namespaces, Arc::new(ctx), token).await
+        parley_operator::run::control_namespaces(operator, &watched, Arc::new(ctx), token).await
     });
-
-    let finalized = |namespace: String| {
+    let reconciled = |namespace: String| {
         let api: Api<ChatDeployment> = Api::namespaced(client.clone(), &namespace);
-        async move { ours(&api.get("town-hall").await.unwrap()) }
+        async move { ours(&api.get(NAME).await.unwrap()) }
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !finalized(events.clone()).await {
-        assert!(tokio::time::Instant::now() < deadline, "the chat in a watched namespace is reconciled");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for namespace in wait_for {
+        while !reconciled(namespace.to_string()).await {
+            assert!(tokio::time::Instant::now() < deadline, "the chat in {namespace} is never reconciled");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     stop.cancel();
     run.await.unwrap();
+    let mut each = Vec::new();
+    for namespace in namespaces {
+        each.push(reconciled(namespace.to_string()).await);
+    }
+    delete_topologies(namespaces).await;
+    (recorder.requests(), each)
+}
 
-    assert!(!finalized(elsewhere.clone()).await, "a chat outside --namespaces is left alone");
-    let requests = recorder.requests();
+#[tokio::test]
+async fn with_namespaces_given_the_controllers_watch_and_touch_only_those() {
+    let (events, elsewhere) = (unique_namespace(), unique_namespace());
+    let (requests, reconciled) = run_controllers(&[&events, &elsewhere], &[&events], &[&events]).await;
+
+    assert_eq!(reconciled, [true, false], "a chat outside --namespaces is left alone");
     for kind in ["chatdeployments", "deployments", "services", "configmaps", "secrets"] {
         let watch = format!("/namespaces/{events}/{kind}?");
         assert!(requests.iter().any(|r| r.starts_with("GET") && r.contains(&watch)), "{kind} watched in {events}");
@@ -353,47 +365,16 @@ async fn with_namespaces_given_the_controllers_watch_and_touch_only_those() {
     for request in &requests {
         assert!(request.contains(&format!("/namespaces/{events}/")), "outside the watched namespace: {request}");
     }
-    delete_topologies(&[&events]).await;
 }
 
 #[tokio::test]
 async fn without_namespaces_the_controllers_watch_the_whole_cluster() {
     let (one, two) = (unique_namespace(), unique_namespace());
-    let client = kube_fake_client::ClientBuilder::new()
-        .with_resource::<ChatDeployment>()
-        .with_status_subresource::<ChatDeployment>()
-        .with_status_subresource::<Deployment>()
-        .with_object(secret(&one, &amqp_url()))
-        .with_object(secret(&two, &amqp_url()))
-        .with_object(chat(&one, &[("de", 1)]))
-        .with_object(chat(&two, &[("de", 1)]))
-        .build()
-        .await
-        .unwrap();
-    let recorder = recorder::Recorder::default();
-    let reporter = Reporter { controller: "parley-operator".into(), instance: Some("test".into()) };
-    let ctx = Context::new(recorder.wrap(client.clone()), reporter, Arc::new(Metrics::default()), Settings::new("img"));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let (operator, token) = (recorder.wrap(client.clone()), stop.clone());
-    let run =
-        tokio::spawn(
-            async move { parley_operator::run::control_namespaces(operator, &[], Arc::new(ctx), token).await },
-        );
-    let finalized = |namespace: String| {
-        let api: Api<ChatDeployment> = Api::namespaced(client.clone(), &namespace);
-        async move { ours(&api.get("town-hall").await.unwrap()) }
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !(finalized(one.clone()).await && finalized(two.clone()).await) {
-        assert!(tokio::time::Instant::now() < deadline, "a chat in every namespace is reconciled");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.cancel();
-    run.await.unwrap();
-    let requests = recorder.requests();
+    let (requests, reconciled) = run_controllers(&[&one, &two], &[], &[&one, &two]).await;
+
+    assert_eq!(reconciled, [true, true]);
     let watch = "/apis/chat.parley.dev/v1alpha1/chatdeployments?";
     assert!(requests.iter().any(|r| r.starts_with("GET") && r.contains(watch)), "one cluster-wide watch: {requests:?}");
-    delete_topologies(&[&one, &two]).await;
 }
 
 /// Removes the topologies of the chat `town-hall` in `namespaces`, which a test's controllers declared.
