@@ -87,6 +87,30 @@ struct Harness {
     clock: Arc<fixtures::TestClock>,
 }
 
+/// Every language a test here uses.
+const TEST_LANGUAGES: [&str; 5] = ["de", "fr", "it", "es", "ca"];
+
+impl Drop for Harness {
+    /// Deletes whatever topology the test's reconciles declared, so a run does not pile up quorum
+    /// queues on the broker (each holds file handles) until `scripts/test` drops the vhost.
+    fn drop(&mut self) {
+        let namespace = std::mem::take(&mut self.namespace);
+        // Drop runs inside the test's runtime, which cannot block on its own futures.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let Ok(topology) = Topology::for_chat_deployment(&namespace, NAME) else { return };
+                if let Ok(connection) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+                    if let Ok(channel) = connection.create_channel().await {
+                        let _ = parley_contract::topology::delete_all(&channel, &topology, &TEST_LANGUAGES).await;
+                    }
+                }
+            })
+        })
+        .join();
+    }
+}
+
 impl Harness {
     async fn new(chat: ChatDeployment, broker_uri: &str) -> Self {
         Self::build(chat, broker_uri, false).await
