@@ -144,17 +144,11 @@ mod tests {
     use crate::{fixtures::chat, reconcile::validate::validate};
 
     pub fn inputs() -> Inputs {
-        Inputs::new(
-            OwnerReference {
-                api_version: "chat.parley.dev/v1alpha1".into(),
-                kind: "ChatDeployment".into(),
-                name: "town-hall".into(),
-                uid: "4b1c9d2e-0000-4000-8000-000000000001".into(),
-                controller: Some(true),
-                block_owner_deletion: Some(true),
-            },
-            "secrets-v1".into(),
-        )
+        // The owner reference the reconcile really sets (kube's `controller_owner_ref`).
+        use kube::Resource as _;
+        let mut owner = chat(&[]);
+        owner.metadata.uid = Some("4b1c9d2e-0000-4000-8000-000000000001".into());
+        Inputs::new(owner.controller_owner_ref(&()).expect("a uid"), "secrets-v1".into())
     }
 
     fn desired() -> Desired {
