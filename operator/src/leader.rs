@@ -66,9 +66,9 @@ pub fn default_identity() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "operator".into());
-    let mut random = std::collections::hash_map::RandomState::new().build_hasher();
-    random.write_u32(std::process::id());
-    format!("{host}-{:08x}", random.finish() as u32)
+    // Each RandomState carries fresh random keys: the hash of nothing is a random number.
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    format!("{host}-{:08x}", random as u32)
 }
 
 impl LeaderElector {

@@ -84,35 +84,56 @@ impl Outage {
     }
 }
 
+/// A gateway, a fanout and a Spanish translator on RabbitMQ whose provider is down (behind
+/// `outage`), and a subscriber of a new chat.
+struct DuringOutage {
+    outage: Outage,
+    provider_url: String,
+    prefix: String,
+    gateway: Server,
+    _fanout: Server,
+    translator: Server,
+    chat: String,
+    subscriber: WsClient,
+    /// Last, so dropped last: after the processes that use the topology.
+    _cleanup: TopologyCleanup,
+}
+
+impl DuringOutage {
+    async fn start(test: &str) -> Self {
+        let outage = Outage::default();
+        let provider_url = outage.clone().serve().await;
+        let prefix = unique_prefix(test);
+        let cleanup = TopologyCleanup::new(&prefix, &["es"]);
+        let url = amqp_url();
+        let broker = broker_args(&prefix, &url, "es");
+        let gateway = Server::start(&[&["gateway"], broker.as_slice()].concat()).await;
+        let fanout = Server::start(&[&["fanout"], broker.as_slice()].concat()).await;
+        let translator = Deployment::spawn_translator(&prefix, "es", &provider_url).ready().await;
+        let chat = unique_chat();
+        let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
+        subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
+        Self { outage, provider_url, prefix, gateway, _fanout: fanout, translator, chat, subscriber, _cleanup: cleanup }
+    }
+}
+
 #[tokio::test]
 async fn a_translator_retries_a_provider_that_is_down_and_translates_once_it_is_up() {
-    let outage = Outage::default();
-    let provider_url = outage.clone().serve().await;
-    let prefix = unique_prefix("provider-down");
-    // Declared first, so dropped last: after the processes that use the topology.
-    let _cleanup = TopologyCleanup::new(&prefix, &["es"]);
-    let url = amqp_url();
-    let broker = broker_args(&prefix, &url, "es");
-    let gateway = Server::start(&[&["gateway"], broker.as_slice()].concat()).await;
-    let _fanout = Server::start(&[&["fanout"], broker.as_slice()].concat()).await;
-    let spanish = Deployment::spawn_translator(&prefix, "es", &provider_url).ready().await;
-    let chat = unique_chat();
-    let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
-    subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
+    let mut d = DuringOutage::start("provider-down").await;
 
-    let id = send(&gateway.http(), &chat, "Good morning, how are you?").await;
-    let early = subscriber.collect_message(&id, 2, Duration::from_secs(2)).await;
+    let id = send(&d.gateway.http(), &d.chat, "Good morning, how are you?").await;
+    let early = d.subscriber.collect_message(&id, 2, Duration::from_secs(2)).await;
     assert_eq!(early.len(), 1, "only the original while the provider is down");
 
     let apertium = Apertium::start().await;
-    outage.end(&apertium.url);
-    let late = subscriber.collect_message(&id, 1, Duration::from_secs(60)).await;
+    d.outage.end(&apertium.url);
+    let late = d.subscriber.collect_message(&id, 1, Duration::from_secs(60)).await;
     assert_eq!(late.len(), 1, "the translation arrives once the provider is back");
     assert!(late[0]["text"].as_str().unwrap().contains("Buenos días"), "{}", late[0]);
-    assert_eq!(dead_letters(&prefix).await, Some(0), "nothing was dead-lettered");
+    assert_eq!(dead_letters(&d.prefix).await, Some(0), "nothing was dead-lettered");
     // Waited out in place, with backoff: the translator kept the message and retried the provider,
     // never giving it back to the queue (which would count towards the delivery limit).
-    let log = spanish.log_text();
+    let log = d.translator.log_text();
     assert!(log.contains("translation failed; retrying") && log.contains("attempt=3"), "{log}");
     assert!(!log.contains("giving the message back to the queue"), "{log}");
 }
@@ -126,35 +147,25 @@ async fn ready(queue: &str) -> u32 {
 
 #[tokio::test]
 async fn a_translator_stopped_while_its_provider_is_down_gives_the_message_back_and_the_next_one_translates_it() {
-    let outage = Outage::default();
-    let provider_url = outage.clone().serve().await;
-    let prefix = unique_prefix("stop-in-outage");
-    let _cleanup = TopologyCleanup::new(&prefix, &["es"]);
-    let url = amqp_url();
-    let broker = broker_args(&prefix, &url, "es");
-    let gateway = Server::start(&[&["gateway"], broker.as_slice()].concat()).await;
-    let _fanout = Server::start(&[&["fanout"], broker.as_slice()].concat()).await;
-    let mut first = Deployment::spawn_translator(&prefix, "es", &provider_url).ready().await;
-    let chat = unique_chat();
-    let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
-    subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
+    let mut d = DuringOutage::start("stop-in-outage").await;
 
-    let id = send(&gateway.http(), &chat, "Good morning, how are you?").await;
+    let id = send(&d.gateway.http(), &d.chat, "Good morning, how are you?").await;
     let deadline = std::time::Instant::now() + DELIVERY;
-    while !first.log_text().contains("translation failed; retrying") {
+    while !d.translator.log_text().contains("translation failed; retrying") {
         assert!(std::time::Instant::now() < deadline, "the translator never tried the provider");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(first.terminate().success(), "a clean exit on SIGTERM");
-    assert!(first.log_text().contains("giving the message back to the queue"), "{}", first.log_text());
-    let queue = parley_contract::topology::Topology::new(prefix.as_str()).unwrap().translate_queue("es");
+    assert!(d.translator.terminate().success(), "a clean exit on SIGTERM");
+    assert!(d.translator.log_text().contains("giving the message back to the queue"), "{}", d.translator.log_text());
+    let queue = parley_contract::topology::Topology::new(d.prefix.as_str()).unwrap().translate_queue("es");
     // It, and the warm-ups sent while subscribing, wait in the queue.
     assert!(ready(&queue).await >= 1, "the message waits in its queue");
 
     let apertium = Apertium::start().await;
-    outage.end(&apertium.url);
-    let _second = Deployment::spawn_translator(&prefix, "es", &provider_url).ready().await;
-    let translated: Vec<_> = subscriber
+    d.outage.end(&apertium.url);
+    let _second = Deployment::spawn_translator(&d.prefix, "es", &d.provider_url).ready().await;
+    let translated: Vec<_> = d
+        .subscriber
         .collect_message(&id, 2, Duration::from_secs(60))
         .await
         .into_iter()

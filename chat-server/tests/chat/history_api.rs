@@ -125,20 +125,25 @@ async fn arguments_out_of_range_are_bad_user_input() {
     assert_eq!(code(&refused), "BAD_USER_INPUT", "{refused}");
 }
 
+/// Waits until retention has deleted every message of `chat`.
+async fn until_expired(server: &Server, chat: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let response = graphql(&server.http(), HISTORY, json!({"chatId": chat})).await;
+        if response["data"]["messages"] == json!([]) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing expired: {response}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn retention_deletes_old_messages_and_numbering_goes_on() {
     let server = standalone(&["--history-retention", "1s"]).await;
     let chat = unique_chat();
     sent_and_stored(&server, &chat, 3).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let response = graphql(&server.http(), HISTORY, json!({"chatId": chat})).await;
-        if response["data"]["messages"] == json!([]) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "nothing expired: {response}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_expired(&server, &chat, Duration::from_secs(20)).await;
     sent_and_stored(&server, &chat, 1).await;
     let response = graphql(&server.http(), HISTORY, json!({"chatId": chat})).await;
     assert_eq!(response["data"]["messages"][0]["seq"], 4, "{response}");
@@ -150,15 +155,7 @@ async fn on_postgresql_one_of_two_fanouts_enforces_retention_and_numbering_goes_
     let d = Deployment::with("retention", layout).await;
     let (server, chat) = (d.gateway(), unique_chat());
     sent_and_stored(server, &chat, 3).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let response = graphql(&server.http(), HISTORY, json!({"chatId": chat})).await;
-        if response["data"]["messages"] == json!([]) {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "nothing expired: {response}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_expired(server, &chat, Duration::from_secs(30)).await;
     let enforcing = d.fanouts.iter().filter(|f| f.log_text().contains("enforces the history's retention")).count();
     assert_eq!(enforcing, 1, "one fanout deletes");
     sent_and_stored(server, &chat, 1).await;

@@ -274,14 +274,26 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
 /// no retry until the next edit (a bad spec does not fix itself).
 async fn reject(chat: &ChatDeployment, ctx: &Context, errors: &[SpecError], now: &Time) -> Result<Action, Error> {
     let status = status::invalid(chat.status.as_ref(), errors, chat.meta().generation, now);
+    let text = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    write_not_ready(chat, ctx, status, Note::warning(Reason::InvalidSpec, text)).await?;
+    ctx.metrics.error(Reason::InvalidSpec.as_str());
+    Ok(Action::await_change())
+}
+
+/// Writes a `Ready=False` status, then publishes `note` if that changed a condition (a retry that
+/// finds the same failure says nothing new).
+async fn write_not_ready(
+    chat: &ChatDeployment,
+    ctx: &Context,
+    status: ChatDeploymentStatus,
+    note: Note,
+) -> Result<(), Error> {
     let flipped = chat.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions);
     patch_status(ctx, chat, status).await?;
     if flipped {
-        let text = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-        ctx.publish(chat, Note::warning(Reason::InvalidSpec, text)).await;
+        ctx.publish(chat, note).await;
     }
-    ctx.metrics.error(Reason::InvalidSpec.as_str());
-    Ok(Action::await_change())
+    Ok(())
 }
 
 /// An object the API server refused: `Ready=False` with its error (and an Event when that is news),
@@ -290,12 +302,8 @@ async fn apply_failed(chat: &ChatDeployment, ctx: &Context, err: kube::Error, no
     let message = format!("applying the chat's objects failed: {err}");
     let status =
         status::not_ready(chat.status.as_ref(), Reason::ApplyFailed, message.clone(), chat.meta().generation, now);
-    let flipped = chat.status.as_ref().map(|s| &s.conditions) != Some(&status.conditions);
-    if let Err(status_err) = patch_status(ctx, chat, status).await {
+    if let Err(status_err) = write_not_ready(chat, ctx, status, Note::warning(Reason::ApplyFailed, message)).await {
         tracing::warn!(chat = key(chat), error = %status_err, "failed to write the apply failure to status");
-    }
-    if flipped {
-        ctx.publish(chat, Note::warning(Reason::ApplyFailed, message)).await;
     }
     Error::Kube(err)
 }
