@@ -69,6 +69,10 @@ pub struct Settings {
     pub history_url: Option<String>,
     /// How long deliveries stay in the history; `None` keeps them.
     pub history_retention: Option<Duration>,
+    /// How long a role may make no progress while it has work before `/healthz` fails.
+    pub stall_timeout: Duration,
+    /// How long a SIGTERM waits for the work in hand before the process exits anyway.
+    pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
 }
 
@@ -109,6 +113,10 @@ impl Settings {
         }
         let topology_prefix = o.topology_prefix.unwrap_or_else(|| topology::STANDALONE_PREFIX.into());
         topology::Topology::new(topology_prefix.as_str()).map_err(|e| invalid("topology-prefix", e.to_string()))?;
+        let seconds = |setting, value: Option<u64>, default| match value.unwrap_or(default) {
+            0 => Err(invalid(setting, "must be at least 1")),
+            n => Ok(n),
+        };
         let positive = |setting, value: Option<usize>, default| match value.unwrap_or(default) {
             0 => Err(invalid(setting, "must be at least 1")),
             n => Ok(n),
@@ -144,6 +152,8 @@ impl Settings {
                     })?)
                 }
             },
+            stall_timeout: Duration::from_secs(seconds("stall-timeout-secs", o.stall_timeout_secs, 60)?),
+            shutdown_timeout: Duration::from_secs(seconds("shutdown-timeout-secs", o.shutdown_timeout_secs, 25)?),
             log_format: o.log_format.unwrap_or(LogFormat::Text),
         })
     }

@@ -1,20 +1,40 @@
-//! `/healthz` (the process is alive) and `/readyz` (it can serve: the broker connection is up), for every role.
+//! `/healthz` (liveness: the process makes progress) and `/readyz` (it can serve: the broker
+//! connection is up), for every role.
 
 use axum::{http::StatusCode, routing::get, Router};
 
-/// The health routes; `ready` answers `/readyz`.
-pub fn routes<S: Clone + Send + Sync + 'static>(ready: impl Fn() -> bool + Clone + Send + Sync + 'static) -> Router<S> {
-    Router::new().route("/healthz", get(|| async { "ok" })).route(
-        "/readyz",
-        get(move || {
-            let ready = ready();
-            async move {
-                if ready {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "broker connection is down")
+/// The health routes; `ready` answers `/readyz`, `stalled` (why the role is stuck, if it is) `/healthz`.
+pub fn routes<S: Clone + Send + Sync + 'static>(
+    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
+    stalled: impl Fn() -> Option<String> + Clone + Send + Sync + 'static,
+) -> Router<S> {
+    Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let stalled = stalled();
+                async move {
+                    match stalled {
+                        None => (StatusCode::OK, "ok".to_owned()),
+                        Some(reason) => {
+                            tracing::error!(reason, "stuck: /healthz fails so that the process is restarted");
+                            (StatusCode::SERVICE_UNAVAILABLE, format!("stuck: {reason}"))
+                        }
+                    }
                 }
-            }
-        }),
-    )
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "broker connection is down")
+                    }
+                }
+            }),
+        )
 }

@@ -20,17 +20,28 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Text => logs.init(),
     }
     let cancel = CancellationToken::new();
-    tokio::spawn(stop_on_signal(cancel.clone()));
+    tokio::spawn(stop_on_signal(cancel.clone(), settings.shutdown_timeout));
     chat_server::roles::run(cli.role, settings, cancel).await
 }
 
-/// SIGTERM or Ctrl-C starts a graceful shutdown.
-async fn stop_on_signal(cancel: CancellationToken) {
+/// SIGTERM or Ctrl-C starts a graceful shutdown; one that takes longer than `deadline` (a publish
+/// waiting for a broker that went quiet, say) ends in an exit with status 1 all the same.
+async fn stop_on_signal(cancel: CancellationToken, deadline: std::time::Duration) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("shutting down");
+    tracing::info!(deadline = ?deadline, "shutting down");
     cancel.cancel();
+    // A thread of its own: it must fire even when the runtime's threads are the ones stuck.
+    std::thread::spawn(move || {
+        std::thread::sleep(deadline);
+        tracing::error!(
+            deadline = ?deadline,
+            "shutdown did not finish in time; exiting now: the messages in hand are abandoned unacknowledged, \
+             and the broker delivers them again to another consumer"
+        );
+        std::process::exit(1);
+    });
 }

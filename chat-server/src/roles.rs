@@ -10,7 +10,11 @@ use anyhow::Context as _;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    bus::{amqp::AmqpBus, memory::MemoryBus, Bus},
+    bus::{
+        amqp::{AmqpBus, Recovery},
+        memory::MemoryBus,
+        Bus,
+    },
     config::{Role, Settings},
     fanout::{Fanout, Retention},
     gateway,
@@ -43,7 +47,7 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
             let bus = dispatcher
                 .run({
                     let (settings, cancel) = (settings.clone(), cancel.clone());
-                    async move { connect(&settings, &settings.languages, "gateway", &cancel).await }
+                    async move { connect(&settings, &settings.languages, "gateway", Recovery::Automatic, &cancel).await }
                 })
                 .await?;
             let served = gateway::serve(bus.clone(), history, &settings, &dispatcher, cancel).await;
@@ -86,7 +90,7 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
                         Some(memory) => memory,
                         None => history::connect(&url, true).await?,
                     };
-                    let bus = connect(&settings, &settings.languages, "fanout", &cancel).await?;
+                    let bus = connect(&settings, &settings.languages, "fanout", Recovery::StartOver, &cancel).await?;
                     current.set(bus.clone());
                     let retention = settings.history_retention.map(Retention::new);
                     let result = Fanout::new(bus.clone(), history, retention).run(cancel).await;
@@ -104,11 +108,12 @@ async fn connect(
     settings: &Settings,
     languages: &[String],
     role: &str,
+    recovery: Recovery,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Arc<dyn Bus>> {
     let url = settings.amqp_url.as_deref().context("the broker URL is missing: pass --amqp-url (PARLEY_AMQP_URL)")?;
     let topology = parley_contract::topology::Topology::new(settings.topology_prefix.as_str())?;
-    let bus = AmqpBus::connect(url, topology, languages, &format!("parley-{role}"), cancel).await?;
+    let bus = AmqpBus::connect(url, topology, languages, &format!("parley-{role}"), recovery, cancel).await?;
     Ok(Arc::new(bus))
 }
 
@@ -122,7 +127,10 @@ async fn translator(
     let provider = provider::build(kind, url, settings.translator_api_key.clone(), settings.translator_timeout)?;
     let bus = match bus {
         Some(bus) => bus,
-        None => connect(settings, &[language.to_owned()], &format!("translator-{language}"), cancel).await?,
+        None => {
+            let role = format!("translator-{language}");
+            connect(settings, &[language.to_owned()], &role, Recovery::StartOver, cancel).await?
+        }
     };
     Ok(Arc::new(Translator {
         language: language.to_owned(),
@@ -150,6 +158,10 @@ impl CurrentBus {
     fn is_ready(&self) -> bool {
         self.0.read().expect("bus lock").as_ref().is_some_and(|bus| bus.is_ready())
     }
+
+    fn stalled(&self, timeout: Duration) -> Option<String> {
+        self.0.read().expect("bus lock").as_ref().and_then(|bus| bus.stalled(timeout))
+    }
 }
 
 /// Runs a worker role beside a health server on `--listen`, starting it again on a fresh connection
@@ -171,10 +183,16 @@ where
     let current = CurrentBus::default();
     let health = axum::serve(
         listener,
-        crate::health::routes::<()>({
-            let current = current.clone();
-            move || current.is_ready()
-        }),
+        crate::health::routes::<()>(
+            {
+                let current = current.clone();
+                move || current.is_ready()
+            },
+            {
+                let (current, timeout) = (current.clone(), settings.stall_timeout);
+                move || current.stalled(timeout)
+            },
+        ),
     )
     .with_graceful_shutdown(cancel.clone().cancelled_owned());
     let health = tokio::spawn(async move { health.await });
@@ -221,14 +239,12 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
     let dispatcher = gateway::Dispatcher::start().context("failed to start the dispatch thread")?;
     let bus: Arc<dyn Bus> = match settings.amqp_url {
         // The broker connection's tasks run on the dispatch thread, not behind the connections' tasks.
-        Some(_) => {
-            dispatcher
-                .run({
-                    let (settings, cancel) = (settings.clone(), cancel.clone());
-                    async move { connect(&settings, &settings.languages, "standalone", &cancel).await }
-                })
-                .await?
-        }
+        Some(_) => dispatcher
+            .run({
+                let (settings, cancel) = (settings.clone(), cancel.clone());
+                async move { connect(&settings, &settings.languages, "standalone", Recovery::Automatic, &cancel).await }
+            })
+            .await?,
         None => {
             tracing::info!("no --amqp-url: running on the in-process bus");
             Arc::new(MemoryBus::new(&settings.languages))

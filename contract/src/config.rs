@@ -107,6 +107,16 @@ pub struct ChatServerConfig {
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_HISTORY_RETENTION", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history_retention: Option<String>,
+    /// Seconds a role may make no progress while it has work (messages waiting in its queue, or a
+    /// publish, ack or connection in progress) before `/healthz` fails and Kubernetes restarts it. [default: 60]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_STALL_TIMEOUT_SECS", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_timeout_secs: Option<u64>,
+    /// Seconds a SIGTERM gets to finish the work in hand before the process exits anyway (what it
+    /// abandons is delivered again). Keep it under the pod's termination grace period. [default: 25]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SHUTDOWN_TIMEOUT_SECS", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_secs: Option<u64>,
     /// Log format. [default: text]
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_LOG_FORMAT", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,6 +154,8 @@ impl ChatServerConfig {
             subscriber_buffer,
             history_url,
             history_retention,
+            stall_timeout_secs,
+            shutdown_timeout_secs,
             log_format,
         )
     }

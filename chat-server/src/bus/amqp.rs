@@ -1,8 +1,16 @@
-//! The bus on RabbitMQ: publisher confirms on every publish, manual acks, lapin's automatic recovery.
+//! The bus on RabbitMQ: publisher confirms on every publish, manual acks, and one recovery mechanism
+//! per connection, chosen by the role ([`Recovery`]).
 //!
-//! Recovery is driven by the connection's state: lapin reconnects with backoff and replays the
-//! declared topology, bindings and consumers; a consumer that sees an error waits for that
-//! recovery and goes on, or ends its stream when the connection cannot be recovered.
+//! - The worker roles (translators, fanout) recover by starting over: a failed connection ends their
+//!   consumer's stream with an error, the role stops, closes that connection (bounded) and connects
+//!   afresh; the broker hands the unacknowledged messages out again. Nothing else reconnects that
+//!   connection, so no consumer is left behind on it.
+//! - The gateway keeps its connection through lapin's automatic recovery, which replays its
+//!   exclusive queue, the chats' bindings and the consumer; a recovery that fails ends the delivery
+//!   feed, and the gateway exits non-zero.
+//!
+//! Either way [`Progress`] records what the broker finished, so that a connection stuck without
+//! failing (a socket gone quiet, a recovery that never ends) fails `/healthz` after the stall timeout.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -19,18 +27,52 @@ use lapin::{
 use parley_contract::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
-use super::{Acker, Bus, BusError, ChatBinder, DeliveryStream, Incoming, IncomingStream, Origin, Route, Source};
+use super::{
+    progress::Progress, Acker, Bus, BusError, ChatBinder, DeliveryStream, Incoming, IncomingStream, Origin, Route,
+    Source,
+};
 
 fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BusError {
     let action = action.into();
     move |source| BusError::Amqp { action, source }
 }
 
+/// How a connection comes back after the broker or the network failed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// lapin reconnects and replays the topology, bindings and consumers (the gateway).
+    Automatic,
+    /// The connection stays failed: the role starts over on a new one (translators, fanout).
+    StartOver,
+}
+
+/// Heartbeat asked for when the URL sets none: a peer that went quiet is noticed within two of them,
+/// where the broker's default of 60 s would leave a dead connection looking alive for minutes.
+const HEARTBEAT_SECS: u16 = 10;
+
+/// How long one connection attempt may take, when the URL sets no `connection_timeout`.
+const CONNECT_TIMEOUT_MS: u64 = 10_000;
+
+/// How long closing a connection may take: a broker that does not answer must not hold a role up.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a consumed queue is looked at for messages waiting (see [`Progress::backlog`]).
+const BACKLOG_CHECK: Duration = Duration::from_secs(5);
+
 /// One connection to RabbitMQ with a confirming publish channel.
 pub struct AmqpBus {
-    connection: Connection,
+    connection: Arc<Connection>,
     publisher: Channel,
     topology: Topology,
+    progress: Arc<Progress>,
+    /// Ends the backlog checks with the bus.
+    checks: CancellationToken,
+}
+
+impl Drop for AmqpBus {
+    fn drop(&mut self) {
+        self.checks.cancel();
+    }
 }
 
 impl AmqpBus {
@@ -40,13 +82,20 @@ impl AmqpBus {
         topology: Topology,
         languages: &[S],
         connection_name: &str,
+        recovery: Recovery,
         cancel: &CancellationToken,
     ) -> Result<Self, BusError> {
+        let mut uri: lapin::uri::AMQPUri = url.parse().map_err(BusError::Url)?;
+        uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
+        // A broker that accepts TCP and says nothing must not hold a connect up forever.
+        uri.query.connection_timeout.get_or_insert(CONNECT_TIMEOUT_MS);
         let mut delay = Duration::from_millis(200);
         let connection = loop {
-            let props =
-                ConnectionProperties::default().with_connection_name(connection_name.into()).enable_auto_recover();
-            match Connection::connect(url, props).await {
+            let mut props = ConnectionProperties::default().with_connection_name(connection_name.into());
+            if recovery == Recovery::Automatic {
+                props = props.enable_auto_recover();
+            }
+            match Connection::connect_uri(uri.clone(), props).await {
                 Ok(connection) => break connection,
                 Err(err) => {
                     tracing::warn!(error = %err, retry_in = ?delay, "cannot connect to the broker");
@@ -63,32 +112,142 @@ impl AmqpBus {
         let publisher = connection.create_channel().await.map_err(amqp("open the publish channel"))?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enable publisher confirms"))?;
         parley_contract::topology::declare(&publisher, &topology, languages).await?;
-        tracing::info!(prefix = topology.prefix(), "connected to the broker and declared the topology");
-        Ok(Self { connection, publisher, topology })
+        tracing::info!(prefix = topology.prefix(), ?recovery, "connected to the broker and declared the topology");
+        let progress = Arc::new(Progress::default());
+        let connection = Arc::new(connection);
+        Ok(Self { connection, publisher, topology, progress, checks: CancellationToken::new() })
+    }
+
+    /// Looks at `queue` every [`BACKLOG_CHECK`] until the bus goes, recording whether messages wait.
+    fn watch_backlog(&self, queue: String, single_active: bool) {
+        let (connection, progress, stop) = (self.connection.clone(), self.progress.clone(), self.checks.clone());
+        tokio::spawn(async move {
+            let mut channel: Option<Channel> = None;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(BACKLOG_CHECK) => {}
+                }
+                if !connection.status().connected() {
+                    continue;
+                }
+                // A channel of its own: a failed look closes it, and nothing else.
+                if channel.as_ref().is_none_or(|c| !c.status().connected()) {
+                    channel = connection.create_channel().await.ok();
+                }
+                let Some(open) = &channel else { continue };
+                let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+                // A look that never gets its answer is itself work without progress.
+                let pending = progress.begin();
+                match open.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await {
+                    // An answer is not progress of the role's own: `pending` ends unfinished.
+                    Ok(found) => {
+                        drop(pending);
+                        progress.backlog(&queue, found.message_count() > 0, single_active);
+                    }
+                    Err(err) => tracing::debug!(queue, error = %err, "could not look at a queue's backlog"),
+                }
+            }
+        });
     }
 }
 
-struct AmqpAcker(lapin::Acker);
+impl AmqpBus {
+    /// Publishes `messages` in order and waits for every confirm.
+    async fn publish_confirmed(&self, messages: &[(Route<'_>, &[u8])]) -> Result<(), BusError> {
+        let exchanges: Vec<(String, &str, bool)> = messages
+            .iter()
+            .map(|(route, _)| match route {
+                Route::Posted => (self.topology.posted_exchange(), "", true),
+                Route::Translated => (self.topology.translated_exchange(), "", true),
+                // Deliveries feed live sockets only, so they need not survive a broker restart.
+                Route::Deliver { chat_id } => (self.topology.deliver_exchange(), *chat_id, false),
+            })
+            .collect();
+        let mut publishes: Vec<_> = messages
+            .iter()
+            .zip(&exchanges)
+            .map(|((_, payload), (exchange, routing_key, persistent))| {
+                let properties = BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(if *persistent { 2 } else { 1 });
+                let publish = self.publisher.basic_publish(
+                    exchange.as_str().into(),
+                    (*routing_key).into(),
+                    BasicPublishOptions::default(),
+                    payload,
+                    properties,
+                );
+                Box::pin(futures_util::future::maybe_done(publish))
+            })
+            .collect();
+        // lapin queues a publish's frames when it is first polled: polling each once, in order, sends
+        // them in order on the one channel (so per-chat order holds) without a round trip apiece.
+        std::future::poll_fn(|cx| {
+            for publish in &mut publishes {
+                let _ = publish.as_mut().poll(cx);
+            }
+            std::task::Poll::Ready(())
+        })
+        .await;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for (mut publish, (exchange, ..)) in publishes.into_iter().zip(&exchanges) {
+            publish.as_mut().await;
+            let confirm = publish.as_mut().take_output().expect("a finished publish has its output");
+            confirms.push((exchange, confirm.map_err(amqp(format!("publish to {exchange}")))?));
+        }
+        // Confirmed together: one round trip for the whole batch.
+        for (exchange, confirm) in confirms {
+            let confirmation = confirm.await.map_err(amqp(format!("confirm a publish to {exchange}")))?;
+            if confirmation.is_nack() {
+                return Err(BusError::Nacked { route: exchange.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+struct AmqpAcker {
+    acker: lapin::Acker,
+    progress: Arc<Progress>,
+}
+
+impl AmqpAcker {
+    async fn settle<T>(
+        &self,
+        action: &str,
+        all: bool,
+        settled: impl Future<Output = lapin::Result<T>>,
+    ) -> Result<(), BusError> {
+        let pending = self.progress.begin();
+        let result = settled.await.map(drop).map_err(amqp(action));
+        if result.is_ok() {
+            pending.finish();
+            self.progress.settled(all);
+        }
+        result
+    }
+}
 
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(&self) -> Result<(), BusError> {
-        self.0.ack(BasicAckOptions::default()).await.map(drop).map_err(amqp("ack a message"))
+        self.settle("ack a message", false, self.acker.ack(BasicAckOptions::default())).await
     }
 
     async fn ack_all_up_to(&self) -> Result<(), BusError> {
-        self.0.ack(BasicAckOptions { multiple: true }).await.map(drop).map_err(amqp("ack a batch of messages"))
+        self.settle("ack a batch of messages", true, self.acker.ack(BasicAckOptions { multiple: true })).await
     }
 
     async fn requeue(&self) -> Result<(), BusError> {
         let options = BasicNackOptions { requeue: true, ..Default::default() };
-        self.0.nack(options).await.map(drop).map_err(amqp("requeue a message"))
+        self.settle("requeue a message", false, self.acker.nack(options)).await
     }
 
     async fn dead_letter(&self) -> Result<(), BusError> {
         // Rejecting without requeue sends the message to the queue's dead-letter exchange.
         let options = BasicNackOptions { requeue: false, ..Default::default() };
-        self.0.nack(options).await.map(drop).map_err(amqp("dead-letter a message"))
+        self.settle("dead-letter a message", false, self.acker.nack(options)).await
     }
 }
 
@@ -156,54 +315,9 @@ impl Bus for AmqpBus {
     }
 
     async fn publish_all(&self, messages: &[(Route<'_>, &[u8])]) -> Result<(), BusError> {
-        let exchanges: Vec<(String, &str, bool)> = messages
-            .iter()
-            .map(|(route, _)| match route {
-                Route::Posted => (self.topology.posted_exchange(), "", true),
-                Route::Translated => (self.topology.translated_exchange(), "", true),
-                // Deliveries feed live sockets only, so they need not survive a broker restart.
-                Route::Deliver { chat_id } => (self.topology.deliver_exchange(), *chat_id, false),
-            })
-            .collect();
-        let mut publishes: Vec<_> = messages
-            .iter()
-            .zip(&exchanges)
-            .map(|((_, payload), (exchange, routing_key, persistent))| {
-                let properties = BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(if *persistent { 2 } else { 1 });
-                let publish = self.publisher.basic_publish(
-                    exchange.as_str().into(),
-                    (*routing_key).into(),
-                    BasicPublishOptions::default(),
-                    payload,
-                    properties,
-                );
-                Box::pin(futures_util::future::maybe_done(publish))
-            })
-            .collect();
-        // lapin queues a publish's frames when it is first polled: polling each once, in order, sends
-        // them in order on the one channel (so per-chat order holds) without a round trip apiece.
-        std::future::poll_fn(|cx| {
-            for publish in &mut publishes {
-                let _ = publish.as_mut().poll(cx);
-            }
-            std::task::Poll::Ready(())
-        })
-        .await;
-        let mut confirms = Vec::with_capacity(messages.len());
-        for (mut publish, (exchange, ..)) in publishes.into_iter().zip(&exchanges) {
-            publish.as_mut().await;
-            let confirm = publish.as_mut().take_output().expect("a finished publish has its output");
-            confirms.push((exchange, confirm.map_err(amqp(format!("publish to {exchange}")))?));
-        }
-        // Confirmed together: one round trip for the whole batch.
-        for (exchange, confirm) in confirms {
-            let confirmation = confirm.await.map_err(amqp(format!("confirm a publish to {exchange}")))?;
-            if confirmation.is_nack() {
-                return Err(BusError::Nacked { route: exchange.clone() });
-            }
-        }
+        let pending = self.progress.begin();
+        self.publish_confirmed(messages).await?;
+        pending.finish();
         Ok(())
     }
 
@@ -219,10 +333,13 @@ impl Bus for AmqpBus {
             .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(amqp(format!("consume {queue}")))?;
+        self.watch_backlog(queue.clone(), source == Source::Fanout);
         let posted = self.topology.posted_exchange();
         let translated = self.topology.translated_exchange();
+        let progress = self.progress.clone();
         let stream = recovering(channel, consumer).map(move |delivery| {
             let delivery = delivery.map_err(amqp(format!("consume {queue}")))?;
+            progress.delivered();
             let origin = if delivery.exchange.as_str() == posted {
                 Origin::Posted
             } else if delivery.exchange.as_str() == translated {
@@ -230,7 +347,8 @@ impl Bus for AmqpBus {
             } else {
                 Origin::Unknown
             };
-            Ok(Incoming::new(delivery.data, origin, delivery.redelivered, Box::new(AmqpAcker(delivery.acker))))
+            let acker = AmqpAcker { acker: delivery.acker, progress: progress.clone() };
+            Ok(Incoming::new(delivery.data, origin, delivery.redelivered, Box::new(acker)))
         });
         Ok(stream.boxed())
     }
@@ -256,7 +374,13 @@ impl Bus for AmqpBus {
                 }
                 futures_util::future::ready(delivery.is_ok())
             })
-            .filter_map(|delivery| futures_util::future::ready(delivery.ok().map(|d| d.data)));
+            .filter_map({
+                let progress = self.progress.clone();
+                move |delivery| {
+                    progress.advanced();
+                    futures_util::future::ready(delivery.ok().map(|d| d.data))
+                }
+            });
         let binder = AmqpBinder { channel, queue, exchange: self.topology.deliver_exchange() };
         Ok((Arc::new(binder), stream.boxed()))
     }
@@ -265,9 +389,19 @@ impl Bus for AmqpBus {
         self.connection.status().connected()
     }
 
+    fn stalled(&self, timeout: Duration) -> Option<String> {
+        self.progress.stalled(self.connection.status().connected(), timeout)
+    }
+
     async fn close(&self) {
-        if let Err(err) = self.connection.close(200, "shutting down".into()).await {
-            tracing::debug!(error = %err, "closing the broker connection");
+        self.checks.cancel();
+        match tokio::time::timeout(CLOSE_TIMEOUT, self.connection.close(200, "shutting down".into())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::debug!(error = %err, "closing the broker connection"),
+            Err(_) => tracing::warn!(
+                "the broker did not confirm closing the connection within {CLOSE_TIMEOUT:?}; leaving it \
+                 (the broker drops it when its heartbeats stop, and hands its messages out again)"
+            ),
         }
     }
 }

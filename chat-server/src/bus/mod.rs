@@ -5,6 +5,7 @@
 
 pub mod amqp;
 pub mod memory;
+pub mod progress;
 
 use std::sync::Arc;
 
@@ -73,6 +74,8 @@ pub enum BusError {
     InProcess(String),
     #[error("timed out {0}")]
     Timeout(String),
+    #[error("invalid broker URL: {0}")]
+    Url(String),
 }
 
 /// Settles one consumed message.
@@ -165,6 +168,11 @@ pub trait Bus: Send + Sync + 'static {
     async fn delivery_feed(&self) -> Result<(Arc<dyn ChatBinder>, DeliveryStream), BusError>;
     /// Whether the bus can publish right now (drives `/readyz`).
     fn is_ready(&self) -> bool;
+    /// Why the bus is stuck, if it has had work and made no progress for `timeout` (drives `/healthz`).
+    fn stalled(&self, timeout: std::time::Duration) -> Option<String> {
+        let _ = timeout;
+        None
+    }
     /// Closes the connection cleanly.
     async fn close(&self);
 }

@@ -124,15 +124,23 @@ impl Fanout {
         let appended = self.history.append(deliveries).await?;
         tracing::debug!(deliveries = appended.len(), took = ?started.elapsed(), "stored a batch");
         // A redelivered message is published again with the seq it was stored with: its first publish
-        // may not have been confirmed. Gateways recognise a copy they already handed out.
+        // may not have been confirmed. Gateways recognise a copy they already handed out. A stored one
+        // that comes anew (not redelivered) is a second publish of it, by a client retrying with its
+        // idempotency key or a translator retrying its message: the first copy was consumed here, so it
+        // was either published and acked, or it comes back redelivered. It publishes nothing.
         let payloads: Vec<(String, Vec<u8>)> = appended
             .iter()
-            .map(|a| {
+            .zip(&held)
+            .filter_map(|(a, incoming)| {
                 if let Appended::Duplicate(d) = a {
+                    if !incoming.redelivered {
+                        tracing::debug!(id = %d.id, language = d.language, seq = d.seq, "a stored delivery sent again; publishing nothing");
+                        return None;
+                    }
                     tracing::debug!(id = %d.id, language = d.language, seq = d.seq, "publishing a redelivery again");
                 }
                 let d = a.delivery();
-                (d.chat_id.clone(), serde_json::to_vec(d).expect("a delivery always encodes"))
+                Some((d.chat_id.clone(), serde_json::to_vec(d).expect("a delivery always encodes")))
             })
             .collect();
         let messages: Vec<(Route<'_>, &[u8])> =
@@ -224,7 +232,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn deliveries_are_numbered_per_chat_and_a_redelivery_keeps_its_number() {
+    async fn deliveries_are_numbered_per_chat_and_a_stored_one_sent_anew_is_not_delivered_again() {
         let bus = Arc::new(MemoryBus::new::<&str>(&[]));
         let history = Arc::new(MemoryHistory::default());
         let (binder, mut feed) = bus.delivery_feed().await.unwrap();
@@ -232,14 +240,14 @@ mod tests {
         binder.bind("y").await.unwrap();
         let cancel = CancellationToken::new();
         let running = tokio::spawn(Fanout::new(bus.clone(), history.clone(), None).run(cancel.clone()));
-        let (a, b, c) = (posted("x", "a"), posted("x", "b"), posted("y", "c"));
+        let (a, b, c, d) = (posted("x", "a"), posted("x", "b"), posted("y", "c"), posted("x", "d"));
         let mut seen = Vec::new();
-        // The redelivery of `a` comes in a later batch, as it does from a broker.
-        for round in [vec![&a, &b, &c], vec![&a]] {
+        // `a` is published again (as an idempotent retry is) in a later batch, before `d`.
+        for (round, expected) in [(vec![&a, &b, &c], 3), (vec![&a, &d], 1)] {
             for message in &round {
                 bus.publish(Route::Posted, &serde_json::to_vec(message).unwrap()).await.unwrap();
             }
-            for _ in 0..round.len() {
+            for _ in 0..expected {
                 let payload = tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap();
                 let delivery: Delivery = serde_json::from_slice(&payload).unwrap();
                 seen.push((delivery.chat_id, delivery.text, delivery.seq));
@@ -247,10 +255,11 @@ mod tests {
         }
         cancel.cancel();
         running.await.unwrap().unwrap();
+        assert!(feed.next().now_or_never().flatten().is_none(), "nothing more was delivered: {seen:?}");
         let x: Vec<_> =
             seen.iter().filter(|(chat, ..)| chat == "x").map(|(_, text, seq)| (text.as_str(), *seq)).collect();
-        assert_eq!(x, vec![("a", 1), ("b", 2), ("a", 1)], "the redelivery is published again with its first number");
+        assert_eq!(x, vec![("a", 1), ("b", 2), ("d", 3)], "the second `a` is not delivered and takes no number");
         assert!(seen.contains(&("y".into(), "c".into(), 1)), "each chat counts from 1: {seen:?}");
-        assert_eq!(history.last_seq("x").await.unwrap(), 2);
+        assert_eq!(history.last_seq("x").await.unwrap(), 3);
     }
 }

@@ -471,6 +471,7 @@ mod tests {
             bus: Arc::new(MemoryBus::new(&["es"])),
             hub: hub.clone(),
             history: None,
+            keys: Arc::new(crate::history::keys::MemoryKeys::default()),
             settings: ChatSettings {
                 source_language: "en".into(),
                 languages: vec!["es".into()],

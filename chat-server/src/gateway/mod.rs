@@ -1,6 +1,7 @@
 //! The gateway role: GraphQL over HTTP and WebSocket for clients, fed by this process's delivery queue.
 //!
-//! - [`schema`]: the GraphQL types and resolvers, apart from any transport;
+//! - [`schema`]: the GraphQL types and resolvers, apart from any transport; [`nesting`]: the depth
+//!   limit, applied before the parser;
 //! - [`http`]: the axum routes; [`socket`]: the WebSocket connection loop and its limits;
 //! - [`framing`]: how each wire protocol frames a result; [`outbox`]: what wakes a connection, and
 //!   the frames that are its own;
@@ -11,6 +12,7 @@ pub mod framing;
 pub mod groups;
 pub mod http;
 pub mod hub;
+pub mod nesting;
 pub mod outbox;
 pub mod ring;
 pub mod schema;
@@ -101,10 +103,15 @@ pub async fn serve(
             serving.cancel();
         }
     });
+    let keys = match &history {
+        Some(history) => history.clone().keys(),
+        None => Arc::new(crate::history::keys::MemoryKeys::default()),
+    };
     let chat = ChatContext {
         bus: bus.clone(),
         hub,
         history,
+        keys,
         settings: ChatSettings {
             source_language: settings.source_language.clone(),
             languages: settings.languages.clone(),
@@ -130,7 +137,7 @@ pub async fn serve(
     };
     sockets.watch_shutdown();
     let open_sockets = sockets.tracker.clone();
-    let state = AppState { schema, bus: bus.clone(), sockets };
+    let state = AppState { schema, bus: bus.clone(), sockets, stall_timeout: settings.stall_timeout };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;

@@ -16,7 +16,11 @@ use uuid::Uuid;
 use crate::{
     bus::{Bus, BusError, Route},
     gateway::hub::{Hub, Missed},
-    history::{self, History, HistoryError, Languages, Stored},
+    history::{
+        self,
+        keys::{Claim, IdempotencyKeys},
+        History, HistoryError, Languages, Stored,
+    },
     wire::{now_rfc3339, Delivery, MessagePosted, WIRE_VERSION},
 };
 
@@ -29,6 +33,8 @@ pub struct ChatContext {
     pub bus: Arc<dyn Bus>,
     pub hub: Arc<Hub>,
     pub history: Option<Arc<dyn History>>,
+    /// Where `idempotencyKey`s are claimed: beside the history when there is one, else in the process.
+    pub keys: Arc<dyn IdempotencyKeys>,
     pub settings: ChatSettings,
 }
 
@@ -359,11 +365,19 @@ struct NewMessage {
     language: Option<String>,
     sender: Option<String>,
     reply_to: Option<ID>,
+    idempotency_key: Option<String>,
 }
+
+/// How long an `idempotencyKey` names its first message (on PostgreSQL, at most as long as the
+/// history's retention keeps it).
+pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Longest `idempotencyKey`, in bytes.
+const MAX_KEY_BYTES: usize = 256;
 
 /// Validates and publishes a new message; the gateway is where message ids are born.
 async fn post(chat: &ChatContext, message: NewMessage) -> Result<MessagePosted, PostError> {
-    let NewMessage { chat_id, text, language, sender, reply_to } = message;
+    let NewMessage { chat_id, text, language, sender, reply_to, idempotency_key } = message;
     let settings = &chat.settings;
     check_chat_id(settings, &chat_id)?;
     if text.trim().is_empty() {
@@ -376,6 +390,9 @@ async fn post(chat: &ChatContext, message: NewMessage) -> Result<MessagePosted, 
             settings.max_text_bytes
         ))
         .into());
+    }
+    if idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_BYTES) {
+        return Err(bad_input(format!("idempotencyKey must be 1 to {MAX_KEY_BYTES} bytes")).into());
     }
     if sender.as_ref().is_some_and(|s| s.len() > settings.max_sender_bytes) {
         return Err(bad_input(format!("sender is longer than {} bytes", settings.max_sender_bytes)).into());
@@ -396,7 +413,7 @@ async fn post(chat: &ChatContext, message: NewMessage) -> Result<MessagePosted, 
             Some(parent)
         }
     };
-    let posted = MessagePosted {
+    let mut posted = MessagePosted {
         v: WIRE_VERSION,
         id: Uuid::now_v7(),
         chat_id,
@@ -406,6 +423,27 @@ async fn post(chat: &ChatContext, message: NewMessage) -> Result<MessagePosted, 
         sent_at: now_rfc3339(),
         reply_to,
     };
+    if let Some(key) = idempotency_key.as_deref() {
+        let claim = Claim {
+            chat_id: &posted.chat_id,
+            sender: posted.sender.as_deref(),
+            key,
+            id: posted.id,
+            sent_at: &posted.sent_at,
+            window: IDEMPOTENCY_WINDOW,
+        };
+        let claimed = chat.keys.claim(claim).await.map_err(|err| {
+            tracing::warn!(error = %err, "an idempotency key could not be claimed");
+            unavailable(format!("the idempotency key cannot be checked right now, so nothing was sent: {err}"))
+        })?;
+        if !claimed.first {
+            // Published again under its first id: the fanout delivers it only if the first attempt
+            // never reached it.
+            tracing::debug!(id = %claimed.id, "a retry of an idempotent send");
+            posted.id = claimed.id;
+            posted.sent_at = claimed.sent_at;
+        }
+    }
     let payload = serde_json::to_vec(&posted).expect("a message always encodes");
     if let Err(source) = chat.bus.publish(Route::Posted, &payload).await {
         tracing::error!(id = %posted.id, error = %source, "failed to publish a message");
@@ -419,6 +457,7 @@ pub struct MutationRoot;
 #[Object]
 impl MutationRoot {
     /// Sends a message to a chat; every subscriber receives it and its translations.
+    #[allow(clippy::too_many_arguments, reason = "one argument per GraphQL argument of the contract")]
     async fn send_message(
         &self,
         ctx: &Context<'_>,
@@ -429,16 +468,27 @@ impl MutationRoot {
         >,
         sender: Option<String>,
         #[graphql(desc = "The message this one answers, in the same chat (needs history)")] reply_to: Option<ID>,
+        #[graphql(desc = "A retry with the same key (same chat and sender, within 24 hours) answers the first \
+                          attempt's message and delivers nothing new")]
+        idempotency_key: Option<String>,
     ) -> Result<ChatMessage> {
         let chat = ctx.data_unchecked::<Arc<ChatContext>>();
-        let message = NewMessage { chat_id: chat_id.0, text, language, sender, reply_to };
+        let message = NewMessage { chat_id: chat_id.0, text, language, sender, reply_to, idempotency_key };
         Ok(post(chat, message).await.map(ChatMessage::accepted)?)
     }
 
     /// The seed's mutation: sends `message` to `chatId` in the source language.
-    async fn put_event(&self, ctx: &Context<'_>, message: String, chat_id: String) -> Result<PutEventResult> {
+    async fn put_event(
+        &self,
+        ctx: &Context<'_>,
+        message: String,
+        chat_id: String,
+        #[graphql(desc = "As sendMessage's: a retry with the same key answers the first event's id")]
+        idempotency_key: Option<String>,
+    ) -> Result<PutEventResult> {
         let chat = ctx.data_unchecked::<Arc<ChatContext>>();
-        let message = NewMessage { chat_id, text: message, language: None, sender: None, reply_to: None };
+        let message =
+            NewMessage { chat_id, text: message, language: None, sender: None, reply_to: None, idempotency_key };
         let entry = match post(chat, message).await {
             Ok(posted) => EventDetails { event_id: Some(posted.id.to_string()), error_message: None, error_code: None },
             // EventBridge reports a failed entry in the result, not as an error of the call.
@@ -606,6 +656,7 @@ pub struct QueryLimits {
 pub fn build_schema(chat: Arc<ChatContext>, limits: QueryLimits) -> ChatSchema {
     Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(chat)
+        .extension(super::nesting::NestingLimit { max_depth: limits.max_depth })
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity)
         .finish()

@@ -11,7 +11,10 @@ use std::{
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::{Appended, ChatSummary, History, HistoryError, Languages, Stored};
+use super::{
+    keys::{IdempotencyKeys, MemoryKeys},
+    Appended, ChatSummary, History, HistoryError, Languages, Stored,
+};
 use crate::wire::{now_rfc3339, Delivery};
 
 /// Deliveries kept per chat by default; older ones are forgotten.
@@ -67,6 +70,7 @@ impl State {
 pub struct MemoryHistory {
     state: Mutex<State>,
     window: usize,
+    keys: Arc<MemoryKeys>,
 }
 
 impl Default for MemoryHistory {
@@ -78,7 +82,7 @@ impl Default for MemoryHistory {
 impl MemoryHistory {
     /// Keeps at most `window` deliveries per chat.
     pub fn with_window(window: usize) -> Self {
-        Self { state: Mutex::default(), window: window.max(1) }
+        Self { state: Mutex::default(), window: window.max(1), keys: Arc::default() }
     }
 }
 
@@ -208,6 +212,10 @@ impl History for MemoryHistory {
             state.forget(delivery);
         }
         Ok(expired.len() as u64)
+    }
+
+    fn keys(self: Arc<Self>) -> Arc<dyn IdempotencyKeys> {
+        self.keys.clone()
     }
 
     async fn ready(&self) -> bool {

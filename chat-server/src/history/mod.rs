@@ -7,6 +7,7 @@
 //! a second copy. [`postgres`] is the durable store for deployments; [`memory`] keeps a bounded
 //! window in the process, for `standalone` and for a fanout run without a database.
 
+pub mod keys;
 pub mod memory;
 pub mod postgres;
 
@@ -106,11 +107,14 @@ pub trait History: Send + Sync + 'static {
     async fn chat_of(&self, message_id: Uuid) -> Result<Option<String>, HistoryError>;
     /// Chats by most recent message first.
     async fn chats(&self, first: u32) -> Result<Vec<ChatSummary>, HistoryError>;
-    /// Deletes at most `limit` deliveries stored before `cutoff`; returns how many it deleted. A
-    /// chat keeps its `lastSeq`, so its numbering goes on.
+    /// Deletes at most `limit` deliveries stored before `cutoff` (and as many idempotency keys claimed
+    /// before it); returns the larger count, so a caller repeats while either is full. A chat keeps
+    /// its `lastSeq`, so its numbering goes on.
     async fn expire(&self, cutoff: SystemTime, limit: u32) -> Result<u64, HistoryError>;
     /// Whether the store can be read and written right now.
     async fn ready(&self) -> bool;
+    /// The idempotency keys kept beside this history.
+    fn keys(self: Arc<Self>) -> Arc<dyn keys::IdempotencyKeys>;
 }
 
 /// Connects the store a URL names: `postgres://…` (or `postgresql://…`), or `memory:`.

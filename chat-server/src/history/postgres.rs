@@ -21,7 +21,10 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use super::{Appended, ChatSummary, History, HistoryError, Languages, Stored};
+use super::{
+    keys::{Claim, Claimed, IdempotencyKeys},
+    Appended, ChatSummary, History, HistoryError, Languages, Stored,
+};
 use crate::wire::{Delivery, WIRE_VERSION};
 
 /// The migrations, embedded in the binary, as a source sqlx's migrator reads; the fanout applies them
@@ -32,8 +35,13 @@ struct Embedded;
 impl MigrationSource<'static> for Embedded {
     fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, BoxDynError>> {
         Box::pin(async {
-            let sql = include_str!("../../migrations/0001_history.sql");
-            Ok(vec![Migration::new(1, Cow::Borrowed("history"), MigrationType::Simple, Cow::Borrowed(sql), false)])
+            let migration = |version, name, sql| {
+                Migration::new(version, Cow::Borrowed(name), MigrationType::Simple, Cow::Borrowed(sql), false)
+            };
+            Ok(vec![
+                migration(1, "history", include_str!("../../migrations/0001_history.sql")),
+                migration(2, "idempotency keys", include_str!("../../migrations/0002_idempotency_keys.sql")),
+            ])
         })
     }
 }
@@ -373,8 +381,21 @@ impl History for PostgresHistory {
         .bind(i64::from(limit))
         .execute(&mut *session)
         .await;
+        // Idempotency keys go with the history they name (a retry then sends anew).
+        let deleted = match deleted {
+            Ok(deliveries) => sqlx::query(
+                "DELETE FROM parley_idempotency_keys WHERE ctid IN \
+                 (SELECT ctid FROM parley_idempotency_keys WHERE claimed_at < to_timestamp($1) LIMIT $2)",
+            )
+            .bind(cutoff)
+            .bind(i64::from(limit))
+            .execute(&mut *session)
+            .await
+            .map(|keys| deliveries.rows_affected().max(keys.rows_affected())),
+            Err(err) => Err(err),
+        };
         match deleted {
-            Ok(deleted) => Ok(deleted.rows_affected()),
+            Ok(deleted) => Ok(deleted),
             Err(err) => {
                 // The session (and with it the lock) may be gone: start over next time.
                 *owner = None;
@@ -383,7 +404,47 @@ impl History for PostgresHistory {
         }
     }
 
+    fn keys(self: std::sync::Arc<Self>) -> std::sync::Arc<dyn IdempotencyKeys> {
+        self
+    }
+
     async fn ready(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}
+
+#[async_trait]
+impl IdempotencyKeys for PostgresHistory {
+    async fn claim(&self, claim: Claim<'_>) -> Result<Claimed, HistoryError> {
+        let sender = claim.sender.unwrap_or_default();
+        // A claim older than the window gives way to this one; a live one stays and is answered.
+        let row = sqlx::query(
+            "INSERT INTO parley_idempotency_keys AS k (chat_id, sender, key, message_id, sent_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (chat_id, sender, key) DO UPDATE \
+             SET message_id = EXCLUDED.message_id, sent_at = EXCLUDED.sent_at, claimed_at = now() \
+             WHERE k.claimed_at < now() - make_interval(secs => $6) \
+             RETURNING message_id",
+        )
+        .bind(claim.chat_id)
+        .bind(sender)
+        .bind(claim.key)
+        .bind(claim.id)
+        .bind(claim.sent_at)
+        .bind(claim.window.as_secs_f64())
+        .fetch_optional(&self.pool)
+        .await?;
+        if row.is_some() {
+            return Ok(Claimed { id: claim.id, sent_at: claim.sent_at.to_owned(), first: true });
+        }
+        let row = sqlx::query(
+            "SELECT message_id, sent_at FROM parley_idempotency_keys WHERE chat_id = $1 AND sender = $2 AND key = $3",
+        )
+        .bind(claim.chat_id)
+        .bind(sender)
+        .bind(claim.key)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Claimed { id: row.try_get(0)?, sent_at: row.try_get(1)?, first: false })
     }
 }

@@ -2,13 +2,16 @@
 //! with real Apertium APYs. `cargo test -p chat-server --test chat <module>::` runs one part.
 
 mod broker;
+mod chaos;
 mod configuration;
 mod disruptive;
 mod end_to_end;
 mod failures;
 mod history;
 mod history_api;
+mod idempotency;
 mod protocol;
+mod proxy;
 mod resume;
 mod standalone;
 mod support;

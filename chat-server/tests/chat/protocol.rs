@@ -155,6 +155,24 @@ async fn invalid_graphql_over_http_is_a_graphql_error(bus: Bus) {
     let too_deep = "{ __schema { types { fields { type { fields { type { fields { type { fields { type { name } } } } } } } } } } }";
     let response = graphql(&server.http(), too_deep, json!({})).await;
     assert!(response["errors"].to_string().contains("nested too deep"), "{response}");
+    // Far deeper than the parser's own recursion limit: the depth limit answers first, with the same
+    // message, over HTTP and on a socket.
+    let far_too_deep = format!("{{{}", "a { ".repeat(3000));
+    let response = graphql(&server.http(), &far_too_deep, json!({})).await;
+    assert_eq!(response["errors"][0]["message"], "The query is nested too deep.", "{response}");
+    let mut client = WsClient::connect(&server.ws(), Wire::TransportWs).await;
+    client.start("deep", &far_too_deep, json!({})).await;
+    let error = client.result_of("deep", DELIVERY).await;
+    assert!(error.to_string().contains("The query is nested too deep."), "{error}");
+
+    // A body over the limit is refused with 413 and a GraphQL error, not plain text.
+    let text = "x".repeat(200_000);
+    let body = json!({"query": SEND, "variables": {"chatId": "c", "text": text}});
+    let response = reqwest::Client::new().post(server.http()).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 413);
+    let response: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(error_code(&response).as_deref(), Some("PAYLOAD_TOO_LARGE"), "{response}");
+    assert!(response["errors"][0]["message"].as_str().unwrap().contains("larger than the limit"), "{response}");
 }
 }
 

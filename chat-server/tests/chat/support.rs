@@ -210,6 +210,32 @@ impl Server {
         self.child.wait().unwrap()
     }
 
+    /// The exit status, once the process has exited, waiting at most `within`.
+    pub async fn exited_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+    }
+
+    /// The status `/healthz` answers (0 when nothing answers).
+    pub async fn health(&self) -> u16 {
+        let url = format!("http://127.0.0.1:{}/healthz", self.port);
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+        client.get(url).send().await.map_or(0, |r| r.status().as_u16())
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

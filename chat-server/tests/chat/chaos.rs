@@ -1,0 +1,572 @@
+//! Fault injection: every role as its own process on RabbitMQ (two gateways, two fanouts, two Spanish
+//! translators on a real Apertium, a PostgreSQL history), traffic from a sender that retries with
+//! idempotency keys, and subscribers that stay connected; faults injected one per round, then the
+//! invariants checked:
+//!
+//! - every accepted message delivered once per language to every subscriber, none twice;
+//! - `seq` strictly increasing, as each subscriber receives them;
+//! - nothing left in the queues or the dead letters;
+//! - every process healthy, or restarted after it exited by itself (or failed `/healthz`, as
+//!   Kubernetes would restart it).
+//!
+//! The broker and the provider are reached through [`Proxy`]s, one per process, so a fault can cut
+//! or silence one role's network alone. `PARLEY_CHAOS_ROUNDS` sets the rounds (`scripts/test` runs
+//! a short form; `docs/reliability.md` has a full run), `PARLEY_CHAOS_SEED` replays a run, and
+//! `PARLEY_CHAOS_BROKER=1` adds broker restarts and kills (they need the broker to themselves: the
+//! test is in the ignored tier that `scripts/test` runs alone).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+use tokio::time::{sleep, Instant};
+
+use crate::{
+    proxy::{Mode, Proxy},
+    support::*,
+};
+
+/// A small deterministic generator (xorshift64*), so that a seed replays a run.
+struct Dice(u64);
+
+impl Dice {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+}
+
+/// One worker process, with the proxies it reaches the broker (and its provider) through.
+struct Role {
+    name: String,
+    args: Vec<String>,
+    broker: Proxy,
+    provider: Option<Proxy>,
+    server: Server,
+}
+
+impl Role {
+    fn spawn(args: &[String]) -> Server {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::spawn(&args)
+    }
+
+    fn restart(&mut self) {
+        self.server.kill();
+        self.server = Self::spawn(&self.args);
+    }
+}
+
+/// What one run saw.
+#[derive(Default, Debug)]
+struct Tally {
+    faults: BTreeMap<&'static str, usize>,
+    restarts_after_exit: usize,
+    restarts_for_liveness: usize,
+    violations: Vec<String>,
+}
+
+const CHAT_PREFIX: &str = "chaos";
+const LANGUAGES: [&str; 2] = ["en", "es"];
+const SENDER: &str = "chaos-sender";
+
+/// The whole deployment under test.
+struct Cluster {
+    prefix: String,
+    _history: TestDatabase,
+    apertium: Apertium,
+    /// The first serves the subscribers and is never faulted; the second takes sends and faults.
+    gateways: Vec<Server>,
+    gateway_args: Vec<String>,
+    workers: Vec<Role>,
+    _topology: TopologyCleanup,
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let prefix = unique_prefix("chaos");
+        let history = TestDatabase::create().await;
+        let apertium = Apertium::start().await;
+        let url = amqp_url();
+        let upstream =
+            format!("127.0.0.1:{}", url.rsplit_once('@').unwrap().1.split(['/', ':']).nth(1).unwrap_or("5672"));
+        let common = |url: &str| -> Vec<String> {
+            [
+                "--amqp-url",
+                url,
+                "--topology-prefix",
+                &prefix,
+                "--languages",
+                "es",
+                "--history-url",
+                &history.url,
+                "--stall-timeout-secs",
+                "10",
+                "--shutdown-timeout-secs",
+                "8",
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+        };
+        let gateway_args: Vec<String> = [vec!["gateway".to_owned()], common(&url)].concat();
+        let mut workers = Vec::new();
+        for (i, role) in ["fanout", "fanout", "translator", "translator"].iter().enumerate() {
+            let broker = Proxy::start(upstream.clone()).await;
+            let mut args = vec![role.to_string()];
+            args.extend(common(&broker.amqp_url(&url)));
+            let provider = if *role == "translator" {
+                let apertium_port = apertium.url.rsplit(':').next().unwrap().to_owned();
+                let proxy = Proxy::start(format!("127.0.0.1:{apertium_port}")).await;
+                args.extend(
+                    [
+                        "--language",
+                        "es",
+                        "--translator",
+                        "apertium",
+                        "--translator-url",
+                        &format!("http://127.0.0.1:{}", proxy.port),
+                        "--translator-timeout-secs",
+                        "3",
+                    ]
+                    .map(String::from),
+                );
+                Some(proxy)
+            } else {
+                None
+            };
+            let server = Role::spawn(&args);
+            // One fanout at a time, so that the first is the active consumer.
+            let server = if *role == "fanout" { server.ready().await } else { server };
+            workers.push(Role { name: format!("{role}-{i}"), args, broker, provider, server });
+        }
+        let mut gateways = Vec::new();
+        for _ in 0..2 {
+            gateways.push(Role::spawn(&gateway_args).ready().await);
+        }
+        let mut ready = Vec::new();
+        for mut worker in workers {
+            worker.server = worker.server.ready().await;
+            ready.push(worker);
+        }
+        let topology = TopologyCleanup::new(&prefix, &["es"]);
+        Self { prefix, _history: history, apertium, gateways, gateway_args, workers: ready, _topology: topology }
+    }
+
+    /// What Kubernetes does: a process that exited, or fails `/healthz` three times in a row, is
+    /// started again. Returns once every process answers `/readyz`.
+    async fn supervise(&mut self, tally: &mut Tally, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut failures: HashMap<String, usize> = HashMap::new();
+        loop {
+            let mut all_ready = true;
+            for worker in &mut self.workers {
+                if let Some(status) = worker.server.exited_within(Duration::ZERO).await {
+                    eprintln!("chaos: {} exited by itself ({status}); starting it again", worker.name);
+                    tally.restarts_after_exit += 1;
+                    worker.restart();
+                    all_ready = false;
+                    continue;
+                }
+                match worker.server.health().await {
+                    200 => {
+                        failures.remove(&worker.name);
+                    }
+                    code => {
+                        let count = failures.entry(worker.name.clone()).or_default();
+                        *count += 1;
+                        if *count >= 3 {
+                            eprintln!("chaos: {} failed /healthz ({code}) three times; restarting it", worker.name);
+                            tally.restarts_for_liveness += 1;
+                            worker.restart();
+                            failures.remove(&worker.name);
+                        }
+                    }
+                }
+                all_ready &= ready(worker.server.port).await;
+            }
+            for gateway in &mut self.gateways {
+                if gateway.exited_within(Duration::ZERO).await.is_some() {
+                    tally.restarts_after_exit += 1;
+                    *gateway = Role::spawn(&self.gateway_args);
+                    all_ready = false;
+                } else {
+                    all_ready &= ready(gateway.port).await;
+                }
+            }
+            if all_ready {
+                return;
+            }
+            if Instant::now() > deadline {
+                tally.violations.push(format!("not every process was ready {within:?} after the faults"));
+                return;
+            }
+            sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+async fn ready(port: u16) -> bool {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    client.get(format!("http://127.0.0.1:{port}/readyz")).send().await.is_ok_and(|r| r.status().is_success())
+}
+
+/// Sends `text` through the gateways in turn with one idempotency key, retrying until a gateway
+/// accepts it; returns its id, or `None` when no gateway did within a minute.
+async fn send_until_accepted(http: &[String], chat: &str, text: &str, turn: usize) -> Option<String> {
+    const KEYED: &str = "mutation($chatId: ID!, $text: String!, $sender: String, $key: String) { \
+        sendMessage(chatId: $chatId, text: $text, sender: $sender, idempotencyKey: $key) { id } }";
+    let key = uuid::Uuid::now_v7().to_string();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for attempt in 0.. {
+        let url = &http[(turn + attempt) % http.len()];
+        let body = json!({"query": KEYED, "variables": {"chatId": chat, "text": text, "sender": SENDER, "key": key}});
+        if let Ok(response) = client.post(url).json(&body).send().await {
+            if let Ok(value) = response.json::<Value>().await {
+                if let Some(id) = value["data"]["sendMessage"]["id"].as_str() {
+                    return Some(id.to_owned());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
+
+/// What one subscriber received: (id, language, seq) in arrival order, and whether its socket closed.
+#[derive(Default)]
+struct Received {
+    deliveries: Vec<(String, String, i64)>,
+    closed: Option<String>,
+}
+
+fn subscribe(mut client: WsClient, received: Arc<Mutex<Received>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match client.next(Duration::from_secs(3600)).await {
+                Some(crate::support::Received::Next { payload, .. }) => {
+                    let m = &payload["data"]["messages"];
+                    if let (Some(id), Some(language), Some(seq)) =
+                        (m["id"].as_str(), m["language"].as_str(), m["seq"].as_i64())
+                    {
+                        received.lock().unwrap().deliveries.push((id.to_owned(), language.to_owned(), seq));
+                    }
+                }
+                Some(other @ (crate::support::Received::Closed { .. } | crate::support::Received::Error { .. })) => {
+                    received.lock().unwrap().closed = Some(format!("{other:?}"));
+                    return;
+                }
+                Some(_) => {}
+                None => {
+                    received.lock().unwrap().closed = Some("no frame for an hour".into());
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// The faults a round picks from.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Kill,
+    Terminate,
+    CutNetwork,
+    QuietNetwork,
+    ProviderHangs,
+    ProviderFails,
+    KillGateway,
+    RestartBrokerApp,
+    KillBroker,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Kill => "kill -9 of a worker",
+            Self::Terminate => "SIGTERM of a worker",
+            Self::CutNetwork => "network cut between a worker and the broker",
+            Self::QuietNetwork => "network silence between a worker and the broker",
+            Self::ProviderHangs => "provider that hangs",
+            Self::ProviderFails => "provider that answers 500",
+            Self::KillGateway => "kill -9 of a gateway",
+            Self::RestartBrokerApp => "broker app restart",
+            Self::KillBroker => "broker node kill and restart",
+        }
+    }
+}
+
+fn as_root(command: &str) {
+    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let line = if root { command.to_owned() } else { format!("sudo {command}") };
+    let status = std::process::Command::new("sh").args(["-c", &line]).status().unwrap();
+    assert!(status.success(), "`{line}` failed");
+}
+
+impl Cluster {
+    /// Injects `fault` and heals it again.
+    async fn inject(&mut self, fault: Fault, dice: &mut Dice, tally: &mut Tally) {
+        let translators: Vec<usize> = (0..self.workers.len()).filter(|i| self.workers[*i].provider.is_some()).collect();
+        let any = dice.below(self.workers.len());
+        let translator = translators[dice.below(translators.len())];
+        match fault {
+            Fault::Kill => {
+                eprintln!("chaos: kill -9 {}", self.workers[any].name);
+                self.workers[any].server.kill();
+            }
+            Fault::Terminate => {
+                let worker = &mut self.workers[any];
+                eprintln!("chaos: SIGTERM {}", worker.name);
+                worker.server.signal_term();
+                // The shutdown deadline is 8 s: the process is gone by then, whatever it was doing.
+                match worker.server.exited_within(Duration::from_secs(20)).await {
+                    None => tally.violations.push(format!("{} was still running 20 s after SIGTERM", worker.name)),
+                    Some(status) if !status.success() && !worker.server.log_text().contains("abandoned") => tally
+                        .violations
+                        .push(format!("{} exited {status} after SIGTERM without saying why", worker.name)),
+                    Some(_) => {}
+                }
+            }
+            Fault::CutNetwork => {
+                eprintln!("chaos: cut {}'s broker connection for 3 s", self.workers[any].name);
+                self.workers[any].broker.set(Mode::Cut);
+                sleep(Duration::from_secs(3)).await;
+                self.workers[any].broker.set(Mode::Forward);
+            }
+            Fault::QuietNetwork => {
+                eprintln!("chaos: silence {}'s broker connection for 15 s", self.workers[any].name);
+                self.workers[any].broker.set(Mode::Quiet);
+                sleep(Duration::from_secs(15)).await;
+                self.workers[any].broker.set(Mode::Forward);
+            }
+            Fault::ProviderHangs | Fault::ProviderFails => {
+                let worker = &self.workers[translator];
+                let mode = if matches!(fault, Fault::ProviderHangs) { Mode::Quiet } else { Mode::Http500 };
+                eprintln!("chaos: {}'s provider: {mode:?} for 8 s", worker.name);
+                let proxy = worker.provider.as_ref().unwrap();
+                proxy.set(mode);
+                sleep(Duration::from_secs(8)).await;
+                proxy.set(Mode::Forward);
+            }
+            Fault::KillGateway => {
+                eprintln!("chaos: kill -9 the second gateway");
+                self.gateways[1].kill();
+            }
+            Fault::RestartBrokerApp => {
+                eprintln!("chaos: rabbitmqctl stop_app; sleep 5; start_app");
+                as_root("rabbitmqctl -q stop_app");
+                sleep(Duration::from_secs(5)).await;
+                as_root("rabbitmqctl -q start_app && rabbitmqctl -q await_startup");
+            }
+            Fault::KillBroker => {
+                eprintln!("chaos: kill -9 the broker node, then start it");
+                as_root("pkill -9 -x beam.smp; sleep 1");
+                as_root("rabbitmq-server -detached && sleep 3 && rabbitmqctl -q await_startup");
+            }
+        }
+        *tally.faults.entry(fault.name()).or_default() += 1;
+    }
+}
+
+/// Messages per language a subscriber got, by id.
+fn counts(received: &Received) -> HashMap<(&str, &str), usize> {
+    let mut counts = HashMap::new();
+    for (id, language, _) in &received.deliveries {
+        *counts.entry((id.as_str(), language.as_str())).or_default() += 1;
+    }
+    counts
+}
+
+async fn queue_messages(prefix: &str) -> Vec<(String, u32)> {
+    let topology = parley_contract::topology::Topology::new(prefix).unwrap();
+    let connection = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut found = Vec::new();
+    for queue in [topology.translate_queue("es"), topology.fanout_queue(), topology.dead_letters()] {
+        let depth = parley_contract::topology::queue_depth(&channel, &queue).await.unwrap();
+        found.push((queue, depth.map_or(0, |d| d.messages)));
+    }
+    let _ = connection.close(200, "done".into()).await;
+    found
+}
+
+async fn run(rounds: usize, broker_faults: bool) {
+    let seed = std::env::var("PARLEY_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+    });
+    eprintln!("chaos: {rounds} rounds, seed {seed} (PARLEY_CHAOS_SEED={seed} replays them)");
+    let mut dice = Dice(seed);
+    let mut cluster = Cluster::start().await;
+    let mut tally = Tally::default();
+    let chat = format!("{CHAT_PREFIX}-{}", uuid::Uuid::now_v7().simple());
+
+    let subscribers: Vec<Arc<Mutex<Received>>> = (0..3).map(|_| Arc::default()).collect();
+    let mut readers = Vec::new();
+    for received in &subscribers {
+        let mut client = WsClient::connect(&cluster.gateways[0].ws(), Wire::TransportWs).await;
+        client.subscribe_messages("live", &cluster.gateways[0].http(), &chat, None).await;
+        readers.push(subscribe(client, received.clone()));
+    }
+    // Warm-up messages of the other subscribers came before this point: only what is sent from here
+    // on is counted.
+    let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let lost: Arc<Mutex<usize>> = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sender = tokio::spawn({
+        let (accepted, lost, stop, chat) = (accepted.clone(), lost.clone(), stop.clone(), chat.clone());
+        let http: Vec<String> = cluster.gateways.iter().map(Server::http).collect();
+        async move {
+            let mut turn = 0;
+            while !stop.is_cancelled() {
+                let text = format!("Good morning, message {turn}");
+                match send_until_accepted(&http, &chat, &text, turn).await {
+                    Some(id) => accepted.lock().unwrap().push(id),
+                    None => *lost.lock().unwrap() += 1,
+                }
+                turn += 1;
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+
+    let mut faults = vec![
+        Fault::Kill,
+        Fault::Terminate,
+        Fault::CutNetwork,
+        Fault::QuietNetwork,
+        Fault::ProviderHangs,
+        Fault::ProviderFails,
+        Fault::KillGateway,
+    ];
+    if broker_faults {
+        faults.extend([Fault::RestartBrokerApp, Fault::KillBroker]);
+    }
+    for round in 0..rounds {
+        // The first rounds go through every kind once; the rest are drawn at random.
+        let fault = if round < faults.len() {
+            faults[(round + seed as usize) % faults.len()]
+        } else {
+            faults[dice.below(faults.len())]
+        };
+        eprintln!("chaos: round {} of {rounds}: {}", round + 1, fault.name());
+        sleep(Duration::from_secs(2)).await;
+        cluster.inject(fault, &mut dice, &mut tally).await;
+        cluster.supervise(&mut tally, Duration::from_secs(120)).await;
+    }
+    stop.cancel();
+    sender.await.unwrap();
+    let accepted = accepted.lock().unwrap().clone();
+
+    // Everything accepted arrives, in time, in every language, at every subscriber.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let missing: usize = subscribers
+            .iter()
+            .map(|s| {
+                let s = s.lock().unwrap();
+                let got = counts(&s);
+                accepted
+                    .iter()
+                    .flat_map(|id| LANGUAGES.map(|l| (id.as_str(), l)))
+                    .filter(|k| !got.contains_key(k))
+                    .count()
+            })
+            .sum();
+        if missing == 0 || Instant::now() > deadline {
+            break;
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
+    // A copy sent late would come now.
+    sleep(Duration::from_secs(3)).await;
+    let accepted_set: HashSet<&str> = accepted.iter().map(String::as_str).collect();
+    let mut deliveries_checked = 0;
+    for (n, subscriber) in subscribers.iter().enumerate() {
+        let s = subscriber.lock().unwrap();
+        if let Some(closed) = &s.closed {
+            tally.violations.push(format!("subscriber {n}'s socket ended: {closed}"));
+        }
+        let got = counts(&s);
+        for id in &accepted {
+            for language in LANGUAGES {
+                match got.get(&(id.as_str(), language)).copied().unwrap_or(0) {
+                    1 => deliveries_checked += 1,
+                    0 => tally.violations.push(format!("subscriber {n} never got {id} in {language}")),
+                    k => tally.violations.push(format!("subscriber {n} got {id} in {language} {k} times")),
+                }
+            }
+        }
+        let counted: Vec<i64> =
+            s.deliveries.iter().filter(|(id, ..)| accepted_set.contains(id.as_str())).map(|(.., seq)| *seq).collect();
+        if let Some(w) = counted.windows(2).find(|w| w[0] >= w[1]) {
+            tally.violations.push(format!("subscriber {n} got seq {} after {}", w[1], w[0]));
+        }
+    }
+    let lost = *lost.lock().unwrap();
+    if lost > 0 {
+        tally.violations.push(format!("{lost} sends were never accepted by any gateway within a minute"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = queue_messages(&cluster.prefix).await;
+        let full: Vec<_> = left.iter().filter(|(_, n)| *n > 0).collect();
+        if full.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            tally.violations.push(format!("messages left behind: {full:?}"));
+            break;
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
+    for worker in &mut cluster.workers {
+        if worker.server.health().await != 200 {
+            tally.violations.push(format!("{} is not healthy at the end", worker.name));
+        }
+        // One recovery mechanism: a worker holds one connection, never a recovered one beside its own.
+        // (A connection the broker dropped may take a heartbeat or two to go from the proxy.)
+        let deadline = Instant::now() + Duration::from_secs(45);
+        while worker.broker.open() != 1 && Instant::now() < deadline {
+            sleep(Duration::from_millis(500)).await;
+        }
+        if worker.broker.open() != 1 {
+            tally.violations.push(format!("{} holds {} broker connections", worker.name, worker.broker.open()));
+        }
+    }
+    drop(readers);
+    let faults: usize = tally.faults.values().sum();
+    eprintln!(
+        "chaos summary: seed {seed}; {rounds} rounds; {faults} faults injected {:?}; {} messages accepted; \
+         {deliveries_checked} deliveries checked ({} subscribers × {} languages); processes restarted after \
+         exiting: {}, for failing /healthz: {}; violations: {}",
+        tally.faults,
+        accepted.len(),
+        subscribers.len(),
+        LANGUAGES.len(),
+        tally.restarts_after_exit,
+        tally.restarts_for_liveness,
+        tally.violations.len(),
+    );
+    let _ = &cluster.apertium;
+    assert!(tally.violations.is_empty(), "violations: {:#?}", tally.violations);
+}
+
+fn rounds(default: usize) -> usize {
+    std::env::var("PARLEY_CHAOS_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "kills and silences processes for minutes, and with PARLEY_CHAOS_BROKER=1 restarts the shared broker: scripts/test runs it alone"]
+async fn random_faults_under_traffic_lose_and_duplicate_nothing() {
+    let broker = std::env::var("PARLEY_CHAOS_BROKER").is_ok_and(|b| b == "1");
+    run(rounds(7), broker).await;
+}
