@@ -131,14 +131,15 @@ impl AmqpBus {
                 if !connection.status().connected() {
                     continue;
                 }
+                // A look that never gets its answer (the channel's opening included) is itself work
+                // without progress.
+                let pending = progress.begin();
                 // A channel of its own: a failed look closes it, and nothing else.
                 if channel.as_ref().is_none_or(|c| !c.status().connected()) {
                     channel = connection.create_channel().await.ok();
                 }
                 let Some(open) = &channel else { continue };
                 let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-                // A look that never gets its answer is itself work without progress.
-                let pending = progress.begin();
                 match open.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await {
                     // An answer is not progress of the role's own: `pending` ends unfinished.
                     Ok(found) => {
@@ -252,22 +253,23 @@ impl Acker for AmqpAcker {
 }
 
 /// Turns a lapin consumer into a stream that waits out recoverable connection failures.
+/// `Ok(None)` says the consumer resumed after its connection recovered (only with
+/// [`Recovery::Automatic`]; otherwise the first error ends the stream).
 fn recovering(
     channel: Channel,
     consumer: lapin::Consumer,
-) -> futures_util::stream::BoxStream<'static, lapin::Result<lapin::message::Delivery>> {
+) -> futures_util::stream::BoxStream<'static, lapin::Result<Option<lapin::message::Delivery>>> {
     futures_util::stream::unfold(Some((channel, consumer)), |state| async move {
         let (channel, mut consumer) = state?;
-        loop {
-            match consumer.next().await? {
-                Ok(delivery) => return Some((Ok(delivery), Some((channel, consumer)))),
-                Err(err) => {
-                    tracing::warn!(error = %err, "consumer interrupted; waiting for the connection to recover");
-                    if let Err(err) = channel.wait_for_recovery(err).await {
-                        return Some((Err(err), None));
-                    }
-                    tracing::info!("consumer resumed after recovery");
+        match consumer.next().await? {
+            Ok(delivery) => Some((Ok(Some(delivery)), Some((channel, consumer)))),
+            Err(err) => {
+                tracing::warn!(error = %err, "consumer interrupted; waiting for the connection to recover");
+                if let Err(err) = channel.wait_for_recovery(err).await {
+                    return Some((Err(err), None));
                 }
+                tracing::info!("consumer resumed after recovery");
+                Some((Ok(None), Some((channel, consumer))))
             }
         }
     })
@@ -337,7 +339,9 @@ impl Bus for AmqpBus {
         let posted = self.topology.posted_exchange();
         let translated = self.topology.translated_exchange();
         let progress = self.progress.clone();
-        let stream = recovering(channel, consumer).map(move |delivery| {
+        let stream =
+            recovering(channel, consumer).filter_map(|delivery| futures_util::future::ready(delivery.transpose()));
+        let stream = stream.map(move |delivery| {
             let delivery = delivery.map_err(amqp(format!("consume {queue}")))?;
             progress.delivered();
             let origin = if delivery.exchange.as_str() == posted {
@@ -378,7 +382,8 @@ impl Bus for AmqpBus {
                 let progress = self.progress.clone();
                 move |delivery| {
                     progress.advanced();
-                    futures_util::future::ready(delivery.ok().map(|d| d.data))
+                    // Resumed after a recovery: an empty payload tells the hub to fill what it missed.
+                    futures_util::future::ready(delivery.ok().map(|d| d.map_or_else(Vec::new, |d| d.data)))
                 }
             });
         let binder = AmqpBinder { channel, queue, exchange: self.topology.deliver_exchange() };

@@ -139,7 +139,8 @@ pub async fn next_unless_cancelled(
     }
 }
 
-/// Encoded deliveries for the chats bound through the paired [`ChatBinder`].
+/// Encoded deliveries for the chats bound through the paired [`ChatBinder`]; an empty one says the
+/// feed resumed after an interruption, in which deliveries may have been lost.
 pub type DeliveryStream = BoxStream<'static, Vec<u8>>;
 
 /// Chooses which chats' deliveries reach one gateway process.

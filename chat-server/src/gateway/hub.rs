@@ -4,6 +4,10 @@
 //! gateway process receives one copy of each delivery for the chats its clients watch, decodes it
 //! once, and hands every subscriber the same `Arc`. A delivery the fanout publishes again (it retries
 //! a batch whose confirms it lost) is recognised by its message id and language and not handed out twice.
+//!
+//! Deliveries the broker could not route here (while this gateway's connection was down and its
+//! queue gone) leave a gap in a chat's `seq`: with a history, the hub reads the missing ones from it
+//! and hands them out first, when the next delivery shows the gap or when the feed says it resumed.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -17,6 +21,7 @@ use uuid::Uuid;
 
 use crate::{
     bus::{BusError, ChatBinder, DeliveryStream, Source},
+    history::{History, Languages, MAX_PAGE},
     wire::Delivery,
 };
 
@@ -38,6 +43,8 @@ struct RoomFeed {
     tx: broadcast::Sender<Arc<Delivery>>,
     /// The keys handed out lately, as a set and in order.
     recent: StdMutex<(HashSet<DeliveryKey>, VecDeque<DeliveryKey>)>,
+    /// The highest `seq` handed out (0: none yet).
+    last_seq: std::sync::atomic::AtomicU64,
 }
 
 impl RoomFeed {
@@ -74,6 +81,8 @@ pub struct Hub {
     senders: RwLock<HashMap<String, Arc<RoomFeed>>>,
     binder: Arc<dyn ChatBinder>,
     capacity: usize,
+    /// Where gaps are filled from.
+    history: Option<Arc<dyn History>>,
 }
 
 /// Why a subscription ended early.
@@ -118,7 +127,12 @@ impl Drop for Leave {
 impl Hub {
     /// `capacity` is how many deliveries a subscriber may fall behind before it is dropped.
     pub fn new(binder: Arc<dyn ChatBinder>, capacity: usize) -> Arc<Self> {
-        Arc::new(Self { rooms: Mutex::default(), senders: RwLock::default(), binder, capacity })
+        Self::with_history(binder, capacity, None)
+    }
+
+    /// A hub that fills the gaps in a chat's deliveries from `history`.
+    pub fn with_history(binder: Arc<dyn ChatBinder>, capacity: usize, history: Option<Arc<dyn History>>) -> Arc<Self> {
+        Arc::new(Self { rooms: Mutex::default(), senders: RwLock::default(), binder, capacity, history })
     }
 
     /// Joins `chat_id`, binding it on the bus first when this is its first local subscriber.
@@ -135,7 +149,7 @@ impl Hub {
                     .await
                     .map_err(|_| BusError::Timeout(format!("binding chat {chat_id}")))??;
                 let (tx, rx) = broadcast::channel(self.capacity);
-                let feed = Arc::new(RoomFeed { tx, recent: StdMutex::default() });
+                let feed = Arc::new(RoomFeed { tx, recent: StdMutex::default(), last_seq: Default::default() });
                 self.senders.write().expect("senders lock").insert(chat_id.to_owned(), feed.clone());
                 rooms.insert(chat_id.to_owned(), Room { feed, subscribers: 1 });
                 rx
@@ -164,22 +178,81 @@ impl Hub {
         self.rooms.lock().await.len()
     }
 
-    /// Hands one delivery to every local subscriber of its chat, unless it was handed out already.
+    /// Hands one delivery to every local subscriber of its chat, unless it was handed out already;
+    /// deliveries missing before it are read from the history and handed out first.
     pub async fn dispatch(&self, delivery: Arc<Delivery>) {
         let feed = self.senders.read().expect("senders lock").get(&delivery.chat_id).cloned();
         if let Some(feed) = feed {
-            if !feed.first_time(&delivery) {
-                tracing::debug!(id = %delivery.id, language = delivery.language, "dropping a delivery published again");
-                return;
+            let last = feed.last_seq.load(std::sync::atomic::Ordering::Acquire);
+            if last > 0 && delivery.seq > last + 1 {
+                self.fill(&feed, &delivery.chat_id, last, Some(delivery.seq - 1)).await;
             }
-            // No receivers left means the last subscriber is leaving right now: nothing to do.
-            let _ = feed.tx.send(delivery);
+            Self::hand_out(&feed, delivery);
         }
     }
 
-    /// Decodes each encoded delivery of `feed` once and dispatches it, until the feed ends.
+    fn hand_out(feed: &RoomFeed, delivery: Arc<Delivery>) {
+        if !feed.first_time(&delivery) {
+            tracing::debug!(id = %delivery.id, language = delivery.language, "dropping a delivery published again");
+            return;
+        }
+        feed.last_seq.fetch_max(delivery.seq, std::sync::atomic::Ordering::AcqRel);
+        // No receivers left means the last subscriber is leaving right now: nothing to do.
+        let _ = feed.tx.send(delivery);
+    }
+
+    /// Hands out the stored deliveries of a chat with `after < seq <= up_to` (`None`: up to the newest).
+    async fn fill(&self, feed: &RoomFeed, chat_id: &str, after: u64, up_to: Option<u64>) {
+        let Some(history) = &self.history else { return };
+        let up_to = match up_to {
+            Some(up_to) => up_to,
+            None => match history.last_seq(chat_id).await {
+                Ok(newest) => newest,
+                Err(err) => {
+                    tracing::warn!(chat_id, error = %err, "cannot read the history to fill a gap");
+                    return;
+                }
+            },
+        };
+        let mut cursor = after;
+        while cursor < up_to {
+            match history.range(chat_id, Languages(None), cursor, up_to, MAX_PAGE).await {
+                Ok(page) if page.is_empty() => break,
+                Ok(page) => {
+                    tracing::info!(chat_id, after = cursor, deliveries = page.len(), "filling a gap from the history");
+                    for stored in page {
+                        cursor = stored.delivery.seq;
+                        Self::hand_out(feed, stored.delivery);
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(chat_id, error = %err, "cannot read the history to fill a gap");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// After the feed resumed: each chat's deliveries newer than the last handed out, from the history.
+    async fn fill_every_chat(&self) {
+        let feeds: Vec<(String, Arc<RoomFeed>)> =
+            self.senders.read().expect("senders lock").iter().map(|(c, f)| (c.clone(), f.clone())).collect();
+        for (chat_id, feed) in feeds {
+            let last = feed.last_seq.load(std::sync::atomic::Ordering::Acquire);
+            if last > 0 {
+                self.fill(&feed, &chat_id, last, None).await;
+            }
+        }
+    }
+
+    /// Decodes each encoded delivery of `feed` once and dispatches it, until the feed ends. An empty
+    /// payload says the feed resumed after its connection recovered.
     pub async fn run_feed(self: Arc<Self>, mut feed: DeliveryStream) {
         while let Some(payload) = feed.next().await {
+            if payload.is_empty() {
+                self.fill_every_chat().await;
+                continue;
+            }
             match serde_json::from_slice::<Delivery>(&payload) {
                 Ok(delivery) => self.dispatch(Arc::new(delivery)).await,
                 Err(err) => {
@@ -296,5 +369,28 @@ pub(crate) mod tests {
             hub.dispatch(delivery("c", "hi")).await;
         }
         assert_eq!(slow.recv().await.unwrap_err(), Missed::Lagged(3));
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_a_chats_seq_is_filled_from_the_history_before_the_delivery_that_shows_it() {
+        let history = Arc::new(crate::history::memory::MemoryHistory::default());
+        let stored: Vec<Delivery> = (0..5).map(|i| Delivery::clone(&delivery("c", &format!("m{i}")))).collect();
+        let appended = history.append(stored).await.unwrap();
+        let numbered: Vec<Arc<Delivery>> = appended.iter().map(|a| Arc::new(a.delivery().clone())).collect();
+        let hub = Hub::with_history(Arc::new(RecordingBinder::default()), 16, Some(history));
+        let mut subscriber = hub.subscribe("c").await.unwrap();
+        // 2 and 3 never came from the bus; 4 shows the gap. 5 is lost too, and the feed then resumes.
+        hub.dispatch(numbered[0].clone()).await;
+        hub.dispatch(numbered[3].clone()).await;
+        let mut seqs = Vec::new();
+        for _ in 0..4 {
+            seqs.push(subscriber.recv().await.unwrap().seq);
+        }
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        hub.fill_every_chat().await;
+        assert_eq!(subscriber.recv().await.unwrap().seq, 5, "what was lost at the end, after a resume");
+        hub.dispatch(numbered[4].clone()).await;
+        hub.dispatch(numbered[1].clone()).await;
+        assert!(subscriber.rx.try_recv().is_err(), "nothing twice");
     }
 }

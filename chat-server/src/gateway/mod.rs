@@ -92,7 +92,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let (binder, feed) = bus.delivery_feed().await?;
-    let hub = Hub::new(binder, hub::BACKLOG);
+    let hub = Hub::with_history(binder, hub::BACKLOG, history.clone());
     let serving = cancel.child_token();
     let feed_lost = CancellationToken::new();
     let feed_task = dispatcher.handle().spawn({

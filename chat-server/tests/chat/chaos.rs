@@ -80,9 +80,11 @@ struct Cluster {
     prefix: String,
     _history: TestDatabase,
     apertium: Apertium,
-    /// The first serves the subscribers and is never faulted; the second takes sends and faults.
+    /// The first serves the subscribers, and only its network is faulted (through `gateway_broker`);
+    /// the second takes sends, and is killed.
     gateways: Vec<Server>,
-    gateway_args: Vec<String>,
+    gateway_args: Vec<Vec<String>>,
+    gateway_broker: Proxy,
     workers: Vec<Role>,
     _topology: TopologyCleanup,
 }
@@ -114,7 +116,11 @@ impl Cluster {
             .map(|a| a.to_string())
             .collect()
         };
-        let gateway_args: Vec<String> = [vec!["gateway".to_owned()], common(&url)].concat();
+        let gateway_broker = Proxy::start(upstream.clone()).await;
+        let gateway_args: Vec<Vec<String>> = vec![
+            [vec!["gateway".to_owned()], common(&gateway_broker.amqp_url(&url))].concat(),
+            [vec!["gateway".to_owned()], common(&url)].concat(),
+        ];
         let mut workers = Vec::new();
         for (i, role) in ["fanout", "fanout", "translator", "translator"].iter().enumerate() {
             let broker = Proxy::start(upstream.clone()).await;
@@ -146,8 +152,8 @@ impl Cluster {
             workers.push(Role { name: format!("{role}-{i}"), args, broker, provider, server });
         }
         let mut gateways = Vec::new();
-        for _ in 0..2 {
-            gateways.push(Role::spawn(&gateway_args).ready().await);
+        for args in &gateway_args {
+            gateways.push(Role::spawn(args).ready().await);
         }
         let mut ready = Vec::new();
         for mut worker in workers {
@@ -155,7 +161,16 @@ impl Cluster {
             ready.push(worker);
         }
         let topology = TopologyCleanup::new(&prefix, &["es"]);
-        Self { prefix, _history: history, apertium, gateways, gateway_args, workers: ready, _topology: topology }
+        Self {
+            prefix,
+            _history: history,
+            apertium,
+            gateways,
+            gateway_args,
+            gateway_broker,
+            workers: ready,
+            _topology: topology,
+        }
     }
 
     /// What Kubernetes does: a process that exited, or fails `/healthz` three times in a row, is
@@ -190,10 +205,10 @@ impl Cluster {
                 }
                 all_ready &= ready(worker.server.port).await;
             }
-            for gateway in &mut self.gateways {
+            for (gateway, args) in self.gateways.iter_mut().zip(&self.gateway_args) {
                 if gateway.exited_within(Duration::ZERO).await.is_some() {
                     tally.restarts_after_exit += 1;
-                    *gateway = Role::spawn(&self.gateway_args);
+                    *gateway = Role::spawn(args);
                     all_ready = false;
                 } else {
                     all_ready &= ready(gateway.port).await;
@@ -285,6 +300,8 @@ enum Fault {
     ProviderHangs,
     ProviderFails,
     KillGateway,
+    CutGatewayNetwork,
+    QuietGatewayNetwork,
     RestartBrokerApp,
     KillBroker,
 }
@@ -299,6 +316,8 @@ impl Fault {
             Self::ProviderHangs => "provider that hangs",
             Self::ProviderFails => "provider that answers 500",
             Self::KillGateway => "kill -9 of a gateway",
+            Self::CutGatewayNetwork => "network cut between the subscribers' gateway and the broker",
+            Self::QuietGatewayNetwork => "network silence between the subscribers' gateway and the broker",
             Self::RestartBrokerApp => "broker app restart",
             Self::KillBroker => "broker node kill and restart",
         }
@@ -307,7 +326,8 @@ impl Fault {
 
 fn as_root(command: &str) {
     let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    let line = if root { command.to_owned() } else { format!("sudo {command}") };
+    // The whole line as root, not its first command alone.
+    let line = if root { command.to_owned() } else { format!("sudo sh -c '{command}'") };
     let status = std::process::Command::new("sh").args(["-c", &line]).status().unwrap();
     assert!(status.success(), "`{line}` failed");
 }
@@ -361,6 +381,18 @@ impl Cluster {
                 eprintln!("chaos: kill -9 the second gateway");
                 self.gateways[1].kill();
             }
+            Fault::CutGatewayNetwork => {
+                eprintln!("chaos: cut the subscribers' gateway's broker connection for 3 s");
+                self.gateway_broker.set(Mode::Cut);
+                sleep(Duration::from_secs(3)).await;
+                self.gateway_broker.set(Mode::Forward);
+            }
+            Fault::QuietGatewayNetwork => {
+                eprintln!("chaos: silence the subscribers' gateway's broker connection for 15 s");
+                self.gateway_broker.set(Mode::Quiet);
+                sleep(Duration::from_secs(15)).await;
+                self.gateway_broker.set(Mode::Forward);
+            }
             Fault::RestartBrokerApp => {
                 eprintln!("chaos: rabbitmqctl stop_app; sleep 5; start_app");
                 as_root("rabbitmqctl -q stop_app");
@@ -370,7 +402,11 @@ impl Cluster {
             Fault::KillBroker => {
                 eprintln!("chaos: kill -9 the broker node, then start it");
                 as_root("pkill -9 -x beam.smp; sleep 1");
-                as_root("rabbitmq-server -detached && sleep 3 && rabbitmqctl -q await_startup");
+                // Detached, and holding none of the test run's files: a daemon that kept its output open would
+                // keep whoever reads that output waiting.
+                as_root(
+                    "rabbitmq-server -detached </dev/null >/dev/null 2>&1 && sleep 3 && rabbitmqctl -q await_startup",
+                );
             }
         }
         *tally.faults.entry(fault.name()).or_default() += 1;
@@ -446,6 +482,8 @@ async fn run(rounds: usize, broker_faults: bool) {
         Fault::ProviderHangs,
         Fault::ProviderFails,
         Fault::KillGateway,
+        Fault::CutGatewayNetwork,
+        Fault::QuietGatewayNetwork,
     ];
     if broker_faults {
         faults.extend([Fault::RestartBrokerApp, Fault::KillBroker]);
@@ -568,5 +606,111 @@ fn rounds(default: usize) -> usize {
 #[ignore = "kills and silences processes for minutes, and with PARLEY_CHAOS_BROKER=1 restarts the shared broker: scripts/test runs it alone"]
 async fn random_faults_under_traffic_lose_and_duplicate_nothing() {
     let broker = std::env::var("PARLEY_CHAOS_BROKER").is_ok_and(|b| b == "1");
-    run(rounds(7), broker).await;
+    run(rounds(if broker { 11 } else { 9 }), broker).await;
+}
+
+/// A role whose broker connection goes through a proxy of its own, beside a gateway on the broker.
+async fn behind_a_proxy(role: &[&str], prefix: &str, extra: &[&str]) -> (Proxy, Server) {
+    let url = amqp_url();
+    let upstream = format!("127.0.0.1:{}", url.rsplit_once('@').unwrap().1.split(['/', ':']).nth(1).unwrap_or("5672"));
+    let proxy = Proxy::start(upstream).await;
+    let proxied = proxy.amqp_url(&url);
+    let args = [role, &["--amqp-url", &proxied, "--topology-prefix", prefix], extra].concat();
+    let server = Server::start(&args).await;
+    (proxy, server)
+}
+
+/// The fanout that kept `/healthz` at 200 while it could not reach the broker: with messages waiting
+/// and its network silent, `/healthz` fails within the stall timeout and says why, and once the
+/// network is back the fanout delivers everything, once.
+#[tokio::test]
+async fn a_fanout_cut_off_from_the_broker_with_work_waiting_fails_liveness_and_then_delivers_all() {
+    let prefix = unique_prefix("stuck");
+    let _cleanup = TopologyCleanup::new(&prefix, &[]);
+    let url = amqp_url();
+    let gateway = Server::start(&[&["gateway"], broker_args(&prefix, &url, "").as_slice()].concat()).await;
+    let (proxy, fanout) = behind_a_proxy(&["fanout", "--languages", ""], &prefix, &["--stall-timeout-secs", "2"]).await;
+    let chat = unique_chat();
+    let mut client = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
+    client.subscribe_messages("1", &gateway.http(), &chat, None).await;
+    assert_eq!(fanout.health().await, 200);
+
+    proxy.set(Mode::Quiet);
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(send(&gateway.http(), &chat, &format!("while silent {i}")).await);
+    }
+    // The bound is the behaviour's, not a timing goal: a look at the queue every 5 s, the stall
+    // timeout of 2 s, and the heartbeats (10 s) that end the connection and with it the stall.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut answered = Vec::new();
+    loop {
+        let code = fanout.health().await;
+        answered.push(code);
+        if code == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/healthz never failed while stuck: {answered:?}\n{}", fanout.log_text());
+        sleep(Duration::from_millis(250)).await;
+    }
+    let reason = reqwest::get(format!("http://127.0.0.1:{}/healthz", fanout.port)).await.unwrap().text().await.unwrap();
+    assert!(reason.starts_with("stuck: "), "{reason}");
+
+    proxy.set(Mode::Forward);
+    let last = send(&gateway.http(), &chat, "after").await;
+    let received = client.collect_until(&last).await;
+    for id in &sent {
+        assert_eq!(received.iter().filter(|m| m["id"] == id.as_str()).count(), 1, "{id} once: {received:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fanout.health().await != 200 {
+        assert!(Instant::now() < deadline, "the fanout never became healthy again:\n{}", fanout.log_text());
+        sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The fanout that ignored SIGTERM for minutes: a translator whose provider hangs holds messages in a
+/// call that does not end; SIGTERM still ends the process within its shutdown timeout, with status 1
+/// and a line saying what it abandoned, and another translator delivers those messages.
+#[tokio::test]
+async fn sigterm_ends_a_role_stuck_in_work_within_its_deadline_and_its_messages_are_delivered_by_another() {
+    let prefix = unique_prefix("deadline");
+    let _cleanup = TopologyCleanup::new(&prefix, &["es"]);
+    let apertium = Apertium::start().await;
+    let url = amqp_url();
+    let common = broker_args(&prefix, &url, "es");
+    let gateway = Server::start(&[&["gateway"], common.as_slice()].concat()).await;
+    let _fanout = Server::start(&[&["fanout"], common.as_slice()].concat()).await;
+    let apertium_port = apertium.url.rsplit(':').next().unwrap().to_owned();
+    let provider = Proxy::start(format!("127.0.0.1:{apertium_port}")).await;
+    let hanging_url = format!("http://127.0.0.1:{}", provider.port);
+    let translator = |provider_url: &str, extra: &[&str]| {
+        let args = [
+            &["translator", "--language", "es", "--translator", "apertium", "--translator-url", provider_url][..],
+            &["--amqp-url", &url, "--topology-prefix", &prefix],
+            extra,
+        ]
+        .concat();
+        Server::spawn(&args)
+    };
+    let mut stuck =
+        translator(&hanging_url, &["--shutdown-timeout-secs", "2", "--translator-timeout-secs", "600"]).ready().await;
+    let chat = unique_chat();
+    let mut client = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
+    client.subscribe_messages("1", &gateway.http(), &chat, None).await;
+
+    provider.set(Mode::Quiet);
+    let held = send(&gateway.http(), &chat, "Good morning").await;
+    // The original arrives; its translation waits in the hanging call.
+    assert_eq!(client.collect_message(&held, 1, DELIVERY).await.len(), 1);
+    sleep(Duration::from_secs(1)).await;
+    stuck.signal_term();
+    let status = stuck.exited_within(Duration::from_secs(15)).await.expect("still running 15 s after SIGTERM");
+    assert_eq!(status.code(), Some(1), "{}", stuck.log_text());
+    assert!(stuck.log_text().contains("abandoned"), "{}", stuck.log_text());
+
+    let _healthy = translator(&apertium.url, &[]).ready().await;
+    let translated = client.collect_message(&held, 1, DELIVERY).await;
+    assert_eq!(translated[0]["language"], "es", "{translated:?}");
+    assert_ne!(translated[0]["text"], "Good morning", "translated by Apertium: {translated:?}");
 }
