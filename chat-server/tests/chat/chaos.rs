@@ -85,6 +85,8 @@ struct Cluster {
     gateways: Vec<Server>,
     gateway_args: Vec<Vec<String>>,
     gateway_broker: Proxy,
+    /// The gateways' GraphQL URLs as they are now (a restarted gateway listens on another port).
+    urls: Arc<Mutex<Vec<String>>>,
     workers: Vec<Role>,
     _topology: TopologyCleanup,
 }
@@ -161,12 +163,14 @@ impl Cluster {
             ready.push(worker);
         }
         let topology = TopologyCleanup::new(&prefix, &["es"]);
+        let urls = Arc::new(Mutex::new(gateways.iter().map(Server::http).collect()));
         Self {
             prefix,
             _history: history,
             apertium,
             gateways,
             gateway_args,
+            urls,
             gateway_broker,
             workers: ready,
             _topology: topology,
@@ -205,14 +209,19 @@ impl Cluster {
                 }
                 all_ready &= ready(worker.server.port).await;
             }
+            let mut restarted = false;
             for (gateway, args) in self.gateways.iter_mut().zip(&self.gateway_args) {
                 if gateway.exited_within(Duration::ZERO).await.is_some() {
                     tally.restarts_after_exit += 1;
                     *gateway = Role::spawn(args);
+                    restarted = true;
                     all_ready = false;
                 } else {
                     all_ready &= ready(gateway.port).await;
                 }
+            }
+            if restarted {
+                *self.urls.lock().unwrap() = self.gateways.iter().map(Server::http).collect();
             }
             if all_ready {
                 return;
@@ -233,16 +242,19 @@ async fn ready(port: u16) -> bool {
 
 /// Sends `text` through the gateways in turn with one idempotency key, retrying until a gateway
 /// accepts it; returns its id, or `None` when no gateway did within a minute.
-async fn send_until_accepted(http: &[String], chat: &str, text: &str, turn: usize) -> Option<String> {
+async fn send_until_accepted(urls: &Mutex<Vec<String>>, chat: &str, text: &str, turn: usize) -> Option<String> {
     const KEYED: &str = "mutation($chatId: ID!, $text: String!, $sender: String, $key: String) { \
         sendMessage(chatId: $chatId, text: $text, sender: $sender, idempotencyKey: $key) { id } }";
     let key = uuid::Uuid::now_v7().to_string();
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     for attempt in 0.. {
-        let url = &http[(turn + attempt) % http.len()];
+        let url = {
+            let urls = urls.lock().unwrap();
+            urls[(turn + attempt) % urls.len()].clone()
+        };
         let body = json!({"query": KEYED, "variables": {"chatId": chat, "text": text, "sender": SENDER, "key": key}});
-        if let Ok(response) = client.post(url).json(&body).send().await {
+        if let Ok(response) = client.post(&url).json(&body).send().await {
             if let Ok(value) = response.json::<Value>().await {
                 if let Some(id) = value["data"]["sendMessage"]["id"].as_str() {
                     return Some(id.to_owned());
@@ -459,12 +471,12 @@ async fn run(rounds: usize, broker_faults: bool) {
     let stop = tokio_util::sync::CancellationToken::new();
     let sender = tokio::spawn({
         let (accepted, lost, stop, chat) = (accepted.clone(), lost.clone(), stop.clone(), chat.clone());
-        let http: Vec<String> = cluster.gateways.iter().map(Server::http).collect();
+        let urls = cluster.urls.clone();
         async move {
             let mut turn = 0;
             while !stop.is_cancelled() {
                 let text = format!("Good morning, message {turn}");
-                match send_until_accepted(&http, &chat, &text, turn).await {
+                match send_until_accepted(&urls, &chat, &text, turn).await {
                     Some(id) => accepted.lock().unwrap().push(id),
                     None => *lost.lock().unwrap() += 1,
                 }
