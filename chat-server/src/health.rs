@@ -1,5 +1,5 @@
-//! `/healthz` (liveness: the process makes progress) and `/readyz` (it can serve: the broker
-//! connection is up), for every role.
+//! `/healthz` (liveness: the process makes progress), `/readyz` (it can serve: the broker
+//! connection is up) and `/metrics` (OpenMetrics), for every role.
 
 use axum::{http::StatusCode, routing::get, Router};
 
@@ -9,6 +9,15 @@ pub fn routes<S: Clone + Send + Sync + 'static>(
     stalled: impl Fn() -> Option<String> + Clone + Send + Sync + 'static,
 ) -> Router<S> {
     Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    crate::metrics::metrics().encode(),
+                )
+            }),
+        )
         .route(
             "/healthz",
             get(move || {

@@ -15,6 +15,7 @@ pub mod fanout;
 pub mod gateway;
 pub mod health;
 pub mod history;
+pub mod metrics;
 pub mod roles;
 pub mod translator;
 pub mod wire;

@@ -134,6 +134,8 @@ pub async fn next_unless_cancelled(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<Result<Incoming, BusError>> {
     tokio::select! {
+        // Checked first: a message that arrives as the role stops is left to the broker.
+        biased;
         _ = cancel.cancelled() => None,
         next = futures_util::StreamExt::next(messages) => next,
     }

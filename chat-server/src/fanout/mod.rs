@@ -103,6 +103,10 @@ impl Fanout {
                 Ok(delivery) => delivery,
                 Err(err) => {
                     tracing::error!(origin = ?incoming.origin, error = %err, "dead-lettering an undecodable message");
+                    crate::metrics::metrics()
+                        .dead_lettered
+                        .get_or_create(&crate::metrics::RoleLabel { role: "fanout" })
+                        .inc();
                     incoming.dead_letter().await?;
                     continue;
                 }
@@ -121,7 +125,10 @@ impl Fanout {
         // A batch that cannot be stored is left unsettled: the role stops, and the broker hands it out
         // again, in order, on the next channel.
         let started = std::time::Instant::now();
+        let metrics = crate::metrics::metrics();
+        metrics.fanout_batch.observe(deliveries.len() as f64);
         let appended = self.history.append(deliveries).await?;
+        metrics.store_latency.observe(started.elapsed().as_secs_f64());
         tracing::debug!(deliveries = appended.len(), took = ?started.elapsed(), "stored a batch");
         // A redelivered message is published again with the seq it was stored with: its first publish
         // may not have been confirmed. Gateways recognise a copy they already handed out. A stored one

@@ -95,6 +95,8 @@ struct Group {
     /// The execution ended: after the last result in the ring, members complete.
     ended: AtomicBool,
     cancel: CancellationToken,
+    /// Counts the group in `parley_shared_groups` while it exists.
+    _counted: crate::metrics::Counted,
 }
 
 impl Group {
@@ -106,6 +108,7 @@ impl Group {
             feed: Arc::default(),
             ended: AtomicBool::new(false),
             cancel: CancellationToken::new(),
+            _counted: crate::metrics::Counted::new(&crate::metrics::metrics().shared_groups),
         }
     }
 

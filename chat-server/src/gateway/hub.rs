@@ -197,6 +197,12 @@ impl Hub {
             return;
         }
         feed.last_seq.fetch_max(delivery.seq, std::sync::atomic::Ordering::AcqRel);
+        let metrics = crate::metrics::metrics();
+        metrics.deliveries.inc();
+        if let Some(seconds) = crate::metrics::since(&delivery.sent_at) {
+            let language = crate::metrics::LanguageLabel { language: delivery.language.clone() };
+            metrics.delivered_latency.get_or_create(&language).observe(seconds);
+        }
         // No receivers left means the last subscriber is leaving right now: nothing to do.
         let _ = feed.tx.send(delivery);
     }
@@ -220,6 +226,7 @@ impl Hub {
                 Ok(page) if page.is_empty() => break,
                 Ok(page) => {
                     tracing::info!(chat_id, after = cursor, deliveries = page.len(), "filling a gap from the history");
+                    crate::metrics::metrics().gap_filled.inc_by(page.len() as u64);
                     for stored in page {
                         cursor = stored.delivery.seq;
                         Self::hand_out(feed, stored.delivery);

@@ -440,15 +440,19 @@ async fn post(chat: &ChatContext, message: NewMessage) -> Result<MessagePosted, 
             // Published again under its first id: the fanout delivers it only if the first attempt
             // never reached it.
             tracing::debug!(id = %claimed.id, "a retry of an idempotent send");
+            crate::metrics::metrics().posted.get_or_create(&crate::metrics::Outcome { result: "retried" }).inc();
             posted.id = claimed.id;
             posted.sent_at = claimed.sent_at;
         }
     }
     let payload = serde_json::to_vec(&posted).expect("a message always encodes");
+    let posts = &crate::metrics::metrics().posted;
     if let Err(source) = chat.bus.publish(Route::Posted, &payload).await {
         tracing::error!(id = %posted.id, error = %source, "failed to publish a message");
+        posts.get_or_create(&crate::metrics::Outcome { result: "unavailable" }).inc();
         return Err(PostError::Unavailable { id: posted.id, source });
     }
+    posts.get_or_create(&crate::metrics::Outcome { result: "accepted" }).inc();
     Ok(posted)
 }
 

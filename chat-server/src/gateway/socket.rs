@@ -31,6 +31,8 @@ use axum::{
 use futures_util::{SinkExt, StreamExt};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use crate::metrics::{metrics, Counted, Protocol};
+
 use super::{
     framing::{Framing, OperationId},
     groups::{refusal, Membership, Read, Shareable, SharedSubscriptions, Sharing},
@@ -168,9 +170,18 @@ pub fn upgrade(state: Sockets, upgrade: WebSocketUpgrade) -> Response {
         Some("graphql-ws") => Wire::LegacyWs,
         _ => Wire::Plain,
     };
+    let protocol = match wire {
+        Wire::TransportWs => "graphql-transport-ws",
+        Wire::LegacyWs => "graphql-ws",
+        Wire::Plain => "plain",
+    };
     upgrade.on_upgrade(move |socket| {
         let tracker = state.tracker.clone();
-        tracker.track_future(serve(socket, wire, state))
+        let open = Counted::new(&metrics().connections.get_or_create(&Protocol { protocol }));
+        tracker.track_future(async move {
+            serve(socket, wire, state).await;
+            drop(open);
+        })
     })
 }
 
@@ -202,6 +213,7 @@ struct Operation {
     /// Tells this operation's outbox items from those of an earlier operation with the same id.
     serial: u64,
     running: Running,
+    _counted: Counted,
 }
 
 /// One client connection.
@@ -298,7 +310,8 @@ impl Connection {
             }))
         });
         let running = Running::Shared { membership, _permit: permit, _replay: replay };
-        self.operations.insert(id.raw.clone(), Operation { id, serial, running });
+        let counted = Counted::new(&metrics().subscriptions);
+        self.operations.insert(id.raw.clone(), Operation { id, serial, running, _counted: counted });
     }
 
     fn start_alone(&mut self, id: OperationId, request: Request, subscription: bool) {
@@ -328,7 +341,8 @@ impl Connection {
             }
             outbox.push_control(Outgoing::Ended { op: serial }, &signal);
         }));
-        self.operations.insert(id.raw.clone(), Operation { id, serial, running: Running::Alone { _task: task } });
+        let (running, counted) = (Running::Alone { _task: task }, Counted::new(&metrics().subscriptions));
+        self.operations.insert(id.raw.clone(), Operation { id, serial, running, _counted: counted });
     }
 
     /// The operation a queued item belongs to, if it still runs.
@@ -523,6 +537,7 @@ async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets) {
             if gathered.is_break() || conn.signal.has_overflowed() {
                 let reason = conn.slow_consumer_reason();
                 tracing::info!(reason, "closing a slow consumer");
+                metrics().slow_consumer_closes.inc();
                 break Some((SLOW_CONSUMER, reason));
             }
             if !sent {

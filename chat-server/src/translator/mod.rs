@@ -17,6 +17,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{metrics, LanguageLabel, ProviderLabels, RoleLabel, Translation};
 use crate::{
     bus::{next_unless_cancelled, Bus, BusError, Incoming, Route, Source},
     wire::{MessagePosted, MessageTranslated, PASSTHROUGH_PROVIDER, WIRE_VERSION},
@@ -135,6 +136,7 @@ impl Translator {
                 Ok(posted) => work.push(Work { incoming, posted }),
                 Err(err) => {
                     tracing::error!(language = %self.language, error = %err, "dead-lettering an undecodable MessagePosted");
+                    metrics().dead_lettered.get_or_create(&RoleLabel { role: "translator" }).inc();
                     incoming.dead_letter().await?;
                 }
             }
@@ -146,10 +148,13 @@ impl Translator {
                 Outcome::Translated(message) => translated.push((item.incoming, message)),
                 Outcome::Retry(reason) => {
                     tracing::warn!(language = %self.language, id = %item.posted.id, reason, "giving the message back to the queue");
+                    self.count(self.provider.name(), "requeued");
                     item.incoming.requeue().await?;
                 }
                 Outcome::DeadLetter(reason) => {
                     tracing::error!(language = %self.language, reason, "dead-lettering a message that cannot be translated");
+                    self.count(self.provider.name(), "dead_lettered");
+                    metrics().dead_lettered.get_or_create(&RoleLabel { role: "translator" }).inc();
                     item.incoming.dead_letter().await?;
                 }
             }
@@ -162,7 +167,15 @@ impl Translator {
         let messages: Vec<(Route<'_>, &[u8])> = payloads.iter().map(|p| (Route::Translated, p.as_slice())).collect();
         match self.bus.publish_all(&messages).await {
             Ok(()) => {
-                for (incoming, _) in translated {
+                let latency = metrics()
+                    .translated_latency
+                    .get_or_create(&LanguageLabel { language: self.language.clone() })
+                    .clone();
+                for (incoming, message) in translated {
+                    self.count(&message.provider, "translated");
+                    if let Some(seconds) = crate::metrics::since(&message.sent_at) {
+                        latency.observe(seconds);
+                    }
                     incoming.ack().await?;
                 }
             }
@@ -174,6 +187,27 @@ impl Translator {
             }
         }
         Ok(())
+    }
+
+    /// One message settled with `result`.
+    fn count(&self, provider: &str, result: &'static str) {
+        let labels = Translation { language: self.language.clone(), provider: provider.to_owned(), result };
+        metrics().translations.get_or_create(&labels).inc();
+    }
+
+    /// One provider call that took `took`, and how it failed if it did.
+    fn count_call(&self, took: Duration, failed: Option<&ProviderError>) {
+        let provider = self.provider.name().to_owned();
+        let labels = ProviderLabels { language: self.language.clone(), provider: provider.clone() };
+        metrics().provider_latency.get_or_create(&labels).observe(took.as_secs_f64());
+        if let Some(err) = failed {
+            let kind = match err {
+                ProviderError::Transient { .. } => "transient",
+                ProviderError::Permanent { .. } => "permanent",
+            };
+            let labels = crate::metrics::ProviderError { language: self.language.clone(), provider, kind };
+            metrics().provider_errors.get_or_create(&labels).inc();
+        }
     }
 
     fn translated(&self, posted: &MessagePosted, text: String, provider: &str) -> MessageTranslated {
@@ -244,11 +278,20 @@ impl Translator {
             if cancel.is_cancelled() {
                 return texts.iter().map(|_| Err(TextFailure::Stopped)).collect();
             }
-            let called = if texts.len() == 1 {
-                self.provider.translate(texts[0], from, &self.language).await.map(|t| vec![t])
-            } else {
-                self.provider.translate_many(texts, from, &self.language).await
+            let started = std::time::Instant::now();
+            let call = async {
+                if texts.len() == 1 {
+                    self.provider.translate(texts[0], from, &self.language).await.map(|t| vec![t])
+                } else {
+                    self.provider.translate_many(texts, from, &self.language).await
+                }
             };
+            // A call in flight does not hold a stopping translator up: its texts go back to the queue.
+            let called = tokio::select! {
+                _ = cancel.cancelled() => return texts.iter().map(|_| Err(TextFailure::Stopped)).collect(),
+                called = call => called,
+            };
+            self.count_call(started.elapsed(), called.as_ref().err());
             match called {
                 Ok(translations) => return translations.into_iter().map(Ok).collect(),
                 Err(err @ ProviderError::Permanent { .. }) if texts.len() == 1 => {

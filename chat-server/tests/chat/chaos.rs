@@ -681,48 +681,44 @@ async fn a_fanout_cut_off_from_the_broker_with_work_waiting_fails_liveness_and_t
     }
 }
 
-/// The fanout that ignored SIGTERM for minutes: a translator whose provider hangs holds messages in a
-/// call that does not end; SIGTERM still ends the process within its shutdown timeout, with status 1
-/// and a line saying what it abandoned, and another translator delivers those messages.
+/// The fanout that ignored SIGTERM for minutes: a fanout whose history database went silent holds
+/// a batch in a store call that does not end; SIGTERM still ends the process within its shutdown
+/// timeout, with status 1 and a line saying what it abandoned, and the standby delivers the batch.
 #[tokio::test]
 async fn sigterm_ends_a_role_stuck_in_work_within_its_deadline_and_its_messages_are_delivered_by_another() {
     let prefix = unique_prefix("deadline");
-    let _cleanup = TopologyCleanup::new(&prefix, &["es"]);
-    let apertium = Apertium::start().await;
+    let _cleanup = TopologyCleanup::new(&prefix, &[]);
+    let database = TestDatabase::create().await;
     let url = amqp_url();
-    let common = broker_args(&prefix, &url, "es");
-    let gateway = Server::start(&[&["gateway"], common.as_slice()].concat()).await;
-    let _fanout = Server::start(&[&["fanout"], common.as_slice()].concat()).await;
-    let apertium_port = apertium.url.rsplit(':').next().unwrap().to_owned();
-    let provider = Proxy::start(format!("127.0.0.1:{apertium_port}")).await;
-    let hanging_url = format!("http://127.0.0.1:{}", provider.port);
-    let translator = |provider_url: &str, extra: &[&str]| {
-        let args = [
-            &["translator", "--language", "es", "--translator", "apertium", "--translator-url", provider_url][..],
-            &["--amqp-url", &url, "--topology-prefix", &prefix],
-            extra,
-        ]
-        .concat();
-        Server::spawn(&args)
-    };
-    let mut stuck =
-        translator(&hanging_url, &["--shutdown-timeout-secs", "2", "--translator-timeout-secs", "600"]).ready().await;
+    let common = broker_args(&prefix, &url, "");
+    let history = ["--history-url", database.url.as_str()];
+    let gateway = Server::start(&[&["gateway"], common.as_slice(), &history].concat()).await;
+    let (host, _) = database.url.split_once('@').unwrap().1.split_once('/').unwrap();
+    let silent_database = Proxy::start(host.to_owned()).await;
+    let through_proxy = database.url.replace(host, &format!("127.0.0.1:{}", silent_database.port));
+    let mut stuck = Server::start(
+        &[&["fanout"], common.as_slice(), &["--history-url", &through_proxy, "--shutdown-timeout-secs", "2"]].concat(),
+    )
+    .await;
     let chat = unique_chat();
     let mut client = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
     client.subscribe_messages("1", &gateway.http(), &chat, None).await;
 
-    provider.set(Mode::Quiet);
-    let held = send(&gateway.http(), &chat, "Good morning").await;
-    // The original arrives; its translation waits in the hanging call.
-    assert_eq!(client.collect_message(&held, 1, DELIVERY).await.len(), 1);
+    silent_database.set(Mode::Quiet);
+    let held = send(&gateway.http(), &chat, "held in a store call").await;
+    let deadline = Instant::now() + DELIVERY;
+    while !stuck.log_text().contains("fanout active") || stuck.log_text().matches("stored a batch").count() == 0 {
+        assert!(Instant::now() < deadline, "the fanout never took the warm-up: {}", stuck.log_text());
+        sleep(Duration::from_millis(100)).await;
+    }
+    // The message is in hand, its store call waiting on the silent database.
     sleep(Duration::from_secs(1)).await;
+    assert!(client.collect_message(&held, 1, Duration::from_millis(200)).await.is_empty());
     stuck.signal_term();
     let status = stuck.exited_within(Duration::from_secs(15)).await.expect("still running 15 s after SIGTERM");
     assert_eq!(status.code(), Some(1), "{}", stuck.log_text());
     assert!(stuck.log_text().contains("abandoned"), "{}", stuck.log_text());
 
-    let _healthy = translator(&apertium.url, &[]).ready().await;
-    let translated = client.collect_message(&held, 1, DELIVERY).await;
-    assert_eq!(translated[0]["language"], "es", "{translated:?}");
-    assert_ne!(translated[0]["text"], "Good morning", "translated by Apertium: {translated:?}");
+    let _standby = Server::start(&[&["fanout"], common.as_slice(), &history].concat()).await;
+    assert_eq!(client.collect_message(&held, 1, DELIVERY).await.len(), 1, "delivered by the next fanout");
 }

@@ -10,6 +10,7 @@ mod failures;
 mod history;
 mod history_api;
 mod idempotency;
+mod metrics;
 mod protocol;
 mod proxy;
 mod resume;
