@@ -95,7 +95,25 @@ impl AmqpBus {
             if recovery == Recovery::Automatic {
                 props = props.enable_auto_recover();
             }
-            match Connection::connect_uri(uri.clone(), props).await {
+            // lapin's async connect does not apply `connection_timeout`: bounded here, and given up
+            // at once when the role stops.
+            let attempt = tokio::time::timeout(
+                Duration::from_millis(CONNECT_TIMEOUT_MS),
+                Connection::connect_uri(uri.clone(), props),
+            );
+            let attempt = tokio::select! {
+                _ = cancel.cancelled() => {
+                    return Err(BusError::Timeout("connecting to the broker: the role is stopping".into()));
+                }
+                attempt = attempt => attempt,
+            };
+            let attempt = attempt.unwrap_or_else(|_| {
+                Err(lapin::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer from the broker within {CONNECT_TIMEOUT_MS} ms"),
+                )))
+            });
+            match attempt {
                 Ok(connection) => break connection,
                 Err(err) => {
                     tracing::warn!(error = %err, retry_in = ?delay, "cannot connect to the broker");
@@ -335,6 +353,7 @@ impl Bus for AmqpBus {
             .basic_consume(queue.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
             .map_err(amqp(format!("consume {queue}")))?;
+        self.progress.consuming();
         self.watch_backlog(queue.clone(), source == Source::Fanout);
         let posted = self.topology.posted_exchange();
         let translated = self.topology.translated_exchange();
@@ -395,7 +414,14 @@ impl Bus for AmqpBus {
     }
 
     fn stalled(&self, timeout: Duration) -> Option<String> {
-        self.progress.stalled(self.connection.status().connected(), timeout)
+        let status = self.connection.status();
+        // A broker that blocks publishers (a memory or disk alarm) holds every role up alike; a
+        // restart would not help.
+        if status.blocked() {
+            self.progress.advanced();
+            return None;
+        }
+        self.progress.stalled(status.connected(), timeout)
     }
 
     async fn close(&self) {

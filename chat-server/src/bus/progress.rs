@@ -25,6 +25,9 @@ struct State {
     /// Messages delivered and not settled yet: a consumer holding some is busy (a translator waiting
     /// out its provider), not stuck.
     unsettled: usize,
+    /// Consumers on this bus. The backlog rule holds for one alone (a worker role); where several
+    /// share a bus (`standalone`) their messages in hand cannot be told apart.
+    consumers: usize,
     /// Whether any consumer of this bus got a message: a standby of a single-active-consumer queue
     /// gets none, and is not stuck for it.
     delivered: bool,
@@ -45,6 +48,7 @@ impl Default for Progress {
             disconnected_since: None,
             backlog_since: None,
             unsettled: 0,
+            consumers: 0,
             delivered: false,
         };
         Self { state: Mutex::new(state) }
@@ -84,6 +88,11 @@ impl Progress {
     /// Something finished.
     pub fn advanced(&self) {
         self.lock().last = Instant::now();
+    }
+
+    /// A consumer started on this bus.
+    pub fn consuming(&self) {
+        self.lock().consumers += 1;
     }
 
     /// A message arrived from a consumer.
@@ -147,7 +156,7 @@ impl Progress {
             ));
         }
         match &state.backlog_since {
-            Some((since, queue)) if now - *since >= timeout && state.unsettled == 0 => {
+            Some((since, queue)) if now - *since >= timeout && state.unsettled == 0 && state.consumers == 1 => {
                 Some(format!("messages have waited in {queue} for {:?} and none arrived here", now - *since))
             }
             _ => None,
@@ -164,6 +173,7 @@ mod tests {
     #[test]
     fn work_without_progress_is_a_stall_and_idleness_is_not() {
         let progress = Arc::new(Progress::default());
+        progress.consuming();
         std::thread::sleep(T * 2);
         assert_eq!(progress.stalled(true, T), None, "idle is not stuck");
 

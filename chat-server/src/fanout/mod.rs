@@ -2,7 +2,7 @@
 //! history store give each a per-chat `seq` (or recognise a redelivery), publishes the deliveries
 //! keyed by chat id, and acks only once both the store and the publish are confirmed.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -97,7 +97,8 @@ impl Fanout {
     async fn handle(&self, batch: Vec<Incoming>) -> Result<(), FanoutError> {
         let mut held: Vec<Incoming> = Vec::with_capacity(batch.len());
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(batch.len());
-        let mut in_batch: HashSet<(Uuid, String)> = HashSet::new();
+        // Where each (message id, language) of the batch is held.
+        let mut in_batch: HashMap<(Uuid, String), usize> = HashMap::new();
         for incoming in batch {
             let delivery = match decode(&incoming) {
                 Ok(delivery) => delivery,
@@ -111,11 +112,14 @@ impl Fanout {
                     continue;
                 }
             };
-            if !in_batch.insert((delivery.id, delivery.language.clone())) {
+            if let Some(&first) = in_batch.get(&(delivery.id, delivery.language.clone())) {
                 tracing::debug!(id = %delivery.id, language = delivery.language, "dropping a duplicate within a batch");
+                // The copy kept stands for both: if either was redelivered, its first publish may be lost.
+                held[first].redelivered |= incoming.redelivered;
                 incoming.ack().await?;
                 continue;
             }
+            in_batch.insert((delivery.id, delivery.language.clone()), held.len());
             held.push(incoming);
             deliveries.push(delivery);
         }

@@ -70,6 +70,9 @@ impl RoomFeed {
 /// (one per distinct operation, see `shared`) and fast; each client's own queue is bounded elsewhere.
 pub const BACKLOG: usize = 1024;
 
+/// How long filling one gap from the history may hold the feed up.
+const FILL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long binding a chat on the bus may take before the subscription fails.
 const BIND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -149,7 +152,16 @@ impl Hub {
                     .await
                     .map_err(|_| BusError::Timeout(format!("binding chat {chat_id}")))??;
                 let (tx, rx) = broadcast::channel(self.capacity);
-                let feed = Arc::new(RoomFeed { tx, recent: StdMutex::default(), last_seq: Default::default() });
+                // Where the chat stands now, so that a delivery lost before the first one arrives here
+                // is a gap too (bound first: whatever comes after this read is routed here).
+                let newest = match &self.history {
+                    Some(history) => {
+                        tokio::time::timeout(FILL_TIMEOUT, history.last_seq(chat_id)).await.ok().and_then(Result::ok)
+                    }
+                    None => None,
+                };
+                let last_seq = std::sync::atomic::AtomicU64::new(newest.unwrap_or(0));
+                let feed = Arc::new(RoomFeed { tx, recent: StdMutex::default(), last_seq });
                 self.senders.write().expect("senders lock").insert(chat_id.to_owned(), feed.clone());
                 rooms.insert(chat_id.to_owned(), Room { feed, subscribers: 1 });
                 rx
@@ -185,7 +197,7 @@ impl Hub {
         if let Some(feed) = feed {
             let last = feed.last_seq.load(std::sync::atomic::Ordering::Acquire);
             if last > 0 && delivery.seq > last + 1 {
-                self.fill(&feed, &delivery.chat_id, last, Some(delivery.seq - 1)).await;
+                self.fill_within(&feed, &delivery.chat_id, last, Some(delivery.seq - 1)).await;
             }
             Self::hand_out(&feed, delivery);
         }
@@ -205,6 +217,14 @@ impl Hub {
         }
         // No receivers left means the last subscriber is leaving right now: nothing to do.
         let _ = feed.tx.send(delivery);
+    }
+
+    /// [`Hub::fill`], given up after [`FILL_TIMEOUT`]: a history that does not answer must not hold
+    /// every chat's deliveries up.
+    async fn fill_within(&self, feed: &RoomFeed, chat_id: &str, after: u64, up_to: Option<u64>) {
+        if tokio::time::timeout(FILL_TIMEOUT, self.fill(feed, chat_id, after, up_to)).await.is_err() {
+            tracing::warn!(chat_id, after, "the history did not answer in time; a gap stays unfilled");
+        }
     }
 
     /// Hands out the stored deliveries of a chat with `after < seq <= up_to` (`None`: up to the newest).
@@ -247,7 +267,7 @@ impl Hub {
         for (chat_id, feed) in feeds {
             let last = feed.last_seq.load(std::sync::atomic::Ordering::Acquire);
             if last > 0 {
-                self.fill(&feed, &chat_id, last, None).await;
+                self.fill_within(&feed, &chat_id, last, None).await;
             }
         }
     }
@@ -381,11 +401,11 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_gap_in_a_chats_seq_is_filled_from_the_history_before_the_delivery_that_shows_it() {
         let history = Arc::new(crate::history::memory::MemoryHistory::default());
+        let hub = Hub::with_history(Arc::new(RecordingBinder::default()), 16, Some(history.clone()));
+        let mut subscriber = hub.subscribe("c").await.unwrap();
         let stored: Vec<Delivery> = (0..5).map(|i| Delivery::clone(&delivery("c", &format!("m{i}")))).collect();
         let appended = history.append(stored).await.unwrap();
         let numbered: Vec<Arc<Delivery>> = appended.iter().map(|a| Arc::new(a.delivery().clone())).collect();
-        let hub = Hub::with_history(Arc::new(RecordingBinder::default()), 16, Some(history));
-        let mut subscriber = hub.subscribe("c").await.unwrap();
         // 2 and 3 never came from the bus; 4 shows the gap. 5 is lost too, and the feed then resumes.
         hub.dispatch(numbered[0].clone()).await;
         hub.dispatch(numbered[3].clone()).await;
@@ -399,5 +419,16 @@ pub(crate) mod tests {
         hub.dispatch(numbered[4].clone()).await;
         hub.dispatch(numbered[1].clone()).await;
         assert!(subscriber.rx.try_recv().is_err(), "nothing twice");
+
+        // A chat joined after deliveries were stored starts from where it stands: the first delivery
+        // lost after joining is a gap too.
+        let before: Vec<Delivery> = (0..2).map(|i| Delivery::clone(&delivery("d", &format!("d{i}")))).collect();
+        history.append(before).await.unwrap();
+        let mut other = hub.subscribe("d").await.unwrap();
+        let after: Vec<Delivery> = (0..2).map(|i| Delivery::clone(&delivery("d", &format!("e{i}")))).collect();
+        let after = history.append(after).await.unwrap();
+        hub.dispatch(Arc::new(after[1].delivery().clone())).await;
+        assert_eq!(other.recv().await.unwrap().seq, 3, "seq 3 was lost and filled");
+        assert_eq!(other.recv().await.unwrap().seq, 4);
     }
 }

@@ -417,34 +417,41 @@ impl History for PostgresHistory {
 impl IdempotencyKeys for PostgresHistory {
     async fn claim(&self, claim: Claim<'_>) -> Result<Claimed, HistoryError> {
         let sender = claim.sender.unwrap_or_default();
-        // A claim older than the window gives way to this one; a live one stays and is answered.
-        let row = sqlx::query(
-            "INSERT INTO parley_idempotency_keys AS k (chat_id, sender, key, message_id, sent_at) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (chat_id, sender, key) DO UPDATE \
-             SET message_id = EXCLUDED.message_id, sent_at = EXCLUDED.sent_at, claimed_at = now() \
-             WHERE k.claimed_at < now() - make_interval(secs => $6) \
-             RETURNING message_id",
-        )
-        .bind(claim.chat_id)
-        .bind(sender)
-        .bind(claim.key)
-        .bind(claim.id)
-        .bind(claim.sent_at)
-        .bind(claim.window.as_secs_f64())
-        .fetch_optional(&self.pool)
-        .await?;
-        if row.is_some() {
-            return Ok(Claimed { id: claim.id, sent_at: claim.sent_at.to_owned(), first: true });
+        // Twice at most: retention may delete the claim between the two statements.
+        for _ in 0..2 {
+            // A claim older than the window gives way to this one; a live one stays and is answered.
+            let row = sqlx::query(
+                "INSERT INTO parley_idempotency_keys AS k (chat_id, sender, key, message_id, sent_at) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (chat_id, sender, key) DO UPDATE \
+                 SET message_id = EXCLUDED.message_id, sent_at = EXCLUDED.sent_at, claimed_at = now() \
+                 WHERE k.claimed_at < now() - make_interval(secs => $6) \
+                 RETURNING message_id",
+            )
+            .bind(claim.chat_id)
+            .bind(sender)
+            .bind(claim.key)
+            .bind(claim.id)
+            .bind(claim.sent_at)
+            .bind(claim.window.as_secs_f64())
+            .fetch_optional(&self.pool)
+            .await?;
+            if row.is_some() {
+                return Ok(Claimed { id: claim.id, sent_at: claim.sent_at.to_owned(), first: true });
+            }
+            let row = sqlx::query(
+                "SELECT message_id, sent_at FROM parley_idempotency_keys \
+                 WHERE chat_id = $1 AND sender = $2 AND key = $3",
+            )
+            .bind(claim.chat_id)
+            .bind(sender)
+            .bind(claim.key)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = row {
+                return Ok(Claimed { id: row.try_get(0)?, sent_at: row.try_get(1)?, first: false });
+            }
         }
-        let row = sqlx::query(
-            "SELECT message_id, sent_at FROM parley_idempotency_keys WHERE chat_id = $1 AND sender = $2 AND key = $3",
-        )
-        .bind(claim.chat_id)
-        .bind(sender)
-        .bind(claim.key)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Claimed { id: row.try_get(0)?, sent_at: row.try_get(1)?, first: false })
+        Err(HistoryError::Database(sqlx::Error::RowNotFound))
     }
 }
