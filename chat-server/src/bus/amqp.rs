@@ -87,20 +87,17 @@ impl AmqpBus {
     ) -> Result<Self, BusError> {
         let mut uri: lapin::uri::AMQPUri = url.parse().map_err(BusError::Url)?;
         uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
-        // A broker that accepts TCP and says nothing must not hold a connect up forever.
-        uri.query.connection_timeout.get_or_insert(CONNECT_TIMEOUT_MS);
+        // A broker that accepts TCP and says nothing must not hold a connect up forever. lapin's async
+        // connect does not apply the URL's `connection_timeout`, so it is applied here.
+        let connect_timeout = Duration::from_millis(uri.query.connection_timeout.unwrap_or(CONNECT_TIMEOUT_MS));
         let mut delay = Duration::from_millis(200);
         let connection = loop {
             let mut props = ConnectionProperties::default().with_connection_name(connection_name.into());
             if recovery == Recovery::Automatic {
                 props = props.enable_auto_recover();
             }
-            // lapin's async connect does not apply `connection_timeout`: bounded here, and given up
-            // at once when the role stops.
-            let attempt = tokio::time::timeout(
-                Duration::from_millis(CONNECT_TIMEOUT_MS),
-                Connection::connect_uri(uri.clone(), props),
-            );
+            // Bounded, and given up at once when the role stops.
+            let attempt = tokio::time::timeout(connect_timeout, Connection::connect_uri(uri.clone(), props));
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => {
                     return Err(BusError::Timeout("connecting to the broker: the role is stopping".into()));
@@ -110,7 +107,7 @@ impl AmqpBus {
             let attempt = attempt.unwrap_or_else(|_| {
                 Err(lapin::Error::from(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("no answer from the broker within {CONNECT_TIMEOUT_MS} ms"),
+                    format!("no answer from the broker within {connect_timeout:?}"),
                 )))
             });
             match attempt {
@@ -169,9 +166,7 @@ impl AmqpBus {
             }
         });
     }
-}
 
-impl AmqpBus {
     /// Publishes `messages` in order and waits for every confirm.
     async fn publish_confirmed(&self, messages: &[(Route<'_>, &[u8])]) -> Result<(), BusError> {
         let exchanges: Vec<(String, &str, bool)> = messages

@@ -197,7 +197,7 @@ impl Hub {
         if let Some(feed) = feed {
             let last = feed.last_seq.load(std::sync::atomic::Ordering::Acquire);
             if last > 0 && delivery.seq > last + 1 {
-                self.fill_within(&feed, &delivery.chat_id, last, Some(delivery.seq - 1)).await;
+                self.fill_within(&feed, &delivery.chat_id, last, delivery.seq - 1).await;
             }
             Self::hand_out(&feed, delivery);
         }
@@ -221,25 +221,15 @@ impl Hub {
 
     /// [`Hub::fill`], given up after [`FILL_TIMEOUT`]: a history that does not answer must not hold
     /// every chat's deliveries up.
-    async fn fill_within(&self, feed: &RoomFeed, chat_id: &str, after: u64, up_to: Option<u64>) {
+    async fn fill_within(&self, feed: &RoomFeed, chat_id: &str, after: u64, up_to: u64) {
         if tokio::time::timeout(FILL_TIMEOUT, self.fill(feed, chat_id, after, up_to)).await.is_err() {
             tracing::warn!(chat_id, after, "the history did not answer in time; a gap stays unfilled");
         }
     }
 
-    /// Hands out the stored deliveries of a chat with `after < seq <= up_to` (`None`: up to the newest).
-    async fn fill(&self, feed: &RoomFeed, chat_id: &str, after: u64, up_to: Option<u64>) {
+    /// Hands out the stored deliveries of a chat with `after < seq <= up_to`.
+    async fn fill(&self, feed: &RoomFeed, chat_id: &str, after: u64, up_to: u64) {
         let Some(history) = &self.history else { return };
-        let up_to = match up_to {
-            Some(up_to) => up_to,
-            None => match history.last_seq(chat_id).await {
-                Ok(newest) => newest,
-                Err(err) => {
-                    tracing::warn!(chat_id, error = %err, "cannot read the history to fill a gap");
-                    return;
-                }
-            },
-        };
         let mut cursor = after;
         while cursor < up_to {
             match history.range(chat_id, Languages(None), cursor, up_to, MAX_PAGE).await {
@@ -267,7 +257,8 @@ impl Hub {
         for (chat_id, feed) in feeds {
             let last = feed.last_seq.load(std::sync::atomic::Ordering::Acquire);
             if last > 0 {
-                self.fill_within(&feed, &chat_id, last, None).await;
+                // Up to whatever is stored: one range read, paged, with no count first.
+                self.fill_within(&feed, &chat_id, last, u64::MAX).await;
             }
         }
     }

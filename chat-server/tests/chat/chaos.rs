@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use tokio::time::{sleep, Instant};
 
 use crate::{
+    disruptive::as_root,
     proxy::{Mode, Proxy},
     support::*,
 };
@@ -79,7 +80,7 @@ const SENDER: &str = "chaos-sender";
 struct Cluster {
     prefix: String,
     _history: TestDatabase,
-    apertium: Apertium,
+    _apertium: Apertium,
     /// The first serves the subscribers, and only its network is faulted (through `gateway_broker`);
     /// the second takes sends, and is killed.
     gateways: Vec<Server>,
@@ -97,8 +98,6 @@ impl Cluster {
         let history = TestDatabase::create().await;
         let apertium = Apertium::start().await;
         let url = amqp_url();
-        let upstream =
-            format!("127.0.0.1:{}", url.rsplit_once('@').unwrap().1.split(['/', ':']).nth(1).unwrap_or("5672"));
         let common = |url: &str| -> Vec<String> {
             [
                 "--amqp-url",
@@ -118,19 +117,18 @@ impl Cluster {
             .map(|a| a.to_string())
             .collect()
         };
-        let gateway_broker = Proxy::start(upstream.clone()).await;
+        let (gateway_broker, gateway_url) = Proxy::in_front_of(&url).await;
         let gateway_args: Vec<Vec<String>> = vec![
-            [vec!["gateway".to_owned()], common(&gateway_broker.amqp_url(&url))].concat(),
+            [vec!["gateway".to_owned()], common(&gateway_url)].concat(),
             [vec!["gateway".to_owned()], common(&url)].concat(),
         ];
         let mut workers = Vec::new();
         for (i, role) in ["fanout", "fanout", "translator", "translator"].iter().enumerate() {
-            let broker = Proxy::start(upstream.clone()).await;
+            let (broker, through_broker) = Proxy::in_front_of(&url).await;
             let mut args = vec![role.to_string()];
-            args.extend(common(&broker.amqp_url(&url)));
+            args.extend(common(&through_broker));
             let provider = if *role == "translator" {
-                let apertium_port = apertium.url.rsplit(':').next().unwrap().to_owned();
-                let proxy = Proxy::start(format!("127.0.0.1:{apertium_port}")).await;
+                let (proxy, through_provider) = Proxy::in_front_of(&apertium.url).await;
                 args.extend(
                     [
                         "--language",
@@ -138,7 +136,7 @@ impl Cluster {
                         "--translator",
                         "apertium",
                         "--translator-url",
-                        &format!("http://127.0.0.1:{}", proxy.port),
+                        &through_provider,
                         "--translator-timeout-secs",
                         "3",
                     ]
@@ -167,7 +165,7 @@ impl Cluster {
         Self {
             prefix,
             _history: history,
-            apertium,
+            _apertium: apertium,
             gateways,
             gateway_args,
             urls,
@@ -334,14 +332,6 @@ impl Fault {
             Self::KillBroker => "broker node kill and restart",
         }
     }
-}
-
-fn as_root(command: &str) {
-    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    // The whole line as root, not its first command alone.
-    let line = if root { command.to_owned() } else { format!("sudo sh -c '{command}'") };
-    let status = std::process::Command::new("sh").args(["-c", &line]).status().unwrap();
-    assert!(status.success(), "`{line}` failed");
 }
 
 impl Cluster {
@@ -606,7 +596,6 @@ async fn run(rounds: usize, broker_faults: bool) {
         tally.restarts_for_liveness,
         tally.violations.len(),
     );
-    let _ = &cluster.apertium;
     assert!(tally.violations.is_empty(), "violations: {:#?}", tally.violations);
 }
 
@@ -623,10 +612,7 @@ async fn random_faults_under_traffic_lose_and_duplicate_nothing() {
 
 /// A role whose broker connection goes through a proxy of its own, beside a gateway on the broker.
 async fn behind_a_proxy(role: &[&str], prefix: &str, extra: &[&str]) -> (Proxy, Server) {
-    let url = amqp_url();
-    let upstream = format!("127.0.0.1:{}", url.rsplit_once('@').unwrap().1.split(['/', ':']).nth(1).unwrap_or("5672"));
-    let proxy = Proxy::start(upstream).await;
-    let proxied = proxy.amqp_url(&url);
+    let (proxy, proxied) = Proxy::in_front_of(&amqp_url()).await;
     let args = [role, &["--amqp-url", &proxied, "--topology-prefix", prefix], extra].concat();
     let server = Server::start(&args).await;
     (proxy, server)
@@ -693,9 +679,7 @@ async fn sigterm_ends_a_role_stuck_in_work_within_its_deadline_and_its_messages_
     let common = broker_args(&prefix, &url, "");
     let history = ["--history-url", database.url.as_str()];
     let gateway = Server::start(&[&["gateway"], common.as_slice(), &history].concat()).await;
-    let (host, _) = database.url.split_once('@').unwrap().1.split_once('/').unwrap();
-    let silent_database = Proxy::start(host.to_owned()).await;
-    let through_proxy = database.url.replace(host, &format!("127.0.0.1:{}", silent_database.port));
+    let (silent_database, through_proxy) = Proxy::in_front_of(&database.url).await;
     let mut stuck = Server::start(
         &[&["fanout"], common.as_slice(), &["--history-url", &through_proxy, "--shutdown-timeout-secs", "2"]].concat(),
     )

@@ -9,9 +9,10 @@ use serde_json::json;
 use crate::support::*;
 
 /// Runs `command` in a shell, as root where the test itself is not (through sudo).
-fn as_root(command: &str) {
+pub fn as_root(command: &str) {
     let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    let line = if root { command.to_owned() } else { format!("sudo {command}") };
+    // The whole line as root, not its first command alone.
+    let line = if root { command.to_owned() } else { format!("sudo sh -c '{command}'") };
     let status = std::process::Command::new("sh").args(["-c", &line]).status().unwrap();
     assert!(status.success(), "`{line}` failed");
 }

@@ -143,9 +143,21 @@ impl Proxy {
         self.mode.send_replace(mode);
     }
 
-    /// `url` (an amqp:// URL on 127.0.0.1:5672) through this proxy.
-    pub fn amqp_url(&self, url: &str) -> String {
-        url.replace("127.0.0.1:5672", &format!("127.0.0.1:{}", self.port))
-            .replace("localhost:5672", &format!("127.0.0.1:{}", self.port))
+    /// A proxy in front of the server `url` names (`scheme://[user:pass@]host:port[/…]`), and `url`
+    /// through it.
+    pub async fn in_front_of(url: &str) -> (Self, String) {
+        let address = host_and_port(url);
+        let proxy = Self::start(address.to_owned()).await;
+        let through = url.replacen(address, &format!("127.0.0.1:{}", proxy.port), 1);
+        (proxy, through)
     }
+}
+
+/// The `host:port` of a URL that names both.
+fn host_and_port(url: &str) -> &str {
+    let authority = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = authority.split(['/', '?']).next().unwrap_or(authority);
+    let address = authority.rsplit_once('@').map_or(authority, |(_, address)| address);
+    assert!(address.contains(':'), "{url} names no port");
+    address
 }
