@@ -73,6 +73,8 @@ pub struct Settings {
     pub stall_timeout: Duration,
     /// How long a SIGTERM waits for the work in hand before the process exits anyway.
     pub shutdown_timeout: Duration,
+    /// Where spans are exported over OTLP/HTTP, if anywhere.
+    pub otlp_endpoint: Option<String>,
     pub log_format: LogFormat,
 }
 
@@ -89,6 +91,16 @@ fn with_file(options: ChatServerConfig, path: Option<&PathBuf>) -> Result<ChatSe
 
 fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { setting, reason: reason.into() }
+}
+
+/// The OTLP/HTTP traces URL for `endpoint`: a collector's base URL gets the signal's path,
+/// `/v1/traces`; a URL with a path of its own is used as it is.
+fn otlp_traces_url(endpoint: String) -> Result<String, ConfigError> {
+    let url = reqwest::Url::parse(&endpoint).map_err(|e| invalid("otlp-endpoint", format!("{endpoint:?}: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid("otlp-endpoint", format!("{endpoint:?}: OTLP/HTTP needs an http or https URL")));
+    }
+    Ok(if url.path() == "/" { url.join("v1/traces").expect("a relative path joins").to_string() } else { endpoint })
 }
 
 /// Parses "es, ca" into validated codes; "" is no languages.
@@ -154,6 +166,7 @@ impl Settings {
             },
             stall_timeout: Duration::from_secs(seconds("stall-timeout-secs", o.stall_timeout_secs, 60)?),
             shutdown_timeout: Duration::from_secs(seconds("shutdown-timeout-secs", o.shutdown_timeout_secs, 25)?),
+            otlp_endpoint: o.otlp_endpoint.map(otlp_traces_url).transpose()?,
             log_format: o.log_format.unwrap_or(LogFormat::Text),
         })
     }
@@ -216,5 +229,17 @@ mod tests {
         let settings = Settings::resolve(ChatServerConfig::default(), None).unwrap();
         let err = settings.provider().unwrap_err().to_string();
         assert!(err.contains("--translator"), "{err}");
+    }
+
+    #[test]
+    fn an_otlp_collector_url_gets_the_traces_path_unless_it_has_one() {
+        let resolve = |url: &str| {
+            let options = ChatServerConfig { otlp_endpoint: Some(url.into()), ..Default::default() };
+            Settings::resolve(options, None).map(|s| s.otlp_endpoint.unwrap())
+        };
+        assert_eq!(resolve("http://collector:4318").unwrap(), "http://collector:4318/v1/traces");
+        assert_eq!(resolve("https://otel.example/custom/traces").unwrap(), "https://otel.example/custom/traces");
+        assert!(resolve("collector:4318").unwrap_err().to_string().contains("otlp-endpoint"));
+        assert!(resolve("grpc://collector:4317").is_err());
     }
 }

@@ -8,14 +8,22 @@ pub fn routes<S: Clone + Send + Sync + 'static>(
     ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
     stalled: impl Fn() -> Option<String> + Clone + Send + Sync + 'static,
 ) -> Router<S> {
+    let scraped_ready = ready.clone();
     Router::new()
         .route(
             "/metrics",
-            get(|| async {
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                    crate::metrics::metrics().encode(),
-                )
+            get(move || {
+                let metrics = crate::metrics::metrics();
+                metrics.ready.set(i64::from(scraped_ready()));
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
             }),
         )
         .route(

@@ -5,7 +5,8 @@
 //! - [`fanout`]: sequencing, de-duplication and routing of every delivery to the gateways;
 //! - [`bus`]: RabbitMQ, or an in-process stand-in, below all three; [`history`]: the chat history
 //!   the fanout writes and the gateways read;
-//! - [`roles`]: starting each role; [`config`], [`health`] and [`wire`] are shared by all of them.
+//! - [`roles`]: starting each role; [`config`], [`health`], [`metrics`], [`telemetry`] and [`wire`]
+//!   are shared by all of them.
 
 #![forbid(unsafe_code)]
 
@@ -17,5 +18,6 @@ pub mod health;
 pub mod history;
 pub mod metrics;
 pub mod roles;
+pub mod telemetry;
 pub mod translator;
 pub mod wire;

@@ -2,23 +2,22 @@
 
 #![forbid(unsafe_code)]
 
-use chat_server::config::{Cli, LogFormat, Settings};
+use chat_server::config::{Cli, Role, Settings};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::resolve(cli.options, cli.config.as_ref())?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
-    // Colours only for a person at a terminal: a pod's log (or a file) gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match settings.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs.init(),
-    }
+    let service = match &cli.role {
+        Role::Gateway => "parley-gateway",
+        Role::Translator { .. } => "parley-translator",
+        Role::Fanout => "parley-fanout",
+        Role::Standalone => "parley-standalone",
+    };
+    // Exports what is still buffered when dropped, after the role has stopped.
+    let _telemetry = chat_server::telemetry::init(settings.log_format, settings.otlp_endpoint.as_deref(), service)?;
     let cancel = CancellationToken::new();
     tokio::spawn(stop_on_signal(cancel.clone(), settings.shutdown_timeout));
     chat_server::roles::run(cli.role, settings, cancel).await

@@ -62,6 +62,8 @@ fn latency() -> Histogram {
 
 pub struct Metrics {
     registry: Mutex<Registry>,
+    // Every role.
+    pub ready: Gauge,
     // Gateway.
     pub connections: Family<Protocol, Gauge>,
     pub subscriptions: Gauge,
@@ -88,6 +90,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("parley");
         let m = Self {
             registry: Mutex::new(Registry::default()),
+            ready: Gauge::default(),
             connections: Family::default(),
             subscriptions: Gauge::default(),
             shared_groups: Gauge::default(),
@@ -104,6 +107,11 @@ impl Default for Metrics {
             fanout_batch: Histogram::new([1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 512.0]),
             store_latency: latency(),
         };
+        registry.register(
+            "ready",
+            "1 when the process can serve (what /readyz answers: the broker connection is up)",
+            m.ready.clone(),
+        );
         registry.register("connections", "Open WebSocket connections, by subprotocol", m.connections.clone());
         registry.register("subscriptions", "Running subscription operations", m.subscriptions.clone());
         registry.register(

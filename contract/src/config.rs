@@ -117,6 +117,12 @@ pub struct ChatServerConfig {
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SHUTDOWN_TIMEOUT_SECS", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_secs: Option<u64>,
+    /// OpenTelemetry collector to export spans to over OTLP/HTTP (protobuf), e.g.
+    /// http://otel-collector:4318; `/v1/traces` is added when the URL has no path. Spans are kept
+    /// in-process only when unset; the W3C trace context still travels with every message.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_OTLP_ENDPOINT", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
     /// Log format. [default: text]
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_LOG_FORMAT", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +162,7 @@ impl ChatServerConfig {
             history_retention,
             stall_timeout_secs,
             shutdown_timeout_secs,
+            otlp_endpoint,
             log_format,
         )
     }

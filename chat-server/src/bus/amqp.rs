@@ -28,8 +28,8 @@ use parley_contract::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    progress::Progress, Acker, Bus, BusError, ChatBinder, DeliveryStream, Incoming, IncomingStream, Origin, Route,
-    Source,
+    progress::Progress, Acker, Bus, BusError, ChatBinder, DeliveryStream, FeedEvent, Incoming, IncomingStream, Origin,
+    Outgoing, Route, Source, TraceHeaders,
 };
 
 fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BusError {
@@ -168,28 +168,31 @@ impl AmqpBus {
     }
 
     /// Publishes `messages` in order and waits for every confirm.
-    async fn publish_confirmed(&self, messages: &[(Route<'_>, &[u8])]) -> Result<(), BusError> {
+    async fn publish_confirmed(&self, messages: &[Outgoing<'_>]) -> Result<(), BusError> {
         let exchanges: Vec<(String, &str, bool)> = messages
             .iter()
-            .map(|(route, _)| match route {
+            .map(|message| match message.route {
                 Route::Posted => (self.topology.posted_exchange(), "", true),
                 Route::Translated => (self.topology.translated_exchange(), "", true),
                 // Deliveries feed live sockets only, so they need not survive a broker restart.
-                Route::Deliver { chat_id } => (self.topology.deliver_exchange(), *chat_id, false),
+                Route::Deliver { chat_id } => (self.topology.deliver_exchange(), chat_id, false),
             })
             .collect();
         let mut publishes: Vec<_> = messages
             .iter()
             .zip(&exchanges)
-            .map(|((_, payload), (exchange, routing_key, persistent))| {
-                let properties = BasicProperties::default()
+            .map(|(message, (exchange, routing_key, persistent))| {
+                let mut properties = BasicProperties::default()
                     .with_content_type("application/json".into())
                     .with_delivery_mode(if *persistent { 2 } else { 1 });
+                if let Some(headers) = amqp_headers(message.trace) {
+                    properties = properties.with_headers(headers);
+                }
                 let publish = self.publisher.basic_publish(
                     exchange.as_str().into(),
                     (*routing_key).into(),
                     BasicPublishOptions::default(),
-                    payload,
+                    message.payload,
                     properties,
                 );
                 Box::pin(futures_util::future::maybe_done(publish))
@@ -219,6 +222,28 @@ impl AmqpBus {
         }
         Ok(())
     }
+}
+
+/// A message's trace context as AMQP headers (none for a message outside any trace).
+fn amqp_headers(trace: &TraceHeaders) -> Option<FieldTable> {
+    let mut headers = FieldTable::default();
+    for (name, value) in trace.pairs() {
+        headers.insert(name.into(), lapin::types::AMQPValue::LongString(value.into()));
+    }
+    (trace.pairs().next().is_some()).then_some(headers)
+}
+
+/// The trace context among a consumed message's AMQP headers.
+fn trace_of(properties: &BasicProperties) -> TraceHeaders {
+    let Some(headers) = properties.headers() else { return TraceHeaders::default() };
+    TraceHeaders::from_pairs(headers.inner().iter().filter_map(|(name, value)| {
+        let text = match value {
+            lapin::types::AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok()?,
+            lapin::types::AMQPValue::ShortString(text) => text.as_str(),
+            _ => return None,
+        };
+        Some((name.as_str(), text))
+    }))
 }
 
 struct AmqpAcker {
@@ -325,11 +350,11 @@ impl ChatBinder for AmqpBinder {
 
 #[async_trait]
 impl Bus for AmqpBus {
-    async fn publish(&self, route: Route<'_>, payload: &[u8]) -> Result<(), BusError> {
-        self.publish_all(&[(route, payload)]).await
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError> {
+        self.publish_all(&[message]).await
     }
 
-    async fn publish_all(&self, messages: &[(Route<'_>, &[u8])]) -> Result<(), BusError> {
+    async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), BusError> {
         let pending = self.progress.begin();
         self.publish_confirmed(messages).await?;
         pending.finish();
@@ -365,8 +390,9 @@ impl Bus for AmqpBus {
             } else {
                 Origin::Unknown
             };
+            let trace = trace_of(&delivery.properties);
             let acker = AmqpAcker { acker: delivery.acker, progress: progress.clone() };
-            Ok(Incoming::new(delivery.data, origin, delivery.redelivered, Box::new(acker)))
+            Ok(Incoming::new(delivery.data, origin, delivery.redelivered, trace, Box::new(acker)))
         });
         Ok(stream.boxed())
     }
@@ -396,8 +422,11 @@ impl Bus for AmqpBus {
                 let progress = self.progress.clone();
                 move |delivery| {
                     progress.advanced();
-                    // Resumed after a recovery: an empty payload tells the hub to fill what it missed.
-                    futures_util::future::ready(delivery.ok().map(|d| d.map_or_else(Vec::new, |d| d.data)))
+                    // Resumed after a recovery: the hub fills what it missed.
+                    futures_util::future::ready(delivery.ok().map(|d| match d {
+                        Some(d) => FeedEvent::Delivery { trace: trace_of(&d.properties), payload: d.data },
+                        None => FeedEvent::Resumed,
+                    }))
                 }
             });
         let binder = AmqpBinder { channel, queue, exchange: self.topology.deliver_exchange() };

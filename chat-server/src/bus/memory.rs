@@ -10,9 +10,13 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::{Acker, Bus, BusError, ChatBinder, DeliveryStream, Incoming, IncomingStream, Origin, Route, Source};
+use super::{
+    Acker, Bus, BusError, ChatBinder, DeliveryStream, FeedEvent, Incoming, IncomingStream, Origin, Outgoing, Route,
+    Source, TraceHeaders,
+};
 
-type Item = (Vec<u8>, Origin, bool);
+/// A queued message: payload, origin, redelivered, trace.
+type Item = (Vec<u8>, Origin, bool, TraceHeaders);
 
 struct Queue {
     tx: mpsc::UnboundedSender<Item>,
@@ -28,7 +32,7 @@ impl Queue {
 
 struct Feed {
     bound: Mutex<HashSet<String>>,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<FeedEvent>,
 }
 
 #[async_trait]
@@ -85,8 +89,8 @@ impl Acker for MemoryAcker {
     }
 
     async fn requeue(&self) -> Result<(), BusError> {
-        let (payload, origin, _) = self.item.clone();
-        self.queue.tx.send((payload, origin, true)).map_err(|_| BusError::InProcess("is closed".into()))
+        let (payload, origin, _, trace) = self.item.clone();
+        self.queue.tx.send((payload, origin, true, trace)).map_err(|_| BusError::InProcess("is closed".into()))
     }
 
     async fn dead_letter(&self) -> Result<(), BusError> {
@@ -98,22 +102,23 @@ impl Acker for MemoryAcker {
 
 #[async_trait]
 impl Bus for MemoryBus {
-    async fn publish(&self, route: Route<'_>, payload: &[u8]) -> Result<(), BusError> {
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError> {
         let closed = |_| BusError::InProcess("is closed".into());
+        let Outgoing { route, payload, trace } = message;
         match route {
             Route::Posted => {
                 for queue in self.translate.values().chain(std::iter::once(&self.fanout)) {
-                    queue.tx.send((payload.to_vec(), Origin::Posted, false)).map_err(closed)?;
+                    queue.tx.send((payload.to_vec(), Origin::Posted, false, trace.clone())).map_err(closed)?;
                 }
             }
             Route::Translated => {
-                self.fanout.tx.send((payload.to_vec(), Origin::Translated, false)).map_err(closed)?;
+                self.fanout.tx.send((payload.to_vec(), Origin::Translated, false, trace.clone())).map_err(closed)?;
             }
             Route::Deliver { chat_id } => {
                 let feeds = self.feeds.lock().expect("feeds lock");
                 for feed in feeds.iter().filter(|f| f.bound.lock().expect("feed lock").contains(chat_id)) {
                     // A feed whose gateway stopped has nobody left to deliver to.
-                    let _ = feed.tx.send(payload.to_vec());
+                    let _ = feed.tx.send(FeedEvent::Delivery { payload: payload.to_vec(), trace: trace.clone() });
                 }
             }
         }
@@ -138,7 +143,7 @@ impl Bus for MemoryBus {
         let dead = self.dead.clone();
         let stream = UnboundedReceiverStream::new(rx).map(move |item| {
             let acker = MemoryAcker { item: item.clone(), queue: queue.clone(), dead: dead.clone() };
-            Ok(Incoming::new(item.0, item.1, item.2, Box::new(acker)))
+            Ok(Incoming::new(item.0, item.1, item.2, item.3, Box::new(acker)))
         });
         Ok(stream.boxed())
     }

@@ -1,7 +1,8 @@
 //! The message bus the roles talk through: RabbitMQ, or an in-process stand-in when one process runs every role.
 //!
 //! Roles see only [`Bus`]: publish to a [`Route`], consume a [`Source`] with explicit
-//! acknowledgement, and (for the gateway) a feed of encoded deliveries for the chats it binds.
+//! acknowledgement, and (for the gateway) a feed of encoded deliveries for the chats it binds. Every
+//! message carries its W3C trace context ([`TraceHeaders`]) beside its payload.
 
 pub mod amqp;
 pub mod memory;
@@ -12,6 +13,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
+pub use crate::telemetry::TraceHeaders;
+
 /// Where a message is published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route<'a> {
@@ -21,6 +24,14 @@ pub enum Route<'a> {
     Translated,
     /// A delivery, to the gateways that watch `chat_id`.
     Deliver { chat_id: &'a str },
+}
+
+/// One message to publish: its payload, and the trace it belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub route: Route<'a>,
+    pub payload: &'a [u8],
+    pub trace: &'a TraceHeaders,
 }
 
 /// Where a role consumes from.
@@ -97,12 +108,20 @@ pub struct Incoming {
     pub payload: Vec<u8>,
     pub origin: Origin,
     pub redelivered: bool,
+    /// The trace the message belongs to (empty when its publisher sent none).
+    pub trace: TraceHeaders,
     acker: Box<dyn Acker>,
 }
 
 impl Incoming {
-    pub fn new(payload: Vec<u8>, origin: Origin, redelivered: bool, acker: Box<dyn Acker>) -> Self {
-        Self { payload, origin, redelivered, acker }
+    pub fn new(
+        payload: Vec<u8>,
+        origin: Origin,
+        redelivered: bool,
+        trace: TraceHeaders,
+        acker: Box<dyn Acker>,
+    ) -> Self {
+        Self { payload, origin, redelivered, trace, acker }
     }
 
     pub async fn ack(self) -> Result<(), BusError> {
@@ -141,9 +160,17 @@ pub async fn next_unless_cancelled(
     }
 }
 
-/// Encoded deliveries for the chats bound through the paired [`ChatBinder`]; an empty one says the
-/// feed resumed after an interruption, in which deliveries may have been lost.
-pub type DeliveryStream = BoxStream<'static, Vec<u8>>;
+/// What a gateway's delivery feed brings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedEvent {
+    /// One encoded delivery, and the trace of the message it delivers.
+    Delivery { payload: Vec<u8>, trace: TraceHeaders },
+    /// The feed resumed after an interruption, in which deliveries may have been lost.
+    Resumed,
+}
+
+/// Deliveries for the chats bound through the paired [`ChatBinder`].
+pub type DeliveryStream = BoxStream<'static, FeedEvent>;
 
 /// Chooses which chats' deliveries reach one gateway process.
 #[async_trait]
@@ -156,12 +183,12 @@ pub trait ChatBinder: Send + Sync {
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
     /// Publishes and returns once the bus has taken responsibility (a publisher confirm on RabbitMQ).
-    async fn publish(&self, route: Route<'_>, payload: &[u8]) -> Result<(), BusError>;
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError>;
     /// Publishes `messages` in order and returns once every one is confirmed. On RabbitMQ the confirms
     /// are awaited together, so a batch costs one round trip instead of one per message.
-    async fn publish_all(&self, messages: &[(Route<'_>, &[u8])]) -> Result<(), BusError> {
-        for (route, payload) in messages {
-            self.publish(*route, payload).await?;
+    async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), BusError> {
+        for message in messages {
+            self.publish(*message).await?;
         }
         Ok(())
     }

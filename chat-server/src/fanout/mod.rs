@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    bus::{next_unless_cancelled, Bus, BusError, Incoming, Origin, Route, Source},
+    bus::{next_unless_cancelled, Bus, BusError, Incoming, Origin, Outgoing, Route, Source, TraceHeaders},
     history::{Appended, History, HistoryError},
     wire::{Delivery, MessagePosted, MessageTranslated},
 };
@@ -68,6 +68,8 @@ impl Fanout {
 
     pub async fn run(self, cancel: CancellationToken) -> Result<(), FanoutError> {
         let mut messages = self.bus.consume(Source::Fanout).await?;
+        // From 0, so that an alert on its increase sees the first dead letter too.
+        let _ = crate::metrics::metrics().dead_lettered.get_or_create(&crate::metrics::RoleLabel { role: "fanout" });
         // A standby consumes too, and receives nothing until the active consumer goes.
         tracing::info!("fanout consuming");
         let _retention = self.start_retention(&cancel).drop_guard();
@@ -99,6 +101,8 @@ impl Fanout {
         let mut deliveries: Vec<Delivery> = Vec::with_capacity(batch.len());
         // Where each (message id, language) of the batch is held.
         let mut in_batch: HashMap<(Uuid, String), usize> = HashMap::new();
+        // Each held message's part of its trace, from its arrival here to its delivery's publish.
+        let mut spans: Vec<tracing::Span> = Vec::with_capacity(batch.len());
         for incoming in batch {
             let delivery = match decode(&incoming) {
                 Ok(delivery) => delivery,
@@ -120,6 +124,9 @@ impl Fanout {
                 continue;
             }
             in_batch.insert((delivery.id, delivery.language.clone()), held.len());
+            let span = tracing::info_span!("fan_out", trace_id = tracing::field::Empty);
+            incoming.trace.continue_in(&span);
+            spans.push(span);
             held.push(incoming);
             deliveries.push(delivery);
         }
@@ -139,10 +146,12 @@ impl Fanout {
         // that comes anew (not redelivered) is a second publish of it, by a client retrying with its
         // idempotency key or a translator retrying its message: the first copy was consumed here, so it
         // was either published and acked, or it comes back redelivered. It publishes nothing.
-        let payloads: Vec<(String, Vec<u8>)> = appended
+        let payloads: Vec<(String, Vec<u8>, TraceHeaders)> = appended
             .iter()
             .zip(&held)
-            .filter_map(|(a, incoming)| {
+            .zip(&spans)
+            .filter_map(|((a, incoming), span)| {
+                let _entered = span.enter();
                 if let Appended::Duplicate(d) = a {
                     if !incoming.redelivered {
                         tracing::debug!(id = %d.id, language = d.language, seq = d.seq, "a stored delivery sent again; publishing nothing");
@@ -151,11 +160,15 @@ impl Fanout {
                     tracing::debug!(id = %d.id, language = d.language, seq = d.seq, "publishing a redelivery again");
                 }
                 let d = a.delivery();
-                Some((d.chat_id.clone(), serde_json::to_vec(d).expect("a delivery always encodes")))
+                tracing::debug!(id = %d.id, language = d.language, seq = d.seq, "stored; publishing the delivery");
+                let payload = serde_json::to_vec(d).expect("a delivery always encodes");
+                Some((d.chat_id.clone(), payload, TraceHeaders::of(span)))
             })
             .collect();
-        let messages: Vec<(Route<'_>, &[u8])> =
-            payloads.iter().map(|(chat_id, payload)| (Route::Deliver { chat_id }, payload.as_slice())).collect();
+        let messages: Vec<Outgoing<'_>> = payloads
+            .iter()
+            .map(|(chat_id, payload, trace)| Outgoing { route: Route::Deliver { chat_id }, payload, trace })
+            .collect();
         let started = std::time::Instant::now();
         let published = self.bus.publish_all(&messages).await;
         tracing::debug!(deliveries = messages.len(), took = ?started.elapsed(), "published a batch");
@@ -256,10 +269,13 @@ mod tests {
         // `a` is published again (as an idempotent retry is) in a later batch, before `d`.
         for (round, expected) in [(vec![&a, &b, &c], 3), (vec![&a, &d], 1)] {
             for message in &round {
-                bus.publish(Route::Posted, &serde_json::to_vec(message).unwrap()).await.unwrap();
+                let payload = serde_json::to_vec(message).unwrap();
+                let trace = TraceHeaders::default();
+                bus.publish(Outgoing { route: Route::Posted, payload: &payload, trace: &trace }).await.unwrap();
             }
             for _ in 0..expected {
-                let payload = tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap();
+                let event = tokio::time::timeout(Duration::from_secs(5), feed.next()).await.unwrap().unwrap();
+                let crate::bus::FeedEvent::Delivery { payload, .. } = event else { panic!("{event:?}") };
                 let delivery: Delivery = serde_json::from_slice(&payload).unwrap();
                 seen.push((delivery.chat_id, delivery.text, delivery.seq));
             }

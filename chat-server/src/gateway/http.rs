@@ -10,7 +10,7 @@ use super::{
     schema::ChatSchema,
     socket::{self, Sockets},
 };
-use crate::bus::Bus;
+use crate::bus::{Bus, TraceHeaders};
 use async_graphql::http::GraphiQLSource;
 use async_graphql_axum::GraphQLResponse;
 use axum::{
@@ -18,7 +18,7 @@ use axum::{
     extract::{
         rejection::BytesRejection, ws::rejection::WebSocketUpgradeRejection, ws::WebSocketUpgrade, RawQuery, State,
     },
-    http::StatusCode,
+    http::{HeaderMap, StatusCode},
     response::{Html, IntoResponse, Response},
     routing::get,
     Router,
@@ -65,7 +65,11 @@ fn request_error(status: StatusCode, code: &str, message: String) -> Response {
 
 /// JSON bodies only, read under the router's body limit; one over it is refused with 413 and a
 /// GraphQL error, as every other refusal is.
-async fn graphql_post(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn graphql_post(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let body = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -79,15 +83,23 @@ async fn graphql_post(State(state): State<AppState>, body: Result<Bytes, BytesRe
         }
     };
     match serde_json::from_slice::<async_graphql::BatchRequest>(&body) {
-        Ok(batch) => GraphQLResponse::from(state.schema.execute_batch(batch).await).into_response(),
+        Ok(batch) => {
+            GraphQLResponse::from(state.schema.execute_batch(batch.data(caller_trace(&headers))).await).into_response()
+        }
         Err(err) => {
             request_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", format!("invalid GraphQL request body: {err}"))
         }
     }
 }
 
+/// The caller's W3C trace context, if its request carried one: a message it sends joins that trace.
+fn caller_trace(headers: &HeaderMap) -> TraceHeaders {
+    TraceHeaders::from_pairs(headers.iter().filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))))
+}
+
 async fn graphql_get(
     State(state): State<AppState>,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     RawQuery(query): RawQuery,
 ) -> Response {
@@ -95,7 +107,9 @@ async fn graphql_get(
         return socket::upgrade(state.sockets, upgrade);
     }
     match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
-        Ok(request) => GraphQLResponse::from(state.schema.execute(request).await).into_response(),
+        Ok(request) => {
+            GraphQLResponse::from(state.schema.execute(request.data(caller_trace(&headers))).await).into_response()
+        }
         Err(err) => {
             request_error(StatusCode::BAD_REQUEST, "BAD_REQUEST", format!("invalid GraphQL GET request: {err}"))
         }

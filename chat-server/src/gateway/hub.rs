@@ -17,10 +17,11 @@ use std::{
 
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, Mutex};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    bus::{BusError, ChatBinder, DeliveryStream, Source},
+    bus::{BusError, ChatBinder, DeliveryStream, FeedEvent, Source},
     history::{History, Languages, MAX_PAGE},
     wire::Delivery,
 };
@@ -263,20 +264,32 @@ impl Hub {
         }
     }
 
-    /// Decodes each encoded delivery of `feed` once and dispatches it, until the feed ends. An empty
-    /// payload says the feed resumed after its connection recovered.
+    /// Decodes each encoded delivery of `feed` once and dispatches it, inside a span of the message's
+    /// trace, until the feed ends; when the feed resumed after its connection recovered, fills what it
+    /// missed.
     pub async fn run_feed(self: Arc<Self>, mut feed: DeliveryStream) {
-        while let Some(payload) = feed.next().await {
-            if payload.is_empty() {
-                self.fill_every_chat().await;
-                continue;
-            }
-            match serde_json::from_slice::<Delivery>(&payload) {
-                Ok(delivery) => self.dispatch(Arc::new(delivery)).await,
-                Err(err) => {
-                    tracing::error!(error = %err, bytes = payload.len(), "dropping an undecodable delivery")
+        while let Some(event) = feed.next().await {
+            let (payload, trace) = match event {
+                FeedEvent::Delivery { payload, trace } => (payload, trace),
+                FeedEvent::Resumed => {
+                    self.fill_every_chat().await;
+                    continue;
                 }
-            }
+            };
+            let span = tracing::info_span!("deliver", trace_id = tracing::field::Empty);
+            trace.continue_in(&span);
+            let delivery = match span.in_scope(|| serde_json::from_slice::<Delivery>(&payload)) {
+                Ok(delivery) => delivery,
+                Err(err) => {
+                    span.in_scope(
+                        || tracing::error!(error = %err, bytes = payload.len(), "dropping an undecodable delivery"),
+                    );
+                    continue;
+                }
+            };
+            let (id, seq) = (delivery.id, delivery.seq);
+            span.in_scope(|| tracing::debug!(%id, language = delivery.language, seq, "delivery received"));
+            self.dispatch(Arc::new(delivery)).instrument(span).await;
         }
         tracing::warn!("delivery feed ended");
     }

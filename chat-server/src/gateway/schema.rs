@@ -11,10 +11,11 @@ use std::{
 use async_graphql::{Context, ErrorExtensions, Object, Result, Schema, SimpleObject, Subscription, ID};
 use futures_util::{stream::BoxStream, Stream, StreamExt};
 use tokio::sync::Notify;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    bus::{Bus, BusError, Route},
+    bus::{Bus, BusError, Outgoing, Route, TraceHeaders},
     gateway::hub::{Hub, Missed},
     history::{
         self,
@@ -375,8 +376,22 @@ pub const IDEMPOTENCY_WINDOW: std::time::Duration = std::time::Duration::from_se
 /// Longest `idempotencyKey`, in bytes.
 const MAX_KEY_BYTES: usize = 256;
 
+/// Validates and publishes a new message in a span of its own: the root of the message's trace, or a
+/// child of the caller's when the request carried a W3C `traceparent`.
+async fn post(ctx: &Context<'_>, message: NewMessage) -> Result<MessagePosted, PostError> {
+    let chat = ctx.data_unchecked::<Arc<ChatContext>>();
+    let span = tracing::info_span!("send_message", chat_id = message.chat_id, trace_id = tracing::field::Empty);
+    ctx.data_opt::<TraceHeaders>().cloned().unwrap_or_default().continue_in(&span);
+    let trace = TraceHeaders::of(&span);
+    publish_new(chat, message, &trace).instrument(span).await
+}
+
 /// Validates and publishes a new message; the gateway is where message ids are born.
-async fn post(chat: &ChatContext, message: NewMessage) -> Result<MessagePosted, PostError> {
+async fn publish_new(
+    chat: &ChatContext,
+    message: NewMessage,
+    trace: &TraceHeaders,
+) -> Result<MessagePosted, PostError> {
     let NewMessage { chat_id, text, language, sender, reply_to, idempotency_key } = message;
     let settings = &chat.settings;
     check_chat_id(settings, &chat_id)?;
@@ -447,12 +462,13 @@ async fn post(chat: &ChatContext, message: NewMessage) -> Result<MessagePosted, 
     }
     let payload = serde_json::to_vec(&posted).expect("a message always encodes");
     let posts = &crate::metrics::metrics().posted;
-    if let Err(source) = chat.bus.publish(Route::Posted, &payload).await {
+    if let Err(source) = chat.bus.publish(Outgoing { route: Route::Posted, payload: &payload, trace }).await {
         tracing::error!(id = %posted.id, error = %source, "failed to publish a message");
         posts.get_or_create(&crate::metrics::Outcome { result: "unavailable" }).inc();
         return Err(PostError::Unavailable { id: posted.id, source });
     }
     posts.get_or_create(&crate::metrics::Outcome { result: "accepted" }).inc();
+    tracing::debug!(id = %posted.id, "message posted");
     Ok(posted)
 }
 
@@ -476,9 +492,8 @@ impl MutationRoot {
                           attempt's message and delivers nothing new")]
         idempotency_key: Option<String>,
     ) -> Result<ChatMessage> {
-        let chat = ctx.data_unchecked::<Arc<ChatContext>>();
         let message = NewMessage { chat_id: chat_id.0, text, language, sender, reply_to, idempotency_key };
-        Ok(post(chat, message).await.map(ChatMessage::accepted)?)
+        Ok(post(ctx, message).await.map(ChatMessage::accepted)?)
     }
 
     /// The seed's mutation: sends `message` to `chatId` in the source language.
@@ -490,10 +505,9 @@ impl MutationRoot {
         #[graphql(desc = "As sendMessage's: a retry with the same key answers the first event's id")]
         idempotency_key: Option<String>,
     ) -> Result<PutEventResult> {
-        let chat = ctx.data_unchecked::<Arc<ChatContext>>();
         let message =
             NewMessage { chat_id, text: message, language: None, sender: None, reply_to: None, idempotency_key };
-        let entry = match post(chat, message).await {
+        let entry = match post(ctx, message).await {
             Ok(posted) => EventDetails { event_id: Some(posted.id.to_string()), error_message: None, error_code: None },
             // EventBridge reports a failed entry in the result, not as an error of the call.
             Err(err @ PostError::Unavailable { .. }) => EventDetails {

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{metrics, LanguageLabel, ProviderLabels, RoleLabel, Translation};
 use crate::{
-    bus::{next_unless_cancelled, Bus, BusError, Incoming, Route, Source},
+    bus::{next_unless_cancelled, Bus, BusError, Incoming, Outgoing, Route, Source, TraceHeaders},
     wire::{MessagePosted, MessageTranslated, PASSTHROUGH_PROVIDER, WIRE_VERSION},
 };
 use cache::TranslationCache;
@@ -70,6 +70,8 @@ enum Outcome {
 struct Work {
     incoming: Incoming,
     posted: MessagePosted,
+    /// The message's part of its trace, from its arrival here to its translation's publish.
+    span: tracing::Span,
 }
 
 impl Translator {
@@ -81,6 +83,8 @@ impl Translator {
         // operator's autoscaler and drain count a queue's ready messages, not the ones replicas hold.
         let prefetch = u16::try_from(concurrency + batch).unwrap_or(u16::MAX);
         let mut messages = self.bus.consume(Source::Translate { language: &self.language, prefetch }).await?;
+        // From 0, so that an alert on its increase sees the first dead letter too.
+        let _ = metrics().dead_lettered.get_or_create(&RoleLabel { role: "translator" });
         tracing::info!(language = %self.language, provider = self.provider.name(), concurrency, "translator consuming");
         // Ends the retries of the calls in hand however the role ends, not only on SIGTERM.
         let stop = cancel.child_token();
@@ -133,7 +137,12 @@ impl Translator {
         let mut work = Vec::with_capacity(batch.len());
         for incoming in batch {
             match serde_json::from_slice::<MessagePosted>(&incoming.payload) {
-                Ok(posted) => work.push(Work { incoming, posted }),
+                Ok(posted) => {
+                    let span =
+                        tracing::info_span!("translate", language = %self.language, trace_id = tracing::field::Empty);
+                    incoming.trace.continue_in(&span);
+                    work.push(Work { incoming, posted, span })
+                }
                 Err(err) => {
                     tracing::error!(language = %self.language, error = %err, "dead-lettering an undecodable MessagePosted");
                     metrics().dead_lettered.get_or_create(&RoleLabel { role: "translator" }).inc();
@@ -145,14 +154,18 @@ impl Translator {
         let mut translated = Vec::new();
         for (item, outcome) in work.into_iter().zip(outcomes) {
             match outcome {
-                Outcome::Translated(message) => translated.push((item.incoming, message)),
+                Outcome::Translated(message) => translated.push((item.incoming, message, item.span)),
                 Outcome::Retry(reason) => {
-                    tracing::warn!(language = %self.language, id = %item.posted.id, reason, "giving the message back to the queue");
+                    item.span.in_scope(|| {
+                        tracing::warn!(language = %self.language, id = %item.posted.id, reason, "giving the message back to the queue")
+                    });
                     self.count(self.provider.name(), "requeued");
                     item.incoming.requeue().await?;
                 }
                 Outcome::DeadLetter(reason) => {
-                    tracing::error!(language = %self.language, reason, "dead-lettering a message that cannot be translated");
+                    item.span.in_scope(|| {
+                        tracing::error!(language = %self.language, id = %item.posted.id, reason, "dead-lettering a message that cannot be translated")
+                    });
                     self.count(self.provider.name(), "dead_lettered");
                     metrics().dead_lettered.get_or_create(&RoleLabel { role: "translator" }).inc();
                     item.incoming.dead_letter().await?;
@@ -162,16 +175,22 @@ impl Translator {
         if translated.is_empty() {
             return Ok(());
         }
-        let payloads: Vec<Vec<u8>> =
-            translated.iter().map(|(_, m)| serde_json::to_vec(m).expect("a translation always encodes")).collect();
-        let messages: Vec<(Route<'_>, &[u8])> = payloads.iter().map(|p| (Route::Translated, p.as_slice())).collect();
+        let payloads: Vec<(Vec<u8>, TraceHeaders)> = translated
+            .iter()
+            .map(|(_, m, span)| (serde_json::to_vec(m).expect("a translation always encodes"), TraceHeaders::of(span)))
+            .collect();
+        let messages: Vec<Outgoing<'_>> =
+            payloads.iter().map(|(payload, trace)| Outgoing { route: Route::Translated, payload, trace }).collect();
         match self.bus.publish_all(&messages).await {
             Ok(()) => {
                 let latency = metrics()
                     .translated_latency
                     .get_or_create(&LanguageLabel { language: self.language.clone() })
                     .clone();
-                for (incoming, message) in translated {
+                for (incoming, message, span) in translated {
+                    span.in_scope(
+                        || tracing::debug!(id = %message.id, provider = message.provider, "translation published"),
+                    );
                     self.count(&message.provider, "translated");
                     if let Some(seconds) = crate::metrics::since(&message.sent_at) {
                         latency.observe(seconds);
@@ -181,7 +200,7 @@ impl Translator {
             }
             Err(err) => {
                 tracing::warn!(language = %self.language, messages = translated.len(), error = %err, "translations not confirmed; requeueing");
-                for (incoming, _) in translated {
+                for (incoming, ..) in translated {
                     incoming.requeue().await?;
                 }
             }

@@ -16,4 +16,5 @@ mod proxy;
 mod resume;
 mod standalone;
 mod support;
+mod traces;
 mod translation;

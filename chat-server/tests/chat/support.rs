@@ -634,7 +634,8 @@ impl Deployment {
         }
         let mut translators = Vec::new();
         for language in layout.languages {
-            translators.push(Self::spawn_translator(&prefix, language, &apertium.as_ref().unwrap().url));
+            let provider = &apertium.as_ref().unwrap().url;
+            translators.push(Self::spawn_translator_with(&prefix, language, provider, layout.extra));
         }
         let mut ready_gateways = Vec::new();
         for gateway in spawned_gateways {
@@ -666,8 +667,13 @@ impl Deployment {
 
     /// A translator process for `language` calling the Apertium APY at `provider_url`.
     pub fn spawn_translator(prefix: &str, language: &str, provider_url: &str) -> Server {
+        Self::spawn_translator_with(prefix, language, provider_url, &[])
+    }
+
+    /// [`Deployment::spawn_translator`], with `extra` arguments.
+    pub fn spawn_translator_with(prefix: &str, language: &str, provider_url: &str, extra: &[&str]) -> Server {
         let url = amqp_url();
-        Server::spawn(&[
+        let args: Vec<&str> = [
             "translator",
             "--language",
             language,
@@ -679,7 +685,11 @@ impl Deployment {
             "apertium",
             "--translator-url",
             provider_url,
-        ])
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+        Server::spawn(&args)
     }
 
     pub fn gateway(&self) -> &Server {
