@@ -113,3 +113,43 @@ ensure_postgres() {
   fi
   postgres_answers || { log "PostgreSQL does not answer at $POSTGRES_URL"; return 1; }
 }
+
+# promtool checks and unit-tests the chart's alerting rules (scripts/check_chart.py). Debian ships it
+# in the prometheus package, whose install also sets up a Prometheus server as a service: where the
+# init system lets the package start it (not in containers whose policy-rc.d forbids it), it is stopped
+# and disabled again, so that the install leaves no server on port 9090. A Prometheus that was running
+# before is left alone.
+ensure_promtool() {
+  command -v promtool >/dev/null && return 0
+  if ! command -v apt-get >/dev/null; then
+    log "promtool is needed for the chart's alert checks: install Prometheus (it ships promtool) or see https://prometheus.io/download/"
+    return 1
+  fi
+  local before
+  before=$(pgrep -x prometheus || true)
+  log "installing prometheus (for promtool)"
+  as_root apt-get update -qq >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null || {
+    log "promtool is needed for the chart's alert checks: install the prometheus package (Debian/Ubuntu)"
+    return 1
+  }
+  [ -n "$before" ] || stop_packaged_prometheus
+  command -v promtool >/dev/null || { log "the prometheus package installed no promtool"; return 1; }
+}
+
+# Stops (and, under systemd, disables) the Prometheus server of Debian's prometheus package.
+stop_packaged_prometheus() {
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  elif command -v service >/dev/null; then
+    as_root service prometheus stop >/dev/null 2>&1 || true
+    if command -v update-rc.d >/dev/null; then as_root update-rc.d prometheus disable >/dev/null 2>&1 || true; fi
+  fi
+  local pid
+  for pid in $(pgrep -x -u prometheus prometheus || true); do
+    # One that has just exited (a zombie until reaped) holds no port.
+    case "$(ps -o stat= -p "$pid" 2>/dev/null)" in Z* | "") continue ;; esac
+    log "stopping the Prometheus server the prometheus package started (pid $pid)"
+    as_root kill "$pid" || true
+  done
+}

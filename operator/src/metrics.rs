@@ -104,3 +104,19 @@ impl Drop for ReconcileTimer<'_> {
         self.metrics.duration.get_or_create(&labels).observe(self.start.elapsed().as_secs_f64());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use parley_contract::chart_check;
+
+    use super::*;
+
+    /// The chart's dashboard and alerts query only operator metrics that exist (the chat server's are
+    /// checked against real roles by its own tests).
+    #[test]
+    fn the_charts_dashboard_and_alerts_use_only_operator_metrics_that_exist() {
+        let exported = chart_check::declared(&Metrics::default().encode());
+        let unknown = chart_check::unknown(&exported, "parley_operator_", None);
+        assert!(unknown.is_empty(), "the chart queries operator metrics that do not exist: {unknown:?}");
+    }
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{Namespace, Secret, Service, ServiceAccount},
+    core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount},
     policy::v1::PodDisruptionBudget,
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
@@ -32,6 +32,34 @@ struct Endpoint {
     port: String,
     path: String,
     interval: String,
+    #[serde(rename = "honorLabels")]
+    honor_labels: bool,
+}
+
+/// The Prometheus Operator's PrometheusRule, with the fields the chart sets.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[kube(group = "monitoring.coreos.com", version = "v1", kind = "PrometheusRule", namespaced)]
+#[serde(deny_unknown_fields)]
+struct PrometheusRuleSpec {
+    groups: Vec<RuleGroup>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RuleGroup {
+    name: String,
+    rules: Vec<AlertRule>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct AlertRule {
+    alert: String,
+    expr: String,
+    #[serde(rename = "for")]
+    for_: String,
+    labels: std::collections::BTreeMap<String, String>,
+    annotations: std::collections::BTreeMap<String, String>,
 }
 
 /// The RabbitMQ Cluster Operator's RabbitmqCluster, with the fields the example sets.
@@ -93,6 +121,7 @@ fn check_document(document: &Value) -> Result<Vec<String>, String> {
     let kind = document["kind"].as_str().unwrap_or_default();
     match (document["apiVersion"].as_str().unwrap_or_default(), kind) {
         ("v1", "Secret") => round_trip::<Secret>(document),
+        ("v1", "ConfigMap") => round_trip::<ConfigMap>(document),
         ("v1", "Service") => round_trip::<Service>(document),
         ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(document),
         ("v1", "Namespace") => round_trip::<Namespace>(document),
@@ -104,6 +133,7 @@ fn check_document(document: &Value) -> Result<Vec<String>, String> {
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(document),
         ("chat.parley.dev/v1alpha1", "ChatDeployment") => round_trip::<ChatDeployment>(document),
         ("monitoring.coreos.com/v1", "ServiceMonitor") => round_trip::<ServiceMonitor>(document),
+        ("monitoring.coreos.com/v1", "PrometheusRule") => round_trip::<PrometheusRule>(document),
         ("rabbitmq.com/v1beta1", "RabbitmqCluster") => round_trip::<RabbitmqCluster>(document),
         ("postgresql.cnpg.io/v1", "Cluster") => round_trip::<Cluster>(document),
         (api, kind) => Err(format!("no typed model for {api} {kind}: add one to this test")),

@@ -1,7 +1,9 @@
 //! `/metrics` on every role: traffic through a RabbitMQ deployment moves each role's counters and
 //! histograms by what happened.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+
+use parley_contract::chart_check;
 
 use crate::support::*;
 
@@ -65,6 +67,9 @@ async fn each_roles_metrics_move_by_the_traffic_that_went_through_it() {
     assert_eq!(gateway.1["parley_connections{protocol=\"graphql-transport-ws\"}"], 1.0);
     assert_eq!(gateway.1["parley_subscriptions"], 1.0);
     assert_eq!(gateway.1["parley_shared_groups"], 1.0);
+    for role in [gateway, fanout, translator] {
+        assert_eq!(role.1["parley_ready"], 1.0, "every role is connected and says so");
+    }
 
     assert_eq!(m(fanout, "parley_fanout_batch_size_sum"), 6.0, "every original and translation stored once");
     assert!(m(fanout, "parley_history_store_seconds_count") >= 1.0);
@@ -79,4 +84,18 @@ async fn each_roles_metrics_move_by_the_traffic_that_went_through_it() {
         None,
         "no provider error"
     );
+}
+
+/// The chart's Grafana dashboard and alert rules query only what the roles really export.
+#[tokio::test]
+async fn the_charts_dashboard_and_alerts_use_only_metrics_the_roles_export() {
+    let d = Deployment::start("metric-names", &["es"], 1).await;
+    let mut exported = BTreeSet::new();
+    for role in [d.gateway(), &d.fanouts[0], &d.translators[0]] {
+        let url = format!("http://127.0.0.1:{}/metrics", role.port);
+        exported.extend(chart_check::declared(&reqwest::get(url).await.unwrap().text().await.unwrap()));
+    }
+    // The operator's own are checked against its registry by its tests.
+    let unknown = chart_check::unknown(&exported, "parley_", Some("parley_operator_"));
+    assert!(unknown.is_empty(), "the chart queries metrics no role exports: {unknown:?}; exported: {exported:?}");
 }
