@@ -69,6 +69,42 @@ pub struct ChatDeploymentSpec {
     /// fanout numbers messages in memory (numbering restarts when another fanout takes over).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<HistorySpec>,
+    /// Prometheus scraping of the chat's pods.
+    #[serde(default)]
+    pub monitoring: MonitoringSpec,
+}
+
+/// How Prometheus finds the chat's pods: a PodMonitor, where the Prometheus Operator is installed.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    /// Create a PodMonitor for every pod of the chat (port `http`, path `/metrics`) when the
+    /// Prometheus Operator's CRDs are installed.
+    #[serde(default = "default_true")]
+    pub pod_monitor: bool,
+    /// Labels on the PodMonitor, for a Prometheus that selects monitors by label (kube-prometheus-stack
+    /// picks `release: <its release name>`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Scrape interval, e.g. 15s; the Prometheus's own when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub interval: Option<String>,
+    /// An OpenTelemetry collector's OTLP/HTTP URL (e.g. http://otel-collector.observability:4318)
+    /// every role exports its spans to; none when omitted (logs still carry trace ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://.+"))]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for MonitoringSpec {
+    fn default() -> Self {
+        Self { pod_monitor: true, labels: BTreeMap::new(), interval: None, otlp_endpoint: None }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The chat history: every message and translation, with its per-chat sequence number.

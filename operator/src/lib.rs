@@ -10,6 +10,7 @@ pub mod fixtures;
 pub mod keda;
 pub mod leader;
 pub mod metrics;
+pub mod monitoring;
 pub mod names;
 pub mod rbac;
 pub mod reconcile;

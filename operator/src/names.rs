@@ -16,13 +16,15 @@ pub const HTTP_PORT: i32 = 8080;
 pub const SERVICE_PORT: i32 = 80;
 
 /// The parts of a ChatDeployment, as its objects' `app.kubernetes.io/component` and
-/// `chat.parley.dev/role` labels name them: the three roles, and the configuration they share.
+/// `chat.parley.dev/role` labels name them: the three roles, the configuration they share, and the
+/// monitor that scrapes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Component {
     Gateway,
     Fanout,
     Translator,
     Config,
+    Monitoring,
 }
 
 impl Component {
@@ -32,6 +34,7 @@ impl Component {
             Self::Fanout => "fanout",
             Self::Translator => "translator",
             Self::Config => "config",
+            Self::Monitoring => "monitoring",
         }
     }
 }

@@ -26,6 +26,7 @@ pub const CONTROLLER: &[Rule] = &[
     Rule { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"] },
     Rule { group: "keda.sh", resource: "scaledobjects", verbs: &["list", "patch", "delete"] },
     Rule { group: "keda.sh", resource: "triggerauthentications", verbs: &["list", "patch", "delete"] },
+    Rule { group: "monitoring.coreos.com", resource: "podmonitors", verbs: &["list", "patch", "delete"] },
 ];
 
 /// What leader election does in the operator's own namespace.

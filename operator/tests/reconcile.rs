@@ -31,6 +31,7 @@ use parley_operator::{
     fixtures::{self, NAME},
     keda::{ScaledObject, TriggerAuthentication},
     metrics::Metrics,
+    monitoring::PodMonitor,
     names::FINALIZER,
     reconcile::{Context, Error, Settings},
 };
@@ -113,20 +114,36 @@ impl Drop for Harness {
 
 impl Harness {
     async fn new(chat: ChatDeployment, broker_uri: &str) -> Self {
-        Self::build(chat, broker_uri, false).await
+        Self::build(chat, broker_uri, |builder| builder).await
     }
 
     /// An API server that also serves KEDA's ScaledObject and TriggerAuthentication.
     async fn with_keda(chat: ChatDeployment, broker_uri: &str) -> Self {
-        Self::build(chat, broker_uri, true).await
+        Self::build(chat, broker_uri, |b| b.with_resource::<ScaledObject>().with_resource::<TriggerAuthentication>())
+            .await
     }
 
-    async fn build(chat: ChatDeployment, broker_uri: &str, keda: bool) -> Self {
+    /// An API server that serves every optional CRD the operator uses: KEDA's and the Prometheus Operator's.
+    async fn with_optional_crds(chat: ChatDeployment, broker_uri: &str) -> Self {
+        Self::build(chat, broker_uri, |b| {
+            b.with_resource::<ScaledObject>().with_resource::<TriggerAuthentication>().with_resource::<PodMonitor>()
+        })
+        .await
+    }
+
+    /// An API server that also serves the Prometheus Operator's PodMonitor.
+    async fn with_prometheus_operator(chat: ChatDeployment, broker_uri: &str) -> Self {
+        Self::build(chat, broker_uri, |b| b.with_resource::<PodMonitor>()).await
+    }
+
+    /// A harness whose API server serves what `crds` adds to the built-in kinds and ChatDeployment.
+    async fn build(
+        chat: ChatDeployment,
+        broker_uri: &str,
+        crds: impl FnOnce(kube_fake_client::ClientBuilder) -> kube_fake_client::ClientBuilder,
+    ) -> Self {
         let namespace = chat.namespace().unwrap();
-        let mut builder = kube_fake_client::ClientBuilder::new();
-        if keda {
-            builder = builder.with_resource::<ScaledObject>().with_resource::<TriggerAuthentication>();
-        }
+        let builder = crds(kube_fake_client::ClientBuilder::new());
         let client = builder
             .with_resource::<ChatDeployment>()
             .with_status_subresource::<ChatDeployment>()
@@ -990,7 +1007,7 @@ async fn every_request_a_reconcile_makes_is_allowed_by_the_rbac_rules_and_every_
     };
     chat.spec.languages.push(fixtures::autoscaled("it", keda));
     chat.spec.languages.push(LanguageSpec { code: "de".into(), replicas: Some(1), autoscaling: None });
-    let h = Harness::with_keda(chat, &amqp_url()).await;
+    let h = Harness::with_optional_crds(chat, &amqp_url()).await;
     let create = kube::api::PostParams::default();
     h.api::<Service>()
         .create(&create, &Service { metadata: stray_meta(&namespace), ..Default::default() })
@@ -1006,6 +1023,8 @@ async fn every_request_a_reconcile_makes_is_allowed_by_the_rbac_rules_and_every_
     h.api::<ScaledObject>().create(&create, &scaled).await.unwrap();
     let auth = TriggerAuthentication { metadata: stray_meta(&namespace), ..Default::default() };
     h.api::<TriggerAuthentication>().create(&create, &auth).await.unwrap();
+    let monitor = PodMonitor { metadata: stray_meta(&namespace), ..Default::default() };
+    h.api::<PodMonitor>().create(&create, &monitor).await.unwrap();
 
     h.reconcile().await.unwrap();
     h.edit(|c| c.spec.languages.retain(|l| l.code != "de")).await;
@@ -1015,7 +1034,7 @@ async fn every_request_a_reconcile_makes_is_allowed_by_the_rbac_rules_and_every_
     let mut deleting = h.chat().await;
     deleting.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
     deleting.metadata.resource_version = None;
-    let gone = Harness::with_keda(deleting, &amqp_url()).await;
+    let gone = Harness::with_optional_crds(deleting, &amqp_url()).await;
     gone.api::<Deployment>()
         .create(&create, &Deployment { metadata: stray_meta(&namespace), ..Default::default() })
         .await
@@ -1039,4 +1058,50 @@ async fn every_request_a_reconcile_makes_is_allowed_by_the_rbac_rules_and_every_
             assert!(seen || runtime, "the rules grant {verb} on {}/{} but nothing uses it", rule.group, rule.resource);
         }
     }
+}
+
+#[tokio::test]
+async fn a_pod_monitor_has_prometheus_scrape_every_pod_where_the_prometheus_operator_is_installed() {
+    let mut spec = chat(&unique_namespace(), &[("fr", 1)]);
+    spec.spec.monitoring.labels = [("release".to_owned(), "kube-prometheus-stack".to_owned())].into();
+    spec.spec.monitoring.interval = Some("15s".into());
+    let h = Harness::with_prometheus_operator(spec, &amqp_url()).await;
+
+    h.reconcile().await.unwrap();
+
+    let monitor = h.api::<PodMonitor>().get(NAME).await.unwrap();
+    assert_eq!(monitor.labels()["release"], "kube-prometheus-stack", "what the Prometheus selects monitors by");
+    assert_eq!(monitor.spec.selector.match_labels["chat.parley.dev/deployment"], NAME);
+    let endpoint = &monitor.spec.pod_metrics_endpoints[0];
+    assert_eq!((endpoint.port.as_str(), endpoint.path.as_str()), ("http", "/metrics"));
+    assert_eq!(endpoint.interval.as_deref(), Some("15s"));
+    assert!(monitor.spec.pod_target_labels.contains(&"app.kubernetes.io/component".to_owned()));
+    // Every pod the operator runs for the chat is one the monitor selects.
+    for deployment in h.api::<Deployment>().list(&ListParams::default()).await.unwrap().items {
+        let pod_labels = deployment.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        for (key, value) in &monitor.spec.selector.match_labels {
+            assert_eq!(pod_labels.get(key), Some(value), "{} pods carry {key}", deployment.metadata.name.unwrap());
+        }
+    }
+    assert_eq!(condition(&h.chat().await, "MetricsScraped"), ("True".into(), "PodMonitorApplied".into()));
+
+    // Turned off in the spec: the monitor goes, and so does the condition.
+    h.edit(|c| c.spec.monitoring.pod_monitor = false).await;
+    h.reconcile().await.unwrap();
+    assert!(h.api::<PodMonitor>().get_opt(NAME).await.unwrap().is_none());
+    let chat = h.chat().await;
+    assert!(chat.status.unwrap().conditions.iter().all(|c| c.type_ != "MetricsScraped"));
+}
+
+#[tokio::test]
+async fn without_the_prometheus_operator_the_status_says_how_to_scrape_the_pods() {
+    let h = Harness::new(chat(&unique_namespace(), &[("fr", 1)]), &amqp_url()).await;
+
+    h.reconcile().await.unwrap();
+
+    let chat = h.chat().await;
+    let status = chat.status.unwrap();
+    let scraped = status.conditions.iter().find(|c| c.type_ == "MetricsScraped").unwrap();
+    assert_eq!((scraped.status.as_str(), scraped.reason.as_str()), ("False", "PrometheusOperatorNotInstalled"));
+    assert!(scraped.message.contains("port http, path /metrics"), "{}", scraped.message);
 }

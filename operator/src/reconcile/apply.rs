@@ -18,6 +18,7 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
     keda::{ScaledObject, TriggerAuthentication},
+    monitoring::PodMonitor,
     names::{Names, FIELD_MANAGER},
     reconcile::build::Desired,
 };
@@ -64,6 +65,9 @@ pub async fn apply(client: &Client, namespace: &str, desired: &Desired) -> Resul
     for auth in &desired.trigger_authentications {
         apply_one(client, namespace, auth).await?;
     }
+    for monitor in &desired.pod_monitors {
+        apply_one(client, namespace, monitor).await?;
+    }
     let mut deployments = Vec::new();
     for deployment in &desired.deployments {
         deployments.push(apply_one(client, namespace, deployment).await?);
@@ -71,13 +75,20 @@ pub async fn apply(client: &Client, namespace: &str, desired: &Desired) -> Resul
     Ok(deployments)
 }
 
+/// Which optional CRDs the cluster has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Installed {
+    pub keda: bool,
+    pub pod_monitor: bool,
+}
+
 /// Deletes owned objects that are no longer desired (a removed language's Deployment); returns `Kind/name` of each.
-/// KEDA objects are pruned only where the KEDA CRDs are installed.
+/// KEDA and Prometheus Operator objects are pruned only where their CRDs are installed.
 pub async fn prune(
     client: &Client,
     names: &Names,
     desired: &Desired,
-    keda_installed: bool,
+    installed: Installed,
 ) -> Result<Vec<String>, kube::Error> {
     fn keep<'a>(names: impl Iterator<Item = &'a Option<String>>) -> HashSet<String> {
         names.flatten().cloned().collect()
@@ -90,11 +101,15 @@ pub async fn prune(
     deleted.extend(prune_kind::<PodDisruptionBudget>(client, names, &budgets).await?);
     let config_maps = keep(std::iter::once(&desired.config_map.metadata.name));
     deleted.extend(prune_kind::<ConfigMap>(client, names, &config_maps).await?);
-    if keda_installed {
+    if installed.keda {
         let scaled = keep(desired.scaled_objects.iter().map(|o| &o.metadata.name));
         deleted.extend(prune_kind::<ScaledObject>(client, names, &scaled).await?);
         let auths = keep(desired.trigger_authentications.iter().map(|o| &o.metadata.name));
         deleted.extend(prune_kind::<TriggerAuthentication>(client, names, &auths).await?);
+    }
+    if installed.pod_monitor {
+        let monitors = keep(desired.pod_monitors.iter().map(|o| &o.metadata.name));
+        deleted.extend(prune_kind::<PodMonitor>(client, names, &monitors).await?);
     }
     Ok(deleted)
 }

@@ -1,7 +1,8 @@
 //! The reconcile pipeline of one ChatDeployment, one module per step, in the order they run:
 //!
 //! 1. [`validate`] (pure): the spec → a [`ValidatedChat`](validate::ValidatedChat) with defaults resolved;
-//! 2. [`observe`]: the referenced Secrets, the owned Deployments' replicas, whether KEDA is installed;
+//! 2. [`observe`]: the referenced Secrets, the owned Deployments' replicas, whether KEDA and the
+//!    Prometheus Operator are installed;
 //! 3. [`broker`]: declare the topology, read the backlogs, drain removed languages; [`database`]:
 //!    whether the history database answers;
 //! 4. [`autoscale`] (pure): replicas of the languages the builtin autoscaler scales;
@@ -219,6 +220,7 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
     let mut inputs = Inputs::new(owner, observed.secrets_digest());
     inputs.scaled = plan.report.desired.clone();
     inputs.keda_installed = observed.keda_installed;
+    inputs.pod_monitor_installed = observed.pod_monitor_installed;
     // A removed language keeps translating its accepted messages until its queue is drained.
     inputs.draining = broker
         .draining
@@ -230,7 +232,8 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         Ok(applied) => applied,
         Err(err) => return Err(apply_failed(chat, ctx, err, &now).await),
     };
-    let pruned = apply::prune(&ctx.client, &valid.names, &desired, observed.keda_installed).await?;
+    let installed = apply::Installed { keda: observed.keda_installed, pod_monitor: observed.pod_monitor_installed };
+    let pruned = apply::prune(&ctx.client, &valid.names, &desired, installed).await?;
 
     let notes = pruned
         .iter()
@@ -249,6 +252,7 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         draining: &broker.draining,
         scaling: &plan.report,
         history: history_report.as_ref(),
+        pod_monitor_installed: observed.pod_monitor_installed,
     };
     let previous = chat.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let status = status::compute(&valid, chat.meta().generation, found, previous, &now);

@@ -1,5 +1,6 @@
 //! Observe: read, once per reconcile, what the later steps need from the cluster: the referenced
-//! Secrets, the replicas of the owned translator Deployments, and whether KEDA is installed.
+//! Secrets, the replicas of the owned translator Deployments, and whether KEDA and the Prometheus
+//! Operator are installed.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +9,7 @@ use kube::{api::ListParams, Api, Client, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use super::validate::ValidatedChat;
-use crate::{crd::SecretKeyRef, keda::ScaledObject, names::LANGUAGE_LABEL};
+use crate::{crd::SecretKeyRef, keda::ScaledObject, monitoring::PodMonitor, names::LANGUAGE_LABEL};
 
 /// A referenced Secret key that is not there.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,6 +33,9 @@ pub struct Observed {
     pub translator_replicas: BTreeMap<String, i32>,
     /// Whether the KEDA CRDs are installed (asked once per operator process).
     pub keda_installed: bool,
+    /// Whether the Prometheus Operator's PodMonitor CRD is installed (asked every reconcile, so one
+    /// installed later is found without restarting the operator).
+    pub pod_monitor_installed: bool,
 }
 
 impl Observed {
@@ -93,7 +97,8 @@ pub async fn observe(
     // Asked once per process, whether or not a language uses KEDA now: objects left from a language
     // that did are pruned only where the CRDs exist.
     let keda_installed = *keda.get_or_try_init(|| keda_installed(client, namespace)).await?;
-    Ok(Observed { broker_secret, api_key, history_secret, translator_replicas, keda_installed })
+    let pod_monitor_installed = served::<PodMonitor>(client, namespace).await?;
+    Ok(Observed { broker_secret, api_key, history_secret, translator_replicas, keda_installed, pod_monitor_installed })
 }
 
 /// A Secret key's value; `Ok(Err(..))` when the Secret or the key does not exist.
@@ -115,7 +120,18 @@ pub async fn secret_value(
 
 /// Whether the KEDA CRDs are installed in the cluster.
 async fn keda_installed(client: &Client, namespace: &str) -> Result<bool, kube::Error> {
-    let api: Api<ScaledObject> = Api::namespaced(client.clone(), namespace);
+    served::<ScaledObject>(client, namespace).await
+}
+
+/// Whether the API server serves the custom resource `K` (its CRD is installed).
+async fn served<K>(client: &Client, namespace: &str) -> Result<bool, kube::Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
     match api.list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),

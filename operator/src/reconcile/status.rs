@@ -22,6 +22,8 @@ pub const TRANSLATORS_READY: &str = "TranslatorsReady";
 pub const FANOUT_READY: &str = "FanoutReady";
 pub const AUTOSCALING_READY: &str = "AutoscalingReady";
 pub const HISTORY_READY: &str = "HistoryReady";
+/// Whether Prometheus is told to scrape the chat's pods; not part of `Ready`.
+pub const METRICS_SCRAPED: &str = "MetricsScraped";
 
 /// What the autoscaling step decided and found.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -153,6 +155,8 @@ pub struct Findings<'a> {
     pub scaling: &'a ScalingReport,
     /// `None` when the spec keeps no history.
     pub history: Option<&'a HistoryReport>,
+    /// Whether the Prometheus Operator's PodMonitor CRD is installed.
+    pub pod_monitor_installed: bool,
 }
 
 /// The status of a valid ChatDeployment of `generation`, keeping the transition times of `previous`.
@@ -163,7 +167,7 @@ pub fn compute(
     previous: &[Condition],
     now: &Time,
 ) -> ChatDeploymentStatus {
-    let Findings { deployments, broker, draining, scaling, history } = found;
+    let Findings { deployments, broker, draining, scaling, history, pod_monitor_installed } = found;
     let names = &chat.names;
     let gateway = observe(deployments, &names.gateway());
     let fanout = observe(deployments, &names.fanout());
@@ -281,6 +285,9 @@ pub fn compute(
             _ => condition(AUTOSCALING_READY, true, "Scaling", "translators scale on their backlog".into(), generation, now),
         });
     }
+    if chat.monitoring.pod_monitor {
+        conditions.push(metrics_condition(chat, pod_monitor_installed, generation, now));
+    }
     ChatDeploymentStatus {
         observed_generation: generation,
         phase: Some(phase),
@@ -301,6 +308,23 @@ pub fn compute(
         ),
         backlog: translators.iter().map(|t| t.backlog).sum(),
         translators,
+    }
+}
+
+/// Whether a PodMonitor has Prometheus scrape the chat's pods, and what to do where none can.
+fn metrics_condition(chat: &ValidatedChat, installed: bool, generation: Option<i64>, now: &Time) -> Condition {
+    let names = &chat.names;
+    if installed {
+        let message = format!("PodMonitor {} has Prometheus scrape /metrics of every pod of the chat", names.instance);
+        condition(METRICS_SCRAPED, true, "PodMonitorApplied", message, generation, now)
+    } else {
+        let message = format!(
+            "the Prometheus Operator's CRD (podmonitors.monitoring.coreos.com) is not installed, so no PodMonitor was \
+             created: scrape port http, path /metrics, of the pods labelled {}={} another way",
+            crate::names::DEPLOYMENT_LABEL,
+            names.instance
+        );
+        condition(METRICS_SCRAPED, false, "PrometheusOperatorNotInstalled", message, generation, now)
     }
 }
 
@@ -375,6 +399,7 @@ mod tests {
         deployments: Vec<Deployment>,
         broker: BrokerReport,
         history: Option<HistoryReport>,
+        pod_monitor_installed: bool,
         previous: Vec<Condition>,
         now: Time,
     }
@@ -385,6 +410,7 @@ mod tests {
             deployments: all_ready(),
             broker: BrokerReport::Ready { backlogs: [("de".to_owned(), 4)].into() },
             history: None,
+            pod_monitor_installed: false,
             previous: Vec::new(),
             now: time("2026-01-01T00:00:00Z"),
         }
@@ -408,6 +434,10 @@ mod tests {
             Self { broker, ..self }
         }
 
+        fn pod_monitor_installed(self) -> Self {
+            Self { pod_monitor_installed: true, ..self }
+        }
+
         fn history(self, history: HistoryReport) -> Self {
             Self { history: Some(history), ..self }
         }
@@ -425,6 +455,7 @@ mod tests {
                 draining: &[],
                 scaling: &scaling,
                 history: self.history.as_ref(),
+                pod_monitor_installed: self.pod_monitor_installed,
             };
             compute(&valid, self.generation, found, &self.previous, &self.now)
         }
@@ -464,6 +495,17 @@ mod tests {
     }
 
     #[test]
+    fn metrics_scraping_is_reported_but_never_holds_the_chat_back() {
+        let without = case().compute();
+        let scraped = get(&without, METRICS_SCRAPED);
+        assert_eq!((scraped.status.as_str(), scraped.reason.as_str()), ("False", "PrometheusOperatorNotInstalled"));
+        assert!(scraped.message.contains("chat.parley.dev/deployment=town-hall"), "{}", scraped.message);
+        assert_eq!(without.phase, Some(Phase::Ready), "Prometheus is not needed to chat");
+        let with = case().pod_monitor_installed().compute();
+        assert_eq!(get(&with, METRICS_SCRAPED).reason, "PodMonitorApplied");
+    }
+
+    #[test]
     fn a_translator_not_ready_makes_the_chat_progressing() {
         let s = case().deployment(2, deployment("town-hall-translator-de", 1, 0)).compute();
         assert_eq!(s.phase, Some(Phase::Progressing));
@@ -492,6 +534,7 @@ mod tests {
             draining: &draining,
             scaling: &scaling,
             history: None,
+            pod_monitor_installed: false,
         };
         let s = compute(&valid, Some(1), found, &[], &time("2026-01-01T00:00:00Z"));
         assert_eq!(s.languages.as_deref(), Some("es,ca"), "a draining language is no longer one of the chat's");

@@ -50,6 +50,8 @@ pub enum SpecError {
     InvalidAutoscaling { code: String, reason: String },
     #[error("history.retention {0:?} is not a duration like 30d, 12h, 90m or 3600s")]
     InvalidRetention(String),
+    #[error("monitoring.otlpEndpoint {0:?} is not an http(s) URL")]
+    InvalidOtlpEndpoint(String),
 }
 
 /// The bounds of one language, resolved from its spec.
@@ -113,6 +115,7 @@ pub struct ValidatedChat {
     pub translator: RoleOverrides,
     pub drain_timeout_seconds: i64,
     pub history: Option<HistoryPlan>,
+    pub monitoring: crate::crd::MonitoringSpec,
 }
 
 impl ValidatedChat {
@@ -221,6 +224,12 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len() {
         errors.push(SpecError::InvalidProviderUrl(url.to_owned()));
     }
+    if let Some(endpoint) = &spec.monitoring.otlp_endpoint {
+        let url = endpoint.trim();
+        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len() {
+            errors.push(SpecError::InvalidOtlpEndpoint(endpoint.clone()));
+        }
+    }
     if spec.drain_timeout_seconds < 0 {
         errors.push(SpecError::NegativeDrainTimeout(spec.drain_timeout_seconds));
     }
@@ -258,6 +267,7 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
             translator: spec.translator.clone(),
             drain_timeout_seconds: spec.drain_timeout_seconds,
             history,
+            monitoring: spec.monitoring.clone(),
         }),
         (gateway, fanout, _) => {
             errors.extend(gateway.err());
@@ -329,6 +339,13 @@ mod tests {
         let mut c = chat(&[]);
         c.spec.translation.url = "libretranslate:5000".into();
         assert_eq!(errors(&c), vec![SpecError::InvalidProviderUrl("libretranslate:5000".into())]);
+    }
+
+    #[test]
+    fn an_otlp_endpoint_that_is_no_http_url_is_rejected() {
+        let mut c = chat(&[]);
+        c.spec.monitoring.otlp_endpoint = Some("otel-collector:4317".into());
+        assert_eq!(errors(&c), vec![SpecError::InvalidOtlpEndpoint("otel-collector:4317".into())]);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub fn config_file(chat: &ValidatedChat) -> ChatServerConfig {
         translator: Some(chat.provider),
         translator_url: Some(chat.provider_url.clone()),
         history_retention: chat.history.as_ref().and_then(|h| h.retention.clone()),
+        otlp_endpoint: chat.monitoring.otlp_endpoint.as_ref().map(|e| e.trim().to_owned()),
         log_format: Some(LogFormat::Json),
         ..Default::default()
     }

@@ -3,6 +3,7 @@
 mod autoscaling;
 mod config;
 mod gateway;
+mod monitoring;
 mod workload;
 
 use k8s_openapi::{
@@ -19,6 +20,7 @@ use std::collections::BTreeMap;
 use super::validate::{Scaling, ValidatedChat};
 use crate::{
     keda::{ScaledObject, TriggerAuthentication},
+    monitoring::PodMonitor,
     names::{Component, Names},
 };
 use workload::Workload;
@@ -36,11 +38,20 @@ pub struct Inputs {
     pub draining: BTreeMap<String, i32>,
     /// Whether the KEDA CRDs are installed (ScaledObjects are emitted only then).
     pub keda_installed: bool,
+    /// Whether the Prometheus Operator's PodMonitor CRD is installed (a PodMonitor is emitted only then).
+    pub pod_monitor_installed: bool,
 }
 
 impl Inputs {
     pub fn new(owner: OwnerReference, secrets_digest: String) -> Self {
-        Self { owner, secrets_digest, scaled: BTreeMap::new(), draining: BTreeMap::new(), keda_installed: false }
+        Self {
+            owner,
+            secrets_digest,
+            scaled: BTreeMap::new(),
+            draining: BTreeMap::new(),
+            keda_installed: false,
+            pod_monitor_installed: false,
+        }
     }
 }
 
@@ -53,6 +64,7 @@ pub struct Desired {
     pub disruption_budgets: Vec<PodDisruptionBudget>,
     pub scaled_objects: Vec<ScaledObject>,
     pub trigger_authentications: Vec<TriggerAuthentication>,
+    pub pod_monitors: Vec<PodMonitor>,
 }
 
 impl Desired {
@@ -117,6 +129,11 @@ pub fn build(chat: &ValidatedChat, inputs: &Inputs) -> Desired {
     }
     let trigger_authentications =
         if scaled_objects.is_empty() { Vec::new() } else { vec![autoscaling::trigger_authentication(chat, inputs)] };
+    let pod_monitors = if inputs.pod_monitor_installed && chat.monitoring.pod_monitor {
+        vec![monitoring::pod_monitor(chat, inputs)]
+    } else {
+        Vec::new()
+    };
     Desired {
         config_map,
         deployments,
@@ -124,6 +141,7 @@ pub fn build(chat: &ValidatedChat, inputs: &Inputs) -> Desired {
         disruption_budgets: vec![gateway::disruption_budget(chat, inputs)],
         scaled_objects,
         trigger_authentications,
+        pod_monitors,
     }
 }
 
@@ -261,6 +279,16 @@ mod tests {
     fn keda_scaled_object_snapshot() {
         let d = build(&autoscaled(crate::crd::AutoscalingMode::Keda), &Inputs { keda_installed: true, ..inputs() });
         insta::assert_yaml_snapshot!((&d.scaled_objects, &d.trigger_authentications));
+    }
+
+    #[test]
+    fn pod_monitor_snapshot() {
+        let mut spec = chat(&[("de", Some(1))]);
+        spec.spec.monitoring.labels = [("release".to_owned(), "kube-prometheus-stack".to_owned())].into();
+        let valid = validate(&spec, "img").unwrap();
+        assert!(build(&valid, &inputs()).pod_monitors.is_empty(), "none without the Prometheus Operator");
+        let d = build(&valid, &Inputs { pod_monitor_installed: true, ..inputs() });
+        insta::assert_yaml_snapshot!(&d.pod_monitors);
     }
 
     #[test]
