@@ -15,12 +15,19 @@ use opentelemetry::{
 };
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider, Resource};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer as _};
 
 use crate::config::LogFormat;
 
 /// How long exporting the spans still buffered may hold up the exit.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The headers the W3C trace context propagator reads and writes.
+const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
+/// Longest `tracestate` a message carries on: a client's may be large, and it would be copied into
+/// every translation and delivery.
+const MAX_TRACESTATE: usize = 512;
 
 /// The W3C trace context of one message (`traceparent`, and `tracestate` when set): AMQP headers on
 /// RabbitMQ, and HTTP headers on a `sendMessage` request.
@@ -37,12 +44,13 @@ impl TraceHeaders {
 
     /// The headers of the names the propagator reads, from any set of (name, value) pairs.
     pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        let names = TraceContextPropagator::new();
-        let wanted: Vec<&str> = names.fields().collect();
         Self(
             pairs
                 .into_iter()
-                .filter(|(name, _)| wanted.iter().any(|w| w.eq_ignore_ascii_case(name)))
+                .filter(|(name, value)| {
+                    TRACE_HEADERS.iter().any(|w| w.eq_ignore_ascii_case(name))
+                        && !(name.eq_ignore_ascii_case("tracestate") && value.len() > MAX_TRACESTATE)
+                })
                 .map(|(name, value)| (name.to_ascii_lowercase(), value.to_owned()))
                 .collect(),
         )
@@ -136,15 +144,21 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>, service: &str) -> Re
     }
     let provider = provider.build();
     let tracer = provider.tracer("chat-server");
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
     // Colours only for a person at a terminal: a pod's log (or a file) gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
-    let spans = tracing_opentelemetry::layer().with_tracer(tracer);
-    let registry = tracing_subscriber::registry().with(filter).with(spans);
+    // The message spans whatever `RUST_LOG` says: a quiet log must not break the traces.
+    let spans = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_filter(EnvFilter::new("chat_server=info"));
+    let registry = tracing_subscriber::registry().with(spans);
     match format {
-        LogFormat::Json => registry.with(logs.json()).init(),
-        LogFormat::Text => registry.with(logs).init(),
+        LogFormat::Json => registry.with(logs.json().with_filter(filter())).init(),
+        LogFormat::Text => registry.with(logs.with_filter(filter())).init(),
     }
     Ok(Telemetry { provider })
 }
@@ -156,8 +170,14 @@ mod tests {
     #[test]
     fn only_the_trace_context_headers_are_kept_and_read_whatever_their_case() {
         let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let headers = TraceHeaders::from_pairs([("TraceParent", parent), ("content-type", "application/json")]);
-        assert_eq!(headers.pairs().collect::<Vec<_>>(), vec![("traceparent", parent)]);
+        let huge = "k=".to_owned() + &"v".repeat(MAX_TRACESTATE);
+        let pairs = [("TraceParent", parent), ("content-type", "application/json"), ("tracestate", huge.as_str())];
+        let headers = TraceHeaders::from_pairs(pairs);
+        assert_eq!(
+            headers.pairs().collect::<Vec<_>>(),
+            vec![("traceparent", parent)],
+            "an oversized tracestate is dropped"
+        );
         let context = TraceContextPropagator::new().extract(&headers);
         assert_eq!(context.span().span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }

@@ -380,7 +380,7 @@ const MAX_KEY_BYTES: usize = 256;
 /// child of the caller's when the request carried a W3C `traceparent`.
 async fn post(ctx: &Context<'_>, message: NewMessage) -> Result<MessagePosted, PostError> {
     let chat = ctx.data_unchecked::<Arc<ChatContext>>();
-    let span = tracing::info_span!("send_message", chat_id = message.chat_id, trace_id = tracing::field::Empty);
+    let span = tracing::info_span!("send_message", trace_id = tracing::field::Empty);
     ctx.data_opt::<TraceHeaders>().cloned().unwrap_or_default().continue_in(&span);
     let trace = TraceHeaders::of(&span);
     publish_new(chat, message, &trace).instrument(span).await
