@@ -1,6 +1,13 @@
 //! Prometheus metrics of the reconciler: counts, errors and durations by result.
 
-use std::{sync::Mutex, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant},
+};
 
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
@@ -32,6 +39,9 @@ pub struct Metrics {
     pub duration: Family<ResultLabels, Histogram>,
     pub backlog: Family<LanguageLabels, Gauge>,
     pub desired_replicas: Family<LanguageLabels, Gauge>,
+    /// When each reconcile still running started, by timer: what `/healthz` looks at.
+    running: Mutex<HashMap<u64, Instant>>,
+    next_timer: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -53,7 +63,16 @@ impl Default for Metrics {
         registry.register("reconciles", "Reconciliations by result", reconciles.clone());
         registry.register("reconcile_errors", "Reconciliation errors by kind", errors.clone());
         registry.register("reconcile_duration_seconds", "Reconciliation duration by result", duration.clone());
-        Self { registry: Mutex::new(registry), reconciles, errors, duration, backlog, desired_replicas }
+        Self {
+            registry: Mutex::new(registry),
+            reconciles,
+            errors,
+            duration,
+            backlog,
+            desired_replicas,
+            running: Mutex::default(),
+            next_timer: AtomicU64::new(0),
+        }
     }
 }
 
@@ -70,7 +89,17 @@ impl Metrics {
 
     /// Starts timing a reconcile; the timer records when dropped (as "error" unless marked ok).
     pub fn timer(&self) -> ReconcileTimer<'_> {
-        ReconcileTimer { metrics: self, start: Instant::now(), result: "error" }
+        let (id, start) = (self.next_timer.fetch_add(1, Ordering::Relaxed), Instant::now());
+        self.running.lock().expect("running lock").insert(id, start);
+        ReconcileTimer { metrics: self, id, start, result: "error" }
+    }
+
+    /// Why the controller is stuck, if a reconcile has been running for longer than `after` (every
+    /// broker and database call in one is bounded, so one that never ends is hung).
+    pub fn stuck(&self, after: Duration) -> Option<String> {
+        let oldest = self.running.lock().expect("running lock").values().min().copied()?;
+        let running = oldest.elapsed();
+        (running > after).then(|| format!("a reconcile has been running for {}s", running.as_secs()))
     }
 
     pub fn error(&self, label: &str) {
@@ -87,6 +116,7 @@ impl Metrics {
 
 pub struct ReconcileTimer<'a> {
     metrics: &'a Metrics,
+    id: u64,
     start: Instant,
     result: &'static str,
 }
@@ -99,6 +129,7 @@ impl ReconcileTimer<'_> {
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
+        self.metrics.running.lock().expect("running lock").remove(&self.id);
         let labels = ResultLabels { result: self.result.to_owned() };
         self.metrics.reconciles.get_or_create(&labels).inc();
         self.metrics.duration.get_or_create(&labels).observe(self.start.elapsed().as_secs_f64());
@@ -110,6 +141,18 @@ mod tests {
     use parley_contract::chart_check;
 
     use super::*;
+
+    #[test]
+    fn a_reconcile_that_runs_too_long_is_stuck_and_one_that_ended_is_not() {
+        let metrics = Metrics::default();
+        assert_eq!(metrics.stuck(Duration::ZERO), None, "nothing running is not stuck");
+        let timer = metrics.timer();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(metrics.stuck(Duration::ZERO).is_some_and(|why| why.contains("running for")));
+        assert_eq!(metrics.stuck(Duration::from_secs(600)), None, "within the limit");
+        drop(timer);
+        assert_eq!(metrics.stuck(Duration::ZERO), None);
+    }
 
     /// The chart's dashboard and alerts query only operator metrics that exist (the chat server's are
     /// checked against real roles by its own tests).

@@ -17,9 +17,12 @@ pub struct Rule {
 pub const CONTROLLER: &[Rule] = &[
     Rule { group: "chat.parley.dev", resource: "chatdeployments", verbs: &["list", "watch", "patch"] },
     Rule { group: "chat.parley.dev", resource: "chatdeployments/status", verbs: &["patch"] },
-    Rule { group: "apps", resource: "deployments", verbs: &["list", "watch", "patch", "delete"] },
+    // get: a Deployment's replicas are handed over before the operator stops setting them.
+    Rule { group: "apps", resource: "deployments", verbs: &["get", "list", "watch", "patch", "delete"] },
     Rule { group: "", resource: "services", verbs: &["list", "watch", "patch", "delete"] },
     Rule { group: "", resource: "configmaps", verbs: &["list", "watch", "patch", "delete"] },
+    // Read-only: deletion waits until no pod of the chat is left before it removes the topology.
+    Rule { group: "", resource: "pods", verbs: &["list"] },
     Rule { group: "policy", resource: "poddisruptionbudgets", verbs: &["list", "patch", "delete"] },
     // Read-only: the broker URI and provider key; watched by metadata only.
     Rule { group: "", resource: "secrets", verbs: &["get", "list", "watch"] },

@@ -43,9 +43,29 @@ pub struct RunOptions {
     pub identity: String,
 }
 
+/// A reconcile running longer than this is hung: `/healthz` fails, and Kubernetes restarts the pod.
+/// Each broker and database call in a reconcile is bounded at seconds, and API calls at kube's
+/// timeouts, so no healthy reconcile comes near it.
+pub const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
 fn health_and_metrics(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
+    let watched = metrics.clone();
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let stuck = watched.stuck(STUCK_AFTER);
+                async move {
+                    match stuck {
+                        None => (StatusCode::OK, "ok".to_owned()),
+                        Some(reason) => {
+                            tracing::error!(reason, "stuck: /healthz fails so that the operator is restarted");
+                            (StatusCode::SERVICE_UNAVAILABLE, format!("stuck: {reason}"))
+                        }
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

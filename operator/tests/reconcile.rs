@@ -9,7 +9,7 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentStatus},
-        core::v1::{ConfigMap, Secret, Service},
+        core::v1::{ConfigMap, Pod, Secret, Service},
         events::v1::Event,
         policy::v1::PodDisruptionBudget,
     },
@@ -33,7 +33,10 @@ use parley_operator::{
     metrics::Metrics,
     monitoring::PodMonitor,
     names::FINALIZER,
-    reconcile::{Context, Error, Settings},
+    reconcile::{
+        apply::{applies_replicas, REPLICAS_HANDOFF_MANAGER},
+        Context, Error, Settings,
+    },
 };
 
 fn amqp_url() -> String {
@@ -319,9 +322,11 @@ async fn a_removed_language_has_its_deployment_pruned_and_its_empty_queue_delete
 
     h.edit(|c| c.spec.languages.retain(|l| l.code == "de")).await;
     h.reconcile().await.unwrap();
+    assert!(queue_exists(&h.topology().translate_queue("fr")).await, "its translators are stopped first");
+    h.reconcile().await.unwrap();
 
     assert!(!h.deployments().await.contains(&"town-hall-translator-fr".to_owned()));
-    assert!(!queue_exists(&h.topology().translate_queue("fr")).await, "an empty queue is deleted at once");
+    assert!(!queue_exists(&h.topology().translate_queue("fr")).await, "an empty queue is deleted once they are");
     assert!(queue_exists(&h.topology().translate_queue("de")).await);
     assert!(h.event_reasons().await.contains(&"Pruned".to_owned()));
     let deleted: Vec<(String, String, String)> =
@@ -329,6 +334,53 @@ async fn a_removed_language_has_its_deployment_pruned_and_its_empty_queue_delete
     assert_eq!(deleted.len(), 1, "{deleted:?}");
     assert_eq!(deleted[0].0, "Normal", "nothing was lost");
     assert!(deleted[0].2.contains("deleted the drained queue of removed language fr"), "{deleted:?}");
+}
+
+#[tokio::test]
+async fn a_removed_languages_translators_go_to_zero_before_its_queue_so_no_message_they_hold_is_lost() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1), ("fr", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    // A translator of fr holds one message, unacknowledged: the queue shows none ready.
+    publish_posted(&h.topology(), 1).await;
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = h.topology().translate_queue("fr");
+    let mut consumer =
+        channel.basic_consume(queue.as_str().into(), "".into(), Default::default(), Default::default()).await.unwrap();
+    let held = futures_util::StreamExt::next(&mut consumer).await.unwrap().unwrap();
+    assert_eq!(depth(&queue).await, Some(0));
+
+    h.edit(|c| c.spec.languages.retain(|l| l.code == "de")).await;
+    h.reconcile().await.unwrap();
+    assert!(queue_exists(&queue).await, "not deleted while a translator may hold messages");
+    let translator = h.api::<Deployment>().get("town-hall-translator-fr").await.unwrap();
+    assert_eq!(translator.spec.unwrap().replicas, Some(0), "its translators are stopped first");
+
+    // Stopping hands the message back; the language then translates it before its queue goes.
+    drop(held);
+    connection.close(200, "stopped".into()).await.unwrap();
+    while depth(&queue).await != Some(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    h.reconcile().await.unwrap();
+    assert_eq!(depth(&queue).await, Some(1), "the message handed back is still there");
+    let translator = h.api::<Deployment>().get("town-hall-translator-fr").await.unwrap();
+    assert_eq!(translator.spec.unwrap().replicas, Some(1), "and a translator comes back for it");
+
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let got = channel.basic_get(queue.as_str().into(), Default::default()).await.unwrap().unwrap();
+    got.ack(Default::default()).await.unwrap();
+    connection.close(200, "translated".into()).await.unwrap();
+    h.reconcile().await.unwrap();
+    let translator = h.api::<Deployment>().get("town-hall-translator-fr").await.unwrap();
+    assert_eq!(translator.spec.unwrap().replicas, Some(0), "stopped again once nothing is ready");
+    assert!(queue_exists(&queue).await);
+    h.reconcile().await.unwrap();
+    assert!(!queue_exists(&queue).await, "drained, with no translator left: the queue is deleted");
+    assert!(!h.deployments().await.contains(&"town-hall-translator-fr".to_owned()));
+    let deleted: Vec<_> = h.events().await.into_iter().filter(|(_, r, _)| r == "LanguageQueueDeleted").collect();
+    assert_eq!(deleted[0].0, "Normal", "nothing was lost: {deleted:?}");
 }
 
 #[tokio::test]
@@ -525,6 +577,35 @@ async fn delete_removes_the_topology_and_then_the_finalizer() {
     let remaining = h.api::<ChatDeployment>().get_opt(NAME).await.unwrap();
     assert!(remaining.is_none_or(|chat| !ours(&chat)), "our finalizer is removed once the topology is gone");
     assert!(h.event_reasons().await.contains(&"TopologyRemoved".to_owned()));
+}
+
+#[tokio::test]
+async fn deletion_removes_the_topology_only_once_no_pod_of_the_chat_is_left() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    let h = in_deletion(&h, |_| {}, &amqp_url()).await;
+    // A translator pod still terminating after its Deployment went: it would declare its queue again.
+    let labels = parley_operator::names::Names::new(NAME, &h.namespace)
+        .labels(parley_operator::names::Component::Translator, Some("de"));
+    let pod = Pod {
+        metadata: ObjectMeta {
+            name: Some("town-hall-translator-de-7c9f-x2x4q".into()),
+            namespace: Some(h.namespace.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    h.api::<Pod>().create(&Default::default(), &pod).await.unwrap();
+
+    let waiting = reconcile(Arc::new(h.chat().await), h.ctx.clone()).await;
+    assert!(matches!(&waiting, Err(Error::Waiting(why)) if why.contains("1 pods")), "{waiting:?}");
+    assert!(queue_exists(&h.topology().translate_queue("de")).await, "the topology stays while a pod is left");
+    assert!(ours(&h.chat().await), "and so does the finalizer");
+
+    h.api::<Pod>().delete("town-hall-translator-de-7c9f-x2x4q", &Default::default()).await.unwrap();
+    reconcile(Arc::new(h.chat().await), h.ctx.clone()).await.unwrap();
+    assert!(!queue_exists(&h.topology().translate_queue("de")).await, "removed once the last pod is gone");
 }
 
 #[tokio::test]
@@ -896,6 +977,40 @@ async fn publish_posted(topology: &Topology, count: usize) {
 
 async fn translator_replicas(h: &Harness) -> Option<i32> {
     h.api::<Deployment>().get("town-hall-translator-fr").await.unwrap().spec.unwrap().replicas
+}
+
+#[tokio::test]
+async fn a_language_switched_to_kubectl_scale_has_its_replicas_handed_over_not_reset() {
+    let h =
+        Harness::build(chat(&unique_namespace(), &[("fr", 3)]), &amqp_url(), |b| b.with_return_managed_fields()).await;
+    h.reconcile().await.unwrap();
+    let live = h.api::<Deployment>().get("town-hall-translator-fr").await.unwrap();
+    assert!(applies_replicas(&live), "the operator's apply owns replicas while it sets them");
+
+    h.edit(|c| c.spec.languages[0].replicas = None).await;
+    h.reconcile().await.unwrap();
+
+    // On a real API server, an apply that omits a field only its manager owned removes it (and the
+    // default of 1 applies): another manager takes it over first, at its value. (This in-memory API
+    // never removes an omitted field, so the handover request itself is what is checked here.)
+    let handover = h.recorder.requests().into_iter().find(|r| {
+        r.starts_with("PATCH")
+            && r.contains("/deployments/town-hall-translator-fr")
+            && r.contains(&format!("fieldManager={REPLICAS_HANDOFF_MANAGER}"))
+    });
+    assert!(handover.is_some(), "replicas are handed over: {:?}", h.recorder.requests());
+    let live = h.api::<Deployment>().get("town-hall-translator-fr").await.unwrap();
+    assert_eq!(live.spec.as_ref().unwrap().replicas, Some(3), "kept at 3");
+    assert!(!applies_replicas(&live), "and no longer set by the operator's apply");
+
+    // Once handed over, it is not done again.
+    let before = h.recorder.requests().len();
+    h.reconcile().await.unwrap();
+    let again = h.recorder.requests()[before..]
+        .iter()
+        .filter(|r| r.contains(&format!("fieldManager={REPLICAS_HANDOFF_MANAGER}")))
+        .count();
+    assert_eq!(again, 0);
 }
 
 #[tokio::test]

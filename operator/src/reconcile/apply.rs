@@ -50,6 +50,36 @@ where
     Ok(deleted)
 }
 
+/// The field manager that keeps a Deployment's `replicas` once the operator stops setting it.
+pub const REPLICAS_HANDOFF_MANAGER: &str = "parley-operator-handoff";
+
+/// Whether the operator's own apply is what owns `spec.replicas` of `live`: omitting the field from
+/// the next apply would then make the API server remove it, and the default of 1 would apply.
+pub fn applies_replicas(live: &Deployment) -> bool {
+    live.metadata.managed_fields.iter().flatten().any(|entry| {
+        entry.manager.as_deref() == Some(FIELD_MANAGER)
+            && entry.operation.as_deref() == Some("Apply")
+            && entry.subresource.as_deref().unwrap_or_default().is_empty()
+            && entry.fields_v1.as_ref().is_some_and(|fields| fields.0.pointer("/f:spec/f:replicas").is_some())
+    })
+}
+
+/// Before the operator stops setting a Deployment's replicas (a language switched to KEDA or left
+/// to `kubectl scale`), another manager takes the field over at its current value, so that the apply
+/// that omits it leaves it as it is: the documented way to hand a field over under server-side apply.
+async fn hand_over_replicas(api: &Api<Deployment>, desired: &Deployment) -> Result<(), kube::Error> {
+    let Some(live) = api.get_opt(&desired.name_any()).await? else { return Ok(()) };
+    let Some(replicas) = live.spec.as_ref().and_then(|s| s.replicas) else { return Ok(()) };
+    if !applies_replicas(&live) {
+        return Ok(());
+    }
+    tracing::info!(deployment = desired.name_any(), replicas, "handing replicas over before no longer setting them");
+    let patch = serde_json::json!({"spec": {"replicas": replicas}});
+    let params = PatchParams { field_manager: Some(REPLICAS_HANDOFF_MANAGER.into()), ..Default::default() };
+    api.patch(&desired.name_any(), &params, &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
 /// Applies everything in `desired` and returns the Deployments as the API server now has them.
 pub async fn apply(client: &Client, namespace: &str, desired: &Desired) -> Result<Vec<Deployment>, kube::Error> {
     apply_one(client, namespace, &desired.config_map).await?;
@@ -65,12 +95,17 @@ pub async fn apply(client: &Client, namespace: &str, desired: &Desired) -> Resul
     for auth in &desired.trigger_authentications {
         apply_one(client, namespace, auth).await?;
     }
+    let mut deployments = Vec::new();
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    for deployment in &desired.deployments {
+        if deployment.spec.as_ref().is_some_and(|s| s.replicas.is_none()) {
+            hand_over_replicas(&api, deployment).await?;
+        }
+        deployments.push(apply_one(client, namespace, deployment).await?);
+    }
+    // After the workloads: a monitor refused never holds the chat itself back.
     for monitor in &desired.pod_monitors {
         apply_one(client, namespace, monitor).await?;
-    }
-    let mut deployments = Vec::new();
-    for deployment in &desired.deployments {
-        deployments.push(apply_one(client, namespace, deployment).await?);
     }
     Ok(deployments)
 }

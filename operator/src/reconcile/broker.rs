@@ -1,6 +1,9 @@
 //! The broker step: declare this ChatDeployment's topology, measure its queues, drain removed languages.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use lapin::{Connection, ConnectionProperties};
 use parley_contract::topology::Topology;
@@ -61,15 +64,21 @@ pub struct SyncOutcome {
     pub deleted: Vec<(String, i64)>,
     /// Removed languages still draining.
     pub draining: Vec<Draining>,
+    /// Of those, the ones with no message ready whose translators are still connected: they may hold
+    /// messages unacknowledged, so they are scaled to zero (handing those back) before the queue goes.
+    pub idle: BTreeSet<String>,
 }
 
 /// Declares the topology for `languages`, reads every language queue's backlog, and deletes the
-/// queues of removed languages once empty or once `drain_timeout` has passed since `since`.
+/// queues of removed languages once drained or once `drain_timeout` has passed since `since`.
+/// Drained means no message ready and no translator connected (so none is held unacknowledged)
+/// after its Deployment was scaled to zero, which `stopped` lists: a message a stopping translator
+/// handed back has had a reconcile's time to reappear.
 pub async fn sync(
     url: &str,
     topology: &Topology,
     languages: &[String],
-    draining: Vec<Draining>,
+    (draining, stopped): (Vec<Draining>, &BTreeSet<String>),
     drain_timeout: Duration,
     elapsed: impl Fn(&str) -> Duration,
 ) -> Result<SyncOutcome, BrokerError> {
@@ -89,19 +98,24 @@ pub async fn sync(
             let unbind = connection.create_channel().await.map_err(BrokerError::Channel)?;
             parley_contract::topology::unbind_language(&unbind, topology, &removed.language).await?;
             let look = connection.create_channel().await.map_err(BrokerError::Channel)?;
-            let backlog = parley_contract::topology::queue_depth(&look, &topology.translate_queue(&removed.language))
-                .await?
-                .map(|d| i64::from(d.messages));
+            let depth =
+                parley_contract::topology::queue_depth(&look, &topology.translate_queue(&removed.language)).await?;
             let timed_out = elapsed(&removed.since) >= drain_timeout;
-            match backlog {
+            match depth {
                 None => {}
-                Some(left) if left == 0 || timed_out => {
+                Some(depth)
+                    if timed_out
+                        || (depth.messages == 0 && depth.consumers == 0 && stopped.contains(&removed.language)) =>
+                {
                     let delete = connection.create_channel().await.map_err(BrokerError::Channel)?;
                     parley_contract::topology::delete_language(&delete, topology, &removed.language, false).await?;
-                    outcome.deleted.push((removed.language.clone(), left));
+                    outcome.deleted.push((removed.language.clone(), i64::from(depth.messages)));
                 }
-                Some(left) => {
-                    outcome.backlogs.insert(removed.language.clone(), left);
+                Some(depth) => {
+                    if depth.messages == 0 {
+                        outcome.idle.insert(removed.language.clone());
+                    }
+                    outcome.backlogs.insert(removed.language.clone(), i64::from(depth.messages));
                     outcome.draining.push(removed);
                 }
             }
@@ -122,6 +136,9 @@ pub struct BrokerStep {
     pub draining: Vec<Draining>,
     /// Removed languages whose queue was deleted now, with the messages it still held.
     pub deleted: Vec<(String, i64)>,
+    /// Draining languages to scale to zero: nothing is ready, and their translators may still hold
+    /// messages (see [`SyncOutcome::idle`]).
+    pub idle: BTreeSet<String>,
     /// Why the step failed; the reconcile is retried with backoff once everything else is applied.
     pub failure: Option<BrokerError>,
 }
@@ -169,7 +186,14 @@ pub async fn step(
     let synced = match observed.broker_url() {
         Ok(url) => {
             let drain_timeout = Duration::from_secs(chat.drain_timeout_seconds.max(0) as u64);
-            sync(&url, &chat.topology, &chat.language_codes(), draining.clone(), drain_timeout, elapsed).await
+            // Removed languages whose translators are scaled to zero (or gone).
+            let stopped: BTreeSet<String> = draining
+                .iter()
+                .filter(|d| observed.translator_replicas.get(&d.language).is_none_or(|r| *r == 0))
+                .map(|d| d.language.clone())
+                .collect();
+            let removed = (draining.clone(), &stopped);
+            sync(&url, &chat.topology, &chat.language_codes(), removed, drain_timeout, elapsed).await
         }
         Err(err) => Err(err.into()),
     };
@@ -178,9 +202,16 @@ pub async fn step(
             report: BrokerReport::Ready { backlogs: outcome.backlogs },
             draining: outcome.draining,
             deleted: outcome.deleted,
+            idle: outcome.idle,
             failure: None,
         },
-        Err(err) => BrokerStep { report: err.report(), draining, deleted: Vec::new(), failure: Some(err) },
+        Err(err) => BrokerStep {
+            report: err.report(),
+            draining,
+            deleted: Vec::new(),
+            idle: BTreeSet::new(),
+            failure: Some(err),
+        },
     }
 }
 

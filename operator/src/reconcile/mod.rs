@@ -27,7 +27,11 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::{api::apps::v1::Deployment, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use k8s_openapi::{
+    api::{apps::v1::Deployment, core::v1::Pod},
+    apimachinery::pkg::apis::meta::v1::Time,
+    jiff::Timestamp,
+};
 use kube::{
     api::{ListParams, Patch, PatchParams},
     runtime::{
@@ -220,19 +224,27 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
     let mut inputs = Inputs::new(owner, observed.secrets_digest());
     inputs.scaled = plan.report.desired.clone();
     inputs.keda_installed = observed.keda_installed;
-    inputs.pod_monitor_installed = observed.pod_monitor_installed;
-    // A removed language keeps translating its accepted messages until its queue is drained.
+    inputs.pod_monitor_installed = observed.pod_monitors.yes();
+    // A removed language keeps translating its accepted messages until its queue is drained; with none
+    // ready, its translators go to zero, handing back any they hold, before the queue is deleted.
     inputs.draining = broker
         .draining
         .iter()
-        .map(|d| (d.language.clone(), observed.translator_replicas.get(&d.language).copied().unwrap_or(1).max(1)))
+        .map(|d| {
+            let replicas = if broker.idle.contains(&d.language) {
+                0
+            } else {
+                observed.translator_replicas.get(&d.language).copied().unwrap_or(1).max(1)
+            };
+            (d.language.clone(), replicas)
+        })
         .collect();
     let desired = build(&valid, &inputs);
     let applied = match apply::apply(&ctx.client, &valid.names.namespace, &desired).await {
         Ok(applied) => applied,
         Err(err) => return Err(apply_failed(chat, ctx, err, &now).await),
     };
-    let installed = apply::Installed { keda: observed.keda_installed, pod_monitor: observed.pod_monitor_installed };
+    let installed = apply::Installed { keda: observed.keda_installed, pod_monitor: observed.pod_monitors.yes() };
     let pruned = apply::prune(&ctx.client, &valid.names, &desired, installed).await?;
 
     let notes = pruned
@@ -252,7 +264,7 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         draining: &broker.draining,
         scaling: &plan.report,
         history: history_report.as_ref(),
-        pod_monitor_installed: observed.pod_monitor_installed,
+        pod_monitors: &observed.pod_monitors,
     };
     let previous = chat.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let status = status::compute(&valid, chat.meta().generation, found, previous, &now);
@@ -327,7 +339,8 @@ fn record_scaling(metrics: &Metrics, names: &Names, plan: &autoscale::Plan) {
     }
 }
 
-/// The finalizer: deletes the owned Deployments, then (once they are gone) the broker topology.
+/// The finalizer: deletes the owned Deployments, then, once no pod of the chat is left, the broker
+/// topology.
 pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> {
     let namespace = chat.namespace().unwrap_or_default();
     let mut languages: Vec<String> = chat.spec.languages.iter().map(|l| l.code.clone()).collect();
@@ -341,13 +354,25 @@ pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Err
     };
     // Running pods declare the topology again when they reconnect: remove them first.
     let names = Names::new(&chat.name_any(), &namespace);
+    let selector = ListParams::default().labels(&names.owned_selector());
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let owned = deployments.list(&ListParams::default().labels(&names.owned_selector())).await?;
+    let owned = deployments.list(&selector).await?;
     if !owned.items.is_empty() {
         for deployment in owned.items {
-            deployments.delete(&deployment.name_any(), &kube::api::DeleteParams::background()).await?;
+            // Foreground: the Deployment stays until its ReplicaSets and their pods are gone.
+            deployments.delete(&deployment.name_any(), &kube::api::DeleteParams::foreground()).await?;
         }
         return Err(Error::Waiting(format!("deleting the Deployments of {} before its topology", key(chat))));
+    }
+    // A pod outlives its Deployment while it terminates (up to its grace period), and one still
+    // connected would declare the topology again after it was deleted, leaving queues nobody removes.
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let left = pods.list(&selector).await?.items.len();
+    if left > 0 {
+        return Err(Error::Waiting(format!(
+            "{left} pods of {} still terminating; its topology waits for them",
+            key(chat)
+        )));
     }
     let removed = match observe::secret_value(&ctx.client, &namespace, &chat.spec.broker.secret_ref).await? {
         Ok(url) => broker::remove(String::from_utf8_lossy(&url).trim(), &topology, &languages).await,

@@ -33,9 +33,26 @@ pub struct Observed {
     pub translator_replicas: BTreeMap<String, i32>,
     /// Whether the KEDA CRDs are installed (asked once per operator process).
     pub keda_installed: bool,
-    /// Whether the Prometheus Operator's PodMonitor CRD is installed (asked every reconcile, so one
-    /// installed later is found without restarting the operator).
-    pub pod_monitor_installed: bool,
+    /// Whether PodMonitors can be made: the Prometheus Operator's CRD installed and the operator
+    /// allowed to (asked every reconcile, so one installed later is found without a restart).
+    pub pod_monitors: Served,
+}
+
+/// Whether the API server serves an optional custom resource to the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Served {
+    Yes,
+    /// Its CRD is not installed.
+    NotInstalled,
+    /// Installed, maybe, but the operator's RBAC does not cover it (the API server says 403 before it
+    /// looks): an operator upgraded ahead of its ClusterRole, or RBAC managed by hand.
+    Forbidden(String),
+}
+
+impl Served {
+    pub fn yes(&self) -> bool {
+        *self == Self::Yes
+    }
 }
 
 impl Observed {
@@ -97,8 +114,8 @@ pub async fn observe(
     // Asked once per process, whether or not a language uses KEDA now: objects left from a language
     // that did are pruned only where the CRDs exist.
     let keda_installed = *keda.get_or_try_init(|| keda_installed(client, namespace)).await?;
-    let pod_monitor_installed = served::<PodMonitor>(client, namespace).await?;
-    Ok(Observed { broker_secret, api_key, history_secret, translator_replicas, keda_installed, pod_monitor_installed })
+    let pod_monitors = served::<PodMonitor>(client, namespace).await?;
+    Ok(Observed { broker_secret, api_key, history_secret, translator_replicas, keda_installed, pod_monitors })
 }
 
 /// A Secret key's value; `Ok(Err(..))` when the Secret or the key does not exist.
@@ -120,11 +137,11 @@ pub async fn secret_value(
 
 /// Whether the KEDA CRDs are installed in the cluster.
 async fn keda_installed(client: &Client, namespace: &str) -> Result<bool, kube::Error> {
-    served::<ScaledObject>(client, namespace).await
+    served::<ScaledObject>(client, namespace).await.map(|served| served.yes())
 }
 
-/// Whether the API server serves the custom resource `K` (its CRD is installed).
-async fn served<K>(client: &Client, namespace: &str) -> Result<bool, kube::Error>
+/// Whether the API server serves the custom resource `K` to the operator.
+async fn served<K>(client: &Client, namespace: &str) -> Result<Served, kube::Error>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -133,8 +150,9 @@ where
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     match api.list(&ListParams::default().limit(1)).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Ok(_) => Ok(Served::Yes),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Served::NotInstalled),
+        Err(kube::Error::Api(e)) if e.code == 403 => Ok(Served::Forbidden(e.message)),
         Err(err) => Err(err),
     }
 }

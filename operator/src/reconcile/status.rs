@@ -9,7 +9,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
 };
 
-use super::validate::{Scaling, SpecError, ValidatedChat};
+use super::{
+    observe::Served,
+    validate::{Scaling, SpecError, ValidatedChat},
+};
 use crate::{
     crd::{ChatDeploymentStatus, GatewayStatus, Phase, RoleStatus, TranslatorStatus},
     events::Reason,
@@ -155,8 +158,8 @@ pub struct Findings<'a> {
     pub scaling: &'a ScalingReport,
     /// `None` when the spec keeps no history.
     pub history: Option<&'a HistoryReport>,
-    /// Whether the Prometheus Operator's PodMonitor CRD is installed.
-    pub pod_monitor_installed: bool,
+    /// Whether PodMonitors can be made.
+    pub pod_monitors: &'a Served,
 }
 
 /// The status of a valid ChatDeployment of `generation`, keeping the transition times of `previous`.
@@ -167,7 +170,7 @@ pub fn compute(
     previous: &[Condition],
     now: &Time,
 ) -> ChatDeploymentStatus {
-    let Findings { deployments, broker, draining, scaling, history, pod_monitor_installed } = found;
+    let Findings { deployments, broker, draining, scaling, history, pod_monitors } = found;
     let names = &chat.names;
     let gateway = observe(deployments, &names.gateway());
     let fanout = observe(deployments, &names.fanout());
@@ -286,7 +289,7 @@ pub fn compute(
         });
     }
     if chat.monitoring.pod_monitor {
-        conditions.push(metrics_condition(chat, pod_monitor_installed, generation, now));
+        conditions.push(metrics_condition(chat, pod_monitors, generation, now));
     }
     ChatDeploymentStatus {
         observed_generation: generation,
@@ -312,19 +315,36 @@ pub fn compute(
 }
 
 /// Whether a PodMonitor has Prometheus scrape the chat's pods, and what to do where none can.
-fn metrics_condition(chat: &ValidatedChat, installed: bool, generation: Option<i64>, now: &Time) -> Condition {
+fn metrics_condition(chat: &ValidatedChat, served: &Served, generation: Option<i64>, now: &Time) -> Condition {
     let names = &chat.names;
-    if installed {
-        let message = format!("PodMonitor {} has Prometheus scrape /metrics of every pod of the chat", names.instance);
-        condition(METRICS_SCRAPED, true, "PodMonitorApplied", message, generation, now)
-    } else {
-        let message = format!(
-            "the Prometheus Operator's CRD (podmonitors.monitoring.coreos.com) is not installed, so no PodMonitor was \
-             created: scrape port http, path /metrics, of the pods labelled {}={} another way",
-            crate::names::DEPLOYMENT_LABEL,
-            names.instance
-        );
-        condition(METRICS_SCRAPED, false, "PrometheusOperatorNotInstalled", message, generation, now)
+    let otherwise = format!(
+        "scrape port http, path /metrics, of the pods labelled {}={} another way",
+        crate::names::DEPLOYMENT_LABEL,
+        names.instance
+    );
+    match served {
+        Served::Yes => {
+            let message = format!(
+                "PodMonitor {} applied, selecting /metrics of every pod of the chat (a Prometheus whose \
+                 podMonitorSelector matches its labels scrapes them)",
+                names.instance
+            );
+            condition(METRICS_SCRAPED, true, "PodMonitorApplied", message, generation, now)
+        }
+        Served::NotInstalled => {
+            let message = format!(
+                "the Prometheus Operator's CRD (podmonitors.monitoring.coreos.com) is not installed, so no PodMonitor \
+                 was created: {otherwise}"
+            );
+            condition(METRICS_SCRAPED, false, "PrometheusOperatorNotInstalled", message, generation, now)
+        }
+        Served::Forbidden(why) => {
+            let message = format!(
+                "the operator may not list PodMonitors ({why}): grant it list, patch and delete on \
+                 podmonitors.monitoring.coreos.com (the chart's RBAC does), or {otherwise}"
+            );
+            condition(METRICS_SCRAPED, false, "PodMonitorForbidden", message, generation, now)
+        }
     }
 }
 
@@ -455,7 +475,7 @@ mod tests {
                 draining: &[],
                 scaling: &scaling,
                 history: self.history.as_ref(),
-                pod_monitor_installed: self.pod_monitor_installed,
+                pod_monitors: if self.pod_monitor_installed { &Served::Yes } else { &Served::NotInstalled },
             };
             compute(&valid, self.generation, found, &self.previous, &self.now)
         }
@@ -503,6 +523,23 @@ mod tests {
         assert_eq!(without.phase, Some(Phase::Ready), "Prometheus is not needed to chat");
         let with = case().pod_monitor_installed().compute();
         assert_eq!(get(&with, METRICS_SCRAPED).reason, "PodMonitorApplied");
+        // An operator whose RBAC lacks PodMonitors says what to grant, and the chat still serves.
+        let valid = validate(&chat(&[("de", Some(1))]), "img").unwrap();
+        let (broker, scaling) = (case().broker, ScalingReport::default());
+        let forbidden = Served::Forbidden("podmonitors is forbidden".into());
+        let found = Findings {
+            deployments: &all_ready(),
+            broker: &broker,
+            draining: &[],
+            scaling: &scaling,
+            history: None,
+            pod_monitors: &forbidden,
+        };
+        let s = compute(&valid, Some(1), found, &[], &time("2026-01-01T00:00:00Z"));
+        let scraped = get(&s, METRICS_SCRAPED);
+        assert_eq!(scraped.reason, "PodMonitorForbidden");
+        assert!(scraped.message.contains("grant it list, patch and delete"), "{}", scraped.message);
+        assert_eq!(s.phase, Some(Phase::Ready));
     }
 
     #[test]
@@ -534,7 +571,7 @@ mod tests {
             draining: &draining,
             scaling: &scaling,
             history: None,
-            pod_monitor_installed: false,
+            pod_monitors: &Served::NotInstalled,
         };
         let s = compute(&valid, Some(1), found, &[], &time("2026-01-01T00:00:00Z"));
         assert_eq!(s.languages.as_deref(), Some("es,ca"), "a draining language is no longer one of the chat's");
