@@ -6,6 +6,9 @@ pub const FIELD_MANAGER: &str = "parley-operator";
 pub const FINALIZER: &str = "chat.parley.dev/topology";
 pub const PAUSED_ANNOTATION: &str = "chat.parley.dev/paused";
 pub const CONFIG_HASH_ANNOTATION: &str = "chat.parley.dev/config-hash";
+/// On the ChatDeployment: the languages whose queues may exist on the broker, written before they are
+/// declared, so that draining and deletion find every one (status may never have been written).
+pub const DECLARED_ANNOTATION: &str = "chat.parley.dev/declared-languages";
 pub const DEPLOYMENT_LABEL: &str = "chat.parley.dev/deployment";
 pub const ROLE_LABEL: &str = "chat.parley.dev/role";
 pub const LANGUAGE_LABEL: &str = "chat.parley.dev/language";

@@ -43,6 +43,9 @@ pub struct RunOptions {
     pub identity: String,
 }
 
+/// Reconciles running at once, per watched namespace (or for the cluster).
+pub const RECONCILE_CONCURRENCY: u16 = 8;
+
 /// A reconcile running longer than this is hung: `/healthz` fails, and Kubernetes restarts the pod.
 /// Each broker and database call in a reconcile is bounded at seconds, and API calls at kube's
 /// timeouts, so no healthy reconcile comes near it.
@@ -147,6 +150,9 @@ async fn control(
             referencing_secret(&store.state(), secret.metadata.namespace.as_deref(), &secret.name_any())
         })
         .graceful_shutdown_on(stop.cancelled_owned())
+        // A bounded number at once: a thousand chats requeued together must not open a thousand
+        // broker steps at the same moment.
+        .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {

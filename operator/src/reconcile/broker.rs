@@ -1,7 +1,9 @@
 //! The broker step: declare this ChatDeployment's topology, measure its queues, drain removed languages.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
+    future::Future,
+    sync::Arc,
     time::Duration,
 };
 
@@ -15,8 +17,12 @@ use super::{
 };
 use crate::events::{Note, Reason};
 
-/// How long one broker step may take before the broker counts as unreachable.
+/// How long connecting to a broker may take before it counts as unreachable.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long one whole broker step (declare, look at every queue, drain) may take: a broker that
+/// accepted the connection and then went quiet must not hold a reconcile up.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the broker step failed; [`BrokerError::reason`] is the BrokerReady condition reason.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -56,6 +62,58 @@ async fn connect(url: &str) -> Result<Connection, BrokerError> {
     }
 }
 
+/// One open connection per broker, shared by every reconcile of the chats that use it, instead of a
+/// new connection (and its handshake) per reconcile.
+#[derive(Default)]
+pub struct Brokers {
+    connections: tokio::sync::Mutex<HashMap<String, Arc<Connection>>>,
+}
+
+impl Brokers {
+    /// The open connection to `url`, connecting (again) when there is none or it failed.
+    async fn connection(&self, url: &str) -> Result<Arc<Connection>, BrokerError> {
+        let mut connections = self.connections.lock().await;
+        if let Some(open) = connections.get(url).filter(|c| c.status().connected()) {
+            return Ok(open.clone());
+        }
+        let connection = Arc::new(connect(url).await?);
+        connections.insert(url.to_owned(), connection.clone());
+        Ok(connection)
+    }
+
+    /// Runs `work` on the connection to `url`, bounded by [`STEP_TIMEOUT`]; a connection whose work
+    /// timed out or failed is dropped, and the next step connects afresh.
+    async fn with<T, F, Fut>(&self, url: &str, work: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(Arc<Connection>) -> Fut,
+        Fut: Future<Output = Result<T, BrokerError>>,
+    {
+        let connection = self.connection(url).await?;
+        let result = match tokio::time::timeout(STEP_TIMEOUT, work(connection.clone())).await {
+            Ok(result) => result,
+            Err(_) => Err(BrokerError::Unreachable(format!("the broker did not answer within {STEP_TIMEOUT:?}"))),
+        };
+        if result.is_err() {
+            self.forget(url, &connection).await;
+        }
+        result
+    }
+
+    async fn forget(&self, url: &str, connection: &Arc<Connection>) {
+        let mut connections = self.connections.lock().await;
+        if connections.get(url).is_some_and(|c| Arc::ptr_eq(c, connection)) {
+            connections.remove(url);
+        }
+        drop(connections);
+        let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "failed".into())).await;
+    }
+
+    /// How many broker connections are open.
+    pub async fn open(&self) -> usize {
+        self.connections.lock().await.values().filter(|c| c.status().connected()).count()
+    }
+}
+
 /// What one sync did besides reporting.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct SyncOutcome {
@@ -75,15 +133,15 @@ pub struct SyncOutcome {
 /// after its Deployment was scaled to zero, which `stopped` lists: a message a stopping translator
 /// handed back has had a reconcile's time to reappear.
 pub async fn sync(
-    url: &str,
+    connection: &Connection,
     topology: &Topology,
     languages: &[String],
     (draining, stopped): (Vec<Draining>, &BTreeSet<String>),
     drain_timeout: Duration,
     elapsed: impl Fn(&str) -> Duration,
 ) -> Result<SyncOutcome, BrokerError> {
-    let connection = connect(url).await?;
-    let result = async {
+    // Every channel opened here is closed when dropped; the connection stays for the next reconcile.
+    {
         let channel = connection.create_channel().await.map_err(BrokerError::Channel)?;
         parley_contract::topology::declare(&channel, topology, languages).await?;
         let mut outcome = SyncOutcome::default();
@@ -122,9 +180,6 @@ pub async fn sync(
         }
         Ok(outcome)
     }
-    .await;
-    let _ = connection.close(200, "reconciled".into()).await;
-    result
 }
 
 /// What the broker step found and did, for the steps after it.
@@ -178,6 +233,7 @@ impl BrokerStep {
 /// The broker step of one reconcile: [`sync`] with the observed broker Secret, `draining` being the
 /// removed languages the previous status still listed.
 pub async fn step(
+    brokers: &Brokers,
     observed: &Observed,
     chat: &ValidatedChat,
     draining: Vec<Draining>,
@@ -193,7 +249,12 @@ pub async fn step(
                 .map(|d| d.language.clone())
                 .collect();
             let removed = (draining.clone(), &stopped);
-            sync(&url, &chat.topology, &chat.language_codes(), removed, drain_timeout, elapsed).await
+            let languages = chat.language_codes();
+            brokers
+                .with(&url, |connection| async move {
+                    sync(&connection, &chat.topology, &languages, removed, drain_timeout, elapsed).await
+                })
+                .await
         }
         Err(err) => Err(err.into()),
     };
@@ -216,16 +277,19 @@ pub async fn step(
 }
 
 /// Deletes every exchange and queue of the topology (the finalizer's work).
-pub async fn remove(url: &str, topology: &Topology, languages: &[String]) -> Result<(), BrokerError> {
-    let connection = connect(url).await?;
-    let result = async {
-        let channel = connection.create_channel().await.map_err(BrokerError::Channel)?;
-        parley_contract::topology::delete_all(&channel, topology, languages).await?;
-        Ok(())
-    }
-    .await;
-    let _ = connection.close(200, "removed".into()).await;
-    result
+pub async fn remove(
+    brokers: &Brokers,
+    url: &str,
+    topology: &Topology,
+    languages: &[String],
+) -> Result<(), BrokerError> {
+    brokers
+        .with(url, |connection| async move {
+            let channel = connection.create_channel().await.map_err(BrokerError::Channel)?;
+            parley_contract::topology::delete_all(&channel, topology, languages).await?;
+            Ok(())
+        })
+        .await
 }
 
 #[cfg(test)]

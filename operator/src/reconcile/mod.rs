@@ -46,7 +46,7 @@ use crate::{
     crd::{ChatDeployment, ChatDeploymentStatus, Phase},
     events::{Note, Reason},
     metrics::{LanguageLabels, Metrics},
-    names::{Names, FIELD_MANAGER},
+    names::{Names, DECLARED_ANNOTATION, FIELD_MANAGER},
 };
 use autoscale::History;
 use broker::BrokerError;
@@ -129,6 +129,8 @@ pub struct Context {
     keda: tokio::sync::OnceCell<bool>,
     /// One recorder for every Event, so one repeated by retries becomes a series with a count.
     recorder: Recorder,
+    /// The open broker connections, one per broker.
+    pub brokers: broker::Brokers,
 }
 
 impl Context {
@@ -143,6 +145,7 @@ impl Context {
             histories: Mutex::default(),
             clock: Arc::new(SystemClock),
             keda: tokio::sync::OnceCell::new(),
+            brokers: broker::Brokers::default(),
         }
     }
 
@@ -200,10 +203,29 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         Err(errors) => return reject(chat, ctx, &errors, &now).await,
     };
     let observed = observe::observe(&ctx.client, &valid, &ctx.keda).await?;
+    // What may be on the broker is recorded before anything more is declared.
+    let recorded = declared(chat);
+    let mut declaring: Vec<String> = recorded.iter().chain(&valid.language_codes()).cloned().collect();
+    declaring.sort();
+    declaring.dedup();
+    if declaring != recorded {
+        record_declared(ctx, chat, &declaring).await?;
+    }
     // The broker first: its backlogs drive the autoscaler and decide which removed languages still drain.
-    let draining = status::draining(chat.status.as_ref(), &valid.language_codes(), &now.0.to_string());
-    let broker = broker::step(&observed, &valid, draining, |since| elapsed_since(since, now.0)).await;
+    let mut draining = status::draining(chat.status.as_ref(), &valid.language_codes(), &now.0.to_string());
+    // Declared once but in neither the spec nor the status (a status write that failed): drained too.
+    for language in &recorded {
+        if !valid.language_codes().contains(language) && !draining.iter().any(|d| &d.language == language) {
+            draining.push(status::Draining { language: language.clone(), since: now.0.to_string() });
+        }
+    }
+    let broker = broker::step(&ctx.brokers, &observed, &valid, draining, |since| elapsed_since(since, now.0)).await;
     let history = database::step(&observed).await;
+    if !broker.deleted.is_empty() {
+        let left: Vec<String> =
+            declaring.iter().filter(|l| !broker.deleted.iter().any(|(gone, _)| gone == *l)).cloned().collect();
+        record_declared(ctx, chat, &left).await?;
+    }
     let plan = {
         let mut histories = ctx.histories.lock().expect("histories lock");
         let histories = histories.entry(key(chat)).or_default();
@@ -283,7 +305,42 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
     } else {
         CONVERGING
     };
-    Ok(Action::requeue(next))
+    Ok(Action::requeue(jittered(next)))
+}
+
+/// The languages [`DECLARED_ANNOTATION`] records, sorted.
+fn declared(chat: &ChatDeployment) -> Vec<String> {
+    let mut languages: Vec<String> = chat
+        .annotations()
+        .get(DECLARED_ANNOTATION)
+        .map(|list| list.split(',').filter(|l| parley_contract::topology::validate_language(l).is_ok()))
+        .into_iter()
+        .flatten()
+        .map(str::to_owned)
+        .collect();
+    languages.sort();
+    languages.dedup();
+    languages
+}
+
+/// Records `languages` as those whose queues may exist on the broker.
+async fn record_declared(ctx: &Context, chat: &ChatDeployment, languages: &[String]) -> Result<(), Error> {
+    let api: Api<ChatDeployment> = Api::namespaced(ctx.client.clone(), &chat.namespace().unwrap_or_default());
+    let patch = serde_json::json!({"metadata": {"annotations": {DECLARED_ANNOTATION: languages.join(",")}}});
+    api.patch(&chat.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
+/// `interval` give or take a tenth, in whole milliseconds: chats created together would otherwise
+/// reconcile, and ask their broker, in lockstep.
+fn jittered(interval: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    let spread = u64::try_from(interval.as_millis() / 10).unwrap_or(u64::MAX);
+    if spread == 0 {
+        return interval;
+    }
+    let random = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+    interval - Duration::from_millis(spread) + Duration::from_millis(random % (2 * spread + 1))
 }
 
 /// A spec that cannot be reconciled: `Ready=False` with the errors, one Event when that is new, and
@@ -345,6 +402,7 @@ pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Err
     let namespace = chat.namespace().unwrap_or_default();
     let mut languages: Vec<String> = chat.spec.languages.iter().map(|l| l.code.clone()).collect();
     languages.extend(chat.status.iter().flat_map(|s| s.translators.iter().map(|t| t.language.clone())));
+    languages.extend(declared(chat));
     languages.sort();
     languages.dedup();
     languages.retain(|l| parley_contract::topology::validate_language(l).is_ok());
@@ -375,7 +433,7 @@ pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Err
         )));
     }
     let removed = match observe::secret_value(&ctx.client, &namespace, &chat.spec.broker.secret_ref).await? {
-        Ok(url) => broker::remove(String::from_utf8_lossy(&url).trim(), &topology, &languages).await,
+        Ok(url) => broker::remove(&ctx.brokers, String::from_utf8_lossy(&url).trim(), &topology, &languages).await,
         Err(err) => Err(err.into()),
     };
     match removed {
@@ -404,5 +462,17 @@ pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Err
                 Err(err.into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_requeue_interval_is_spread_by_a_tenth_either_way() {
+        let seen: Vec<Duration> = (0..200).map(|_| jittered(Duration::from_secs(10))).collect();
+        assert!(seen.iter().all(|d| (Duration::from_secs(9)..=Duration::from_secs(11)).contains(d)), "{seen:?}");
+        assert!(seen.iter().any(|d| *d != seen[0]), "spread, not one fixed value");
     }
 }
