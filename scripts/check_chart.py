@@ -131,8 +131,13 @@ def in_sync(rendered):
         wildcard = [d["metadata"]["name"] for d in docs if d["kind"] in ("ClusterRole", "Role")
                     for r in d["rules"] for f in ("verbs", "resources", "apiGroups") if "*" in r.get(f, [])]
         check(not wildcard, f"RBAC ({name} values): no wildcards")
-        secrets = [r for d in docs if d["kind"] in ("ClusterRole", "Role") for r in d["rules"] if "secrets" in r["resources"]]
+        secrets = [r for d in roles for r in d["rules"] if "secrets" in r["resources"]]
         check(all(set(r["verbs"]) <= {"get", "list", "watch"} for r in secrets), f"RBAC ({name} values): Secrets read-only")
+        # In its own namespace the operator creates one Secret (the checksum key) and reads only that one.
+        own = [r for d in lease for r in d["rules"] if "secrets" in r["resources"]]
+        check(all(r["verbs"] == ["create"] or (set(r["verbs"]) <= {"get"} and r.get("resourceNames") == ["parley-operator-checksum-key"])
+                  for r in own) and own,
+              f"RBAC ({name} values): in its own namespace, only the checksum key Secret, created then read by name")
     default = dict(rendered)["default"]
     operator = [d for d in default if d["kind"] == "Deployment"]
     check(len(operator) == 1 and operator[0]["spec"]["replicas"] == 2

@@ -11,30 +11,37 @@ pub struct Rule {
     pub group: &'static str,
     pub resource: &'static str,
     pub verbs: &'static [&'static str],
+    /// The only objects the rule reaches, by name; every one of the resource when empty.
+    pub names: &'static [&'static str],
 }
 
 /// What the controller does in each namespace it watches.
 pub const CONTROLLER: &[Rule] = &[
-    Rule { group: "chat.parley.dev", resource: "chatdeployments", verbs: &["list", "watch", "patch"] },
-    Rule { group: "chat.parley.dev", resource: "chatdeployments/status", verbs: &["patch"] },
+    Rule { group: "chat.parley.dev", resource: "chatdeployments", verbs: &["list", "watch", "patch"], names: &[] },
+    Rule { group: "chat.parley.dev", resource: "chatdeployments/status", verbs: &["patch"], names: &[] },
     // get: a Deployment's replicas are handed over before the operator stops setting them.
-    Rule { group: "apps", resource: "deployments", verbs: &["get", "list", "watch", "patch", "delete"] },
-    Rule { group: "", resource: "services", verbs: &["list", "watch", "patch", "delete"] },
-    Rule { group: "", resource: "configmaps", verbs: &["list", "watch", "patch", "delete"] },
+    Rule { group: "apps", resource: "deployments", verbs: &["get", "list", "watch", "patch", "delete"], names: &[] },
+    Rule { group: "", resource: "services", verbs: &["list", "watch", "patch", "delete"], names: &[] },
+    Rule { group: "", resource: "configmaps", verbs: &["list", "watch", "patch", "delete"], names: &[] },
     // Read-only: deletion waits until no pod of the chat is left before it removes the topology.
-    Rule { group: "", resource: "pods", verbs: &["list"] },
-    Rule { group: "policy", resource: "poddisruptionbudgets", verbs: &["list", "patch", "delete"] },
+    Rule { group: "", resource: "pods", verbs: &["list"], names: &[] },
+    Rule { group: "policy", resource: "poddisruptionbudgets", verbs: &["list", "patch", "delete"], names: &[] },
     // Read-only: the broker URI and provider key; watched by metadata only.
-    Rule { group: "", resource: "secrets", verbs: &["get", "list", "watch"] },
-    Rule { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"] },
-    Rule { group: "keda.sh", resource: "scaledobjects", verbs: &["list", "patch", "delete"] },
-    Rule { group: "keda.sh", resource: "triggerauthentications", verbs: &["list", "patch", "delete"] },
-    Rule { group: "monitoring.coreos.com", resource: "podmonitors", verbs: &["list", "patch", "delete"] },
+    Rule { group: "", resource: "secrets", verbs: &["get", "list", "watch"], names: &[] },
+    Rule { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"], names: &[] },
+    Rule { group: "keda.sh", resource: "scaledobjects", verbs: &["list", "patch", "delete"], names: &[] },
+    Rule { group: "keda.sh", resource: "triggerauthentications", verbs: &["list", "patch", "delete"], names: &[] },
+    Rule { group: "monitoring.coreos.com", resource: "podmonitors", verbs: &["list", "patch", "delete"], names: &[] },
 ];
 
-/// What leader election does in the operator's own namespace.
-pub const LEADER_ELECTION: &[Rule] =
-    &[Rule { group: "coordination.k8s.io", resource: "leases", verbs: &["get", "create", "update"] }];
+/// What the operator does in its own namespace: leader election, and keeping the key of the
+/// checksum of referenced Secrets (`run::checksum_key`).
+pub const LEADER_ELECTION: &[Rule] = &[
+    Rule { group: "coordination.k8s.io", resource: "leases", verbs: &["get", "create", "update"], names: &[] },
+    // The checksum key: created once (RBAC cannot name an object not created yet), then read by name.
+    Rule { group: "", resource: "secrets", verbs: &["create"], names: &[] },
+    Rule { group: "", resource: "secrets", verbs: &["get"], names: &[crate::run::CHECKSUM_KEY_SECRET] },
+];
 
 /// Verbs used outside a reconcile, so no reconcile test sees them: the watches of `run.rs`, and the
 /// patch that folds a repeated Event into a series.
@@ -63,6 +70,7 @@ fn policy_rules(rules: &[Rule]) -> Vec<PolicyRule> {
             api_groups: Some(vec![r.group.to_owned()]),
             resources: Some(vec![r.resource.to_owned()]),
             verbs: r.verbs.iter().map(|v| (*v).to_owned()).collect(),
+            resource_names: (!r.names.is_empty()).then(|| r.names.iter().map(|n| (*n).to_owned()).collect()),
             ..Default::default()
         })
         .collect()

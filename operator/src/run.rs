@@ -178,6 +178,39 @@ pub async fn control_namespaces(client: Client, namespaces: &[String], ctx: Arc<
     futures_util::future::join_all(runs).await;
 }
 
+/// The Secret, in the operator's namespace, holding the key of the checksum of referenced Secrets.
+pub const CHECKSUM_KEY_SECRET: &str = "parley-operator-checksum-key";
+
+/// The checksum key from [`CHECKSUM_KEY_SECRET`] in `namespace`, which the first replica to ask creates
+/// with 32 random bytes; every replica then uses the same one, so a new leader rolls no pods.
+pub async fn checksum_key(client: &Client, namespace: &str) -> anyhow::Result<Vec<u8>> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let read = |secret: Secret| secret.data.and_then(|mut d| d.remove("key")).map(|k| k.0).filter(|k| !k.is_empty());
+    let what = || format!("the checksum key Secret {namespace}/{CHECKSUM_KEY_SECRET}");
+    if let Some(key) = secrets.get_opt(CHECKSUM_KEY_SECRET).await.with_context(what)?.and_then(read) {
+        return Ok(key);
+    }
+    let mut key = vec![0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| anyhow::anyhow!("no system randomness for the checksum key"))?;
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some(CHECKSUM_KEY_SECRET.into()), ..Default::default() },
+        data: Some([("key".to_owned(), k8s_openapi::ByteString(key.clone()))].into()),
+        ..Default::default()
+    };
+    match secrets.create(&Default::default(), &secret).await {
+        Ok(_) => Ok(key),
+        // Another replica created it first: use that one.
+        Err(kube::Error::Api(e)) if e.code == 409 => secrets
+            .get(CHECKSUM_KEY_SECRET)
+            .await
+            .ok()
+            .and_then(read)
+            .ok_or_else(|| anyhow::anyhow!("{} exists but holds no key", what())),
+        Err(err) => Err(err).with_context(what),
+    }
+}
+
 pub async fn run(options: RunOptions, stop: CancellationToken) -> anyhow::Result<()> {
     let client = Client::try_default().await.context("no Kubernetes configuration found (in-cluster or KUBECONFIG)")?;
     let metrics = Arc::new(Metrics::default());
@@ -195,8 +228,22 @@ pub async fn run(options: RunOptions, stop: CancellationToken) -> anyhow::Result
     let (controllers_client, options) = (client.clone(), &options);
     lead(client, lease, &stop, |controllers| async move {
         let client = controllers_client;
+        // The leader reads the checksum key (the first one creates it) before it reconciles anything.
+        let mut settings = options.settings.clone();
+        settings.checksum_key = loop {
+            match checksum_key(&client, &options.lease_namespace).await {
+                Ok(key) => break key,
+                Err(err) => {
+                    tracing::warn!(error = format!("{err:#}"), "cannot read or create the checksum key; retrying");
+                    tokio::select! {
+                        _ = controllers.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY_PERIOD) => {}
+                    }
+                }
+            }
+        };
         let reporter = Reporter { controller: "parley-operator".into(), instance: Some(options.identity.clone()) };
-        let ctx = Arc::new(Context::new(client.clone(), reporter, metrics, options.settings.clone()));
+        let ctx = Arc::new(Context::new(client.clone(), reporter, metrics, settings));
         control_namespaces(client, &options.namespaces, ctx, controllers).await;
     })
     .await?;
@@ -316,6 +363,16 @@ mod tests {
             ..Default::default()
         });
         Arc::new(chat)
+    }
+
+    #[tokio::test]
+    async fn the_checksum_key_is_created_once_and_then_shared() {
+        let client = kube_fake_client::ClientBuilder::new().build().await.unwrap();
+        let first = checksum_key(&client, "parley-system").await.unwrap();
+        assert_eq!(first.len(), 32);
+        assert_eq!(checksum_key(&client, "parley-system").await.unwrap(), first, "a second replica reads the same");
+        let other = kube_fake_client::ClientBuilder::new().build().await.unwrap();
+        assert_ne!(checksum_key(&other, "parley-system").await.unwrap(), first, "random per cluster");
     }
 
     #[test]

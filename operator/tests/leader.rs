@@ -1,4 +1,5 @@
-//! Leader election on a Lease: one holder at a time, and a released lease is taken at once.
+//! Leader election on a Lease: one holder at a time, and a released lease is taken at once. And the
+//! rest of what the operator does in its own namespace: keeping the checksum key.
 
 use kube::Client;
 use parley_operator::{leader::LeaderElector, rbac};
@@ -10,15 +11,18 @@ async fn client() -> Client {
 }
 
 #[tokio::test]
-async fn leader_election_needs_exactly_its_rbac_rules() {
+async fn the_operators_own_namespace_needs_exactly_its_rbac_rules() {
     let recorder = recorder::Recorder::default();
     let client = recorder.wrap(client().await);
     let a = LeaderElector::new(client.clone(), "parley-system", "parley-operator", "a");
-    let b = LeaderElector::new(client, "parley-system", "parley-operator", "b");
+    let b = LeaderElector::new(client.clone(), "parley-system", "parley-operator", "b");
     assert!(a.try_acquire().await.unwrap());
     assert!(!b.try_acquire().await.unwrap());
     assert!(a.try_acquire().await.unwrap());
     a.release().await;
+    // Two replicas starting: the first creates the checksum key, the second reads it.
+    let created = parley_operator::run::checksum_key(&client, "parley-system").await.unwrap();
+    assert_eq!(parley_operator::run::checksum_key(&client, "parley-system").await.unwrap(), created);
     let used = recorder.accesses();
     for access in &used {
         assert!(rbac::allows(rbac::LEADER_ELECTION, &access.group, &access.resource, &access.verb), "{access:?}");

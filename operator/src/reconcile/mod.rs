@@ -92,11 +92,17 @@ pub struct Settings {
     pub default_image: String,
     /// How often languages with builtin autoscaling have their backlog polled.
     pub autoscale_interval: Duration,
+    /// The key of the checksum of referenced Secrets on pod templates (see [`run::checksum_key`](crate::run::checksum_key)).
+    pub checksum_key: Vec<u8>,
 }
 
 impl Settings {
     pub fn new(default_image: impl Into<String>) -> Self {
-        Self { default_image: default_image.into(), autoscale_interval: Duration::from_secs(10) }
+        Self {
+            default_image: default_image.into(),
+            autoscale_interval: Duration::from_secs(10),
+            checksum_key: Vec::new(),
+        }
     }
 }
 
@@ -243,7 +249,7 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
     record_scaling(&ctx.metrics, &valid.names, &plan);
 
     let owner = chat.controller_owner_ref(&()).expect("a stored ChatDeployment has a uid");
-    let mut inputs = Inputs::new(owner, observed.secrets_digest());
+    let mut inputs = Inputs::new(owner, observed.secrets_digest(&ctx.settings.checksum_key));
     inputs.scaled = plan.report.desired.clone();
     inputs.keda_installed = observed.keda_installed;
     inputs.pod_monitor_installed = observed.pod_monitors.yes();

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
 use kube::{api::ListParams, Api, Client, ResourceExt};
-use sha2::{Digest, Sha256};
 
 use super::validate::ValidatedChat;
 use crate::{crd::SecretKeyRef, keda::ScaledObject, monitoring::PodMonitor, names::LANGUAGE_LABEL};
@@ -66,9 +65,12 @@ impl Observed {
         self.broker_secret.clone().map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
     }
 
-    /// A digest of the referenced Secrets' data (or of what is missing), so pods roll when a credential changes.
-    pub fn secrets_digest(&self) -> String {
-        let mut hasher = Sha256::new();
+    /// A digest of the referenced Secrets' data (or of what is missing), so pods roll when a credential
+    /// changes. Keyed (HMAC-SHA256 with `key`, which the operator keeps in its own Secret): anyone who can
+    /// read the Deployments sees the digest, and an unkeyed hash of a password would let them test
+    /// guesses offline.
+    pub fn secrets_digest(&self, key: &[u8]) -> String {
+        let mut hasher = ring::hmac::Context::with_key(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key));
         let broker = self.broker_secret.as_ref().map(Vec::as_slice);
         let api_key = self.api_key.as_ref().map(|key| key.as_ref().map(Vec::as_slice));
         let history = self.history_secret.as_ref().map(|url| url.as_ref().map(Vec::as_slice));
@@ -77,9 +79,9 @@ impl Observed {
                 Ok(bytes) => hasher.update(bytes),
                 Err(err) => hasher.update(err.to_string().as_bytes()),
             }
-            hasher.update([0]);
+            hasher.update(&[0]);
         }
-        hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+        hasher.sign().as_ref().iter().take(8).map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -165,5 +167,35 @@ pub(crate) fn scrub(text: &str, uri: &str) -> String {
     match password {
         Some(password) if !password.is_empty() && !password.starts_with("//") => text.replace(password, "***"),
         _ => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sha2::Digest as _;
+
+    use super::*;
+
+    fn observed(broker: &[u8]) -> Observed {
+        Observed {
+            broker_secret: Ok(broker.to_vec()),
+            api_key: None,
+            history_secret: None,
+            translator_replicas: BTreeMap::new(),
+            keda_installed: false,
+            pod_monitors: Served::NotInstalled,
+        }
+    }
+
+    #[test]
+    fn the_secrets_digest_is_keyed_and_follows_the_secret() {
+        let uri = b"amqp://parley:hunter2@rabbitmq:5672/%2f";
+        let digest = observed(uri).secrets_digest(b"key one");
+        assert_eq!(digest, observed(uri).secrets_digest(b"key one"), "stable for one key");
+        assert_ne!(digest, observed(uri).secrets_digest(b"key two"), "no use without the key");
+        assert_ne!(digest, observed(b"amqp://parley:hunter3@rabbitmq:5672/%2f").secrets_digest(b"key one"));
+        let unkeyed: String =
+            sha2::Sha256::digest([uri.as_slice(), &[0]].concat()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+        assert_ne!(digest, unkeyed, "not the plain hash a guess could be checked against");
     }
 }
