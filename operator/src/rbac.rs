@@ -19,8 +19,7 @@ pub struct Rule {
 pub const CONTROLLER: &[Rule] = &[
     Rule { group: "chat.parley.dev", resource: "chatdeployments", verbs: &["list", "watch", "patch"], names: &[] },
     Rule { group: "chat.parley.dev", resource: "chatdeployments/status", verbs: &["patch"], names: &[] },
-    // get: a Deployment's replicas are handed over before the operator stops setting them.
-    Rule { group: "apps", resource: "deployments", verbs: &["get", "list", "watch", "patch", "delete"], names: &[] },
+    Rule { group: "apps", resource: "deployments", verbs: &["list", "watch", "patch", "delete"], names: &[] },
     Rule { group: "", resource: "services", verbs: &["list", "watch", "patch", "delete"], names: &[] },
     Rule { group: "", resource: "configmaps", verbs: &["list", "watch", "patch", "delete"], names: &[] },
     // Read-only: deletion waits until no pod of the chat is left before it removes the topology.

@@ -402,6 +402,29 @@ async fn a_language_declared_before_a_lost_status_write_is_still_drained_when_re
 }
 
 #[tokio::test]
+async fn a_reconcile_that_finds_nothing_changed_writes_nothing() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1), ("fr", 2)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    for name in h.deployments().await {
+        h.mark_ready(&name).await;
+    }
+    // Converges: the status takes in the ready replicas.
+    h.reconcile().await.unwrap();
+    let before = h.recorder.requests().len();
+
+    h.reconcile().await.unwrap();
+
+    let writes: Vec<String> =
+        h.recorder.requests()[before..].iter().filter(|r| !r.starts_with("GET")).cloned().collect();
+    assert!(writes.is_empty(), "an idle chat's reconcile writes nothing: {writes:?}");
+    // A change is still applied.
+    h.edit(|c| c.spec.languages[0].replicas = Some(3)).await;
+    h.reconcile().await.unwrap();
+    let deployment = h.api::<Deployment>().get("town-hall-translator-de").await.unwrap();
+    assert_eq!(deployment.spec.unwrap().replicas, Some(3));
+}
+
+#[tokio::test]
 async fn reconciles_share_one_connection_per_broker() {
     let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
     h.reconcile().await.unwrap();

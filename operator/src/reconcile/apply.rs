@@ -1,6 +1,9 @@
 //! Apply: server-side apply of the desired objects with one field manager, then prune what is owned but no longer desired.
 
-use std::{collections::HashSet, fmt::Debug};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Debug,
+};
 
 use k8s_openapi::{
     api::{
@@ -67,46 +70,158 @@ pub fn applies_replicas(live: &Deployment) -> bool {
 /// Before the operator stops setting a Deployment's replicas (a language switched to KEDA or left
 /// to `kubectl scale`), another manager takes the field over at its current value, so that the apply
 /// that omits it leaves it as it is: the documented way to hand a field over under server-side apply.
-async fn hand_over_replicas(api: &Api<Deployment>, desired: &Deployment) -> Result<(), kube::Error> {
-    let Some(live) = api.get_opt(&desired.name_any()).await? else { return Ok(()) };
+async fn hand_over_replicas(api: &Api<Deployment>, live: &Deployment) -> Result<(), kube::Error> {
     let Some(replicas) = live.spec.as_ref().and_then(|s| s.replicas) else { return Ok(()) };
-    if !applies_replicas(&live) {
+    if !applies_replicas(live) {
         return Ok(());
     }
-    tracing::info!(deployment = desired.name_any(), replicas, "handing replicas over before no longer setting them");
+    tracing::info!(deployment = live.name_any(), replicas, "handing replicas over before no longer setting them");
     let patch = serde_json::json!({"spec": {"replicas": replicas}});
     let params = PatchParams { field_manager: Some(REPLICAS_HANDOFF_MANAGER.into()), ..Default::default() };
-    api.patch(&desired.name_any(), &params, &Patch::Merge(&patch)).await?;
+    api.patch(&live.name_any(), &params, &Patch::Merge(&patch)).await?;
     Ok(())
 }
 
-/// Applies everything in `desired` and returns the Deployments as the API server now has them.
-pub async fn apply(client: &Client, namespace: &str, desired: &Desired) -> Result<Vec<Deployment>, kube::Error> {
-    apply_one(client, namespace, &desired.config_map).await?;
-    for service in &desired.services {
-        apply_one(client, namespace, service).await?;
+/// What the operator last applied, per object: a digest of the desired object and what the API server
+/// then had (its generation where it keeps one, else its resourceVersion). An object whose desired
+/// state and live marker are both unchanged is not applied again, so a reconcile that changes nothing
+/// writes nothing.
+#[derive(Default)]
+pub struct Applied(std::sync::Mutex<HashMap<String, (u64, String)>>);
+
+impl Applied {
+    fn key<K: Resource<DynamicType = ()>>(object: &K) -> String {
+        format!("{}/{}/{}", K::kind(&()), object.namespace().unwrap_or_default(), object.name_any())
     }
-    for budget in &desired.disruption_budgets {
-        apply_one(client, namespace, budget).await?;
-    }
-    for scaled in &desired.scaled_objects {
-        apply_one(client, namespace, scaled).await?;
-    }
-    for auth in &desired.trigger_authentications {
-        apply_one(client, namespace, auth).await?;
-    }
-    let mut deployments = Vec::new();
-    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    for deployment in &desired.deployments {
-        if deployment.spec.as_ref().is_some_and(|s| s.replicas.is_none()) {
-            hand_over_replicas(&api, deployment).await?;
+
+    /// What changes on the live object when its spec (or, without a generation, anything) changes:
+    /// a Deployment's status updates move its resourceVersion, not its generation.
+    fn marker<K: Resource>(live: &K) -> String {
+        match live.meta().generation {
+            Some(generation) if generation > 0 => format!("g{generation}"),
+            _ => format!("r{}", live.meta().resource_version.clone().unwrap_or_default()),
         }
-        deployments.push(apply_one(client, namespace, deployment).await?);
     }
+
+    fn digest<K: Serialize>(desired: &K) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_vec(desired).expect("objects serialize").hash(&mut hasher);
+        hasher.finish()
+    }
+
+    fn unchanged<K: Resource<DynamicType = ()> + Serialize>(&self, desired: &K, live: Option<&K>) -> bool {
+        let Some(live) = live else { return false };
+        let seen = self.0.lock().expect("applied lock");
+        seen.get(&Self::key(desired)) == Some(&(Self::digest(desired), Self::marker(live)))
+    }
+
+    fn record<K: Resource<DynamicType = ()> + Serialize>(&self, desired: &K, live: &K) {
+        let value = (Self::digest(desired), Self::marker(live));
+        self.0.lock().expect("applied lock").insert(Self::key(desired), value);
+    }
+
+    /// Forgets the objects of a ChatDeployment in `namespace` named `instance…` (once it is deleted).
+    pub fn forget(&self, namespace: &str, instance: &str) {
+        let owned = |key: &String| {
+            let mut parts = key.split('/').skip(1);
+            parts.next() == Some(namespace)
+                && parts.next().is_some_and(|n| n == instance || n.starts_with(&format!("{instance}-")))
+        };
+        self.0.lock().expect("applied lock").retain(|key, _| !owned(key));
+    }
+}
+
+/// Applies each of `desired` of kind `K` unless it and its live copy are as last applied; returns
+/// every one as the API server has it.
+async fn apply_kind<K>(
+    client: &Client,
+    names: &Names,
+    applied: &Applied,
+    desired: &[K],
+    before_apply: impl BeforeApply<K>,
+) -> Result<Vec<K>, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
+{
+    if desired.is_empty() {
+        return Ok(Vec::new());
+    }
+    let api: Api<K> = Api::namespaced(client.clone(), &names.namespace);
+    let live: HashMap<String, K> = api
+        .list(&ListParams::default().labels(&names.owned_selector()))
+        .await?
+        .items
+        .into_iter()
+        .map(|o| (o.name_any(), o))
+        .collect();
+    let mut result = Vec::with_capacity(desired.len());
+    for object in desired {
+        let current = live.get(&object.name_any());
+        if let Some(current) = current.filter(|current| applied.unchanged(object, Some(current))) {
+            result.push(current.clone());
+            continue;
+        }
+        before_apply.run(&api, object, current).await?;
+        let now = apply_one(client, &names.namespace, object).await?;
+        applied.record(object, &now);
+        result.push(now);
+    }
+    Ok(result)
+}
+
+/// Work done just before an object is applied (none, but for Deployments: the replicas handover).
+pub trait BeforeApply<K> {
+    fn run(
+        &self,
+        api: &Api<K>,
+        desired: &K,
+        live: Option<&K>,
+    ) -> impl std::future::Future<Output = Result<(), kube::Error>>;
+}
+
+struct Nothing;
+
+impl<K> BeforeApply<K> for Nothing {
+    async fn run(&self, _: &Api<K>, _: &K, _: Option<&K>) -> Result<(), kube::Error> {
+        Ok(())
+    }
+}
+
+struct HandOverReplicas;
+
+impl BeforeApply<Deployment> for HandOverReplicas {
+    async fn run(
+        &self,
+        api: &Api<Deployment>,
+        desired: &Deployment,
+        live: Option<&Deployment>,
+    ) -> Result<(), kube::Error> {
+        match live {
+            Some(live) if desired.spec.as_ref().is_some_and(|s| s.replicas.is_none()) => {
+                hand_over_replicas(api, live).await
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Applies everything in `desired` that is not as last applied, and returns the Deployments as the
+/// API server now has them.
+pub async fn apply(
+    client: &Client,
+    names: &Names,
+    applied: &Applied,
+    desired: &Desired,
+) -> Result<Vec<Deployment>, kube::Error> {
+    apply_kind(client, names, applied, std::slice::from_ref(&desired.config_map), Nothing).await?;
+    apply_kind(client, names, applied, &desired.services, Nothing).await?;
+    apply_kind(client, names, applied, &desired.disruption_budgets, Nothing).await?;
+    apply_kind(client, names, applied, &desired.scaled_objects, Nothing).await?;
+    apply_kind(client, names, applied, &desired.trigger_authentications, Nothing).await?;
+    let deployments = apply_kind(client, names, applied, &desired.deployments, HandOverReplicas).await?;
     // After the workloads: a monitor refused never holds the chat itself back.
-    for monitor in &desired.pod_monitors {
-        apply_one(client, namespace, monitor).await?;
-    }
+    apply_kind(client, names, applied, &desired.pod_monitors, Nothing).await?;
     Ok(deployments)
 }
 

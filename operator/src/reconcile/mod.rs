@@ -137,6 +137,8 @@ pub struct Context {
     recorder: Recorder,
     /// The open broker connections, one per broker.
     pub brokers: broker::Brokers,
+    /// What was last applied, so that an unchanged object is not applied again.
+    pub applied: apply::Applied,
 }
 
 impl Context {
@@ -152,6 +154,7 @@ impl Context {
             clock: Arc::new(SystemClock),
             keda: tokio::sync::OnceCell::new(),
             brokers: broker::Brokers::default(),
+            applied: apply::Applied::default(),
         }
     }
 
@@ -169,6 +172,7 @@ impl Context {
         let mut languages = languages.to_vec();
         languages.extend(histories.into_iter().flat_map(|h| h.into_keys()));
         self.metrics.forget(&chat.namespace().unwrap_or_default(), &chat.name_any(), &languages);
+        self.applied.forget(&chat.namespace().unwrap_or_default(), &chat.name_any());
     }
 
     async fn publish(&self, chat: &ChatDeployment, note: Note) {
@@ -194,7 +198,12 @@ fn elapsed_since(since: &str, now: Timestamp) -> Duration {
     since.parse::<Timestamp>().ok().and_then(|t| now.duration_since(t).try_into().ok()).unwrap_or_default()
 }
 
+/// Writes `status`, unless it is what the object already says: a reconcile that finds nothing new
+/// writes nothing.
 async fn patch_status(ctx: &Context, chat: &ChatDeployment, status: ChatDeploymentStatus) -> Result<(), Error> {
+    if chat.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     let api: Api<ChatDeployment> = Api::namespaced(ctx.client.clone(), &chat.namespace().unwrap_or_default());
     let patch = serde_json::json!({"status": status});
     api.patch_status(&chat.name_any(), &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch)).await?;
@@ -268,7 +277,7 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         })
         .collect();
     let desired = build(&valid, &inputs);
-    let applied = match apply::apply(&ctx.client, &valid.names.namespace, &desired).await {
+    let applied = match apply::apply(&ctx.client, &valid.names, &ctx.applied, &desired).await {
         Ok(applied) => applied,
         Err(err) => return Err(apply_failed(chat, ctx, err, &now).await),
     };
