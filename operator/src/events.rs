@@ -34,6 +34,8 @@ pub enum Reason {
     DatabaseUnreachable,
     /// The API server refused an object the chat needs (Warning).
     ApplyFailed,
+    /// Reading what the chat references (its Secrets, its Deployments) failed.
+    ReadFailed,
 }
 
 impl Reason {
@@ -53,6 +55,7 @@ impl Reason {
             Self::HistorySecretKeyMissing => "HistorySecretKeyMissing",
             Self::DatabaseUnreachable => "DatabaseUnreachable",
             Self::ApplyFailed => "ApplyFailed",
+            Self::ReadFailed => "ReadFailed",
         }
     }
 }

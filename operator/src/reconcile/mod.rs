@@ -217,7 +217,10 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         Ok(valid) => valid,
         Err(errors) => return reject(chat, ctx, &errors, &now).await,
     };
-    let observed = observe::observe(&ctx.client, &valid, &ctx.keda).await?;
+    let observed = match observe::observe(&ctx.client, &valid, &ctx.keda).await {
+        Ok(observed) => observed,
+        Err(err) => return Err(read_failed(chat, ctx, err, &now).await),
+    };
     // What may be on the broker is recorded before anything more is declared.
     let recorded = declared(chat);
     let mut declaring: Vec<String> = recorded.iter().chain(&valid.language_codes()).cloned().collect();
@@ -394,6 +397,19 @@ async fn apply_failed(chat: &ChatDeployment, ctx: &Context, err: kube::Error, no
         tracing::warn!(chat = key(chat), error = %status_err, "failed to write the apply failure to status");
     }
     Error::Kube(err)
+}
+
+/// A read the reconcile needs failed (a Secret the operator may not read, an API that answers
+/// nothing useful): `Ready=False` naming the read (and an Event when that is news), retried with the
+/// backoff, so that the failure shows on the object instead of only in the operator's log.
+async fn read_failed(chat: &ChatDeployment, ctx: &Context, err: observe::ReadError, now: &Time) -> Error {
+    let message = err.to_string();
+    let status =
+        status::not_ready(chat.status.as_ref(), Reason::ReadFailed, message.clone(), chat.meta().generation, now);
+    if let Err(status_err) = write_not_ready(chat, ctx, status, Note::warning(Reason::ReadFailed, message)).await {
+        tracing::warn!(chat = key(chat), error = %status_err, "failed to write the read failure to status");
+    }
+    Error::Kube(err.source)
 }
 
 /// The autoscaler's readings and decisions as metrics.

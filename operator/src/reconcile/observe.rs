@@ -85,27 +85,48 @@ impl Observed {
     }
 }
 
+/// A read of [`observe`] that failed, and which one.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct ReadError {
+    pub what: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+/// Names the read an API error came from.
+fn reading(what: impl FnOnce() -> String) -> impl FnOnce(kube::Error) -> ReadError {
+    move |source| ReadError { what: what(), source }
+}
+
 /// Reads everything in one pass. An API error fails the whole step: hashing a transient read failure
 /// into the pod template would roll every pod twice.
 pub async fn observe(
     client: &Client,
     chat: &ValidatedChat,
     keda: &tokio::sync::OnceCell<bool>,
-) -> Result<Observed, kube::Error> {
+) -> Result<Observed, ReadError> {
     let namespace = &chat.names.namespace;
-    let broker_secret = secret_value(client, namespace, &chat.broker).await?;
+    let secret = |reference: &SecretKeyRef| {
+        let name = reference.name.clone();
+        reading(move || format!("reading the Secret {namespace}/{name}"))
+    };
+    let broker_secret = secret_value(client, namespace, &chat.broker).await.map_err(secret(&chat.broker))?;
     let api_key = match &chat.api_key {
-        Some(reference) => Some(secret_value(client, namespace, reference).await?),
+        Some(reference) => Some(secret_value(client, namespace, reference).await.map_err(secret(reference))?),
         None => None,
     };
     let history_secret = match &chat.history {
-        Some(history) => Some(secret_value(client, namespace, &history.database).await?),
+        Some(history) => {
+            Some(secret_value(client, namespace, &history.database).await.map_err(secret(&history.database))?)
+        }
         None => None,
     };
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let translator_replicas = deployments
         .list(&ListParams::default().labels(&chat.names.owned_selector()))
-        .await?
+        .await
+        .map_err(reading(|| format!("listing the Deployments of {namespace}/{}", chat.names.instance)))?
         .items
         .into_iter()
         .filter_map(|d| {
@@ -115,8 +136,13 @@ pub async fn observe(
         .collect();
     // Asked once per process, whether or not a language uses KEDA now: objects left from a language
     // that did are pruned only where the CRDs exist.
-    let keda_installed = *keda.get_or_try_init(|| keda_installed(client, namespace)).await?;
-    let pod_monitors = served::<PodMonitor>(client, namespace).await?;
+    let keda_installed = *keda
+        .get_or_try_init(|| keda_installed(client, namespace))
+        .await
+        .map_err(reading(|| "asking whether KEDA's ScaledObjects are served".to_owned()))?;
+    let pod_monitors = served::<PodMonitor>(client, namespace)
+        .await
+        .map_err(reading(|| "asking whether PodMonitors are served".to_owned()))?;
     Ok(Observed { broker_secret, api_key, history_secret, translator_replicas, keda_installed, pod_monitors })
 }
 
