@@ -817,6 +817,28 @@ async fn pause_never_blocks_deletion() {
 }
 
 #[tokio::test]
+async fn deleting_a_chats_namespace_still_removes_its_topology_though_the_broker_secret_goes_first() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    assert!(queue_exists(&h.topology().translate_queue("de")).await);
+    // The namespace is being deleted: the Secret is gone already, the chat waits on its finalizer.
+    h.api::<Secret>().delete("rabbitmq", &Default::default()).await.unwrap();
+    // The same operator sees the chat in deletion (kube-fake-client cannot hold an object in deletion,
+    // so the deletion is the object's as the watch would bring it).
+    let deleting = || async {
+        let mut chat = h.chat().await;
+        chat.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        Arc::new(chat)
+    };
+    let waiting = reconcile(deleting().await, h.ctx.clone()).await;
+    assert!(matches!(waiting, Err(Error::Waiting(_))), "the Deployments go first: {waiting:?}");
+    reconcile(deleting().await, h.ctx.clone()).await.unwrap();
+
+    assert!(!queue_exists(&h.topology().translate_queue("de")).await, "removed with the URI it last used");
+    assert!(h.event_reasons().await.contains(&"TopologyRemoved".to_owned()));
+}
+
+#[tokio::test]
 async fn deletion_with_the_broker_secret_gone_lets_go_and_says_what_was_left_behind() {
     let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
     h.reconcile().await.unwrap();

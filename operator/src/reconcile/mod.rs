@@ -139,6 +139,9 @@ pub struct Context {
     pub brokers: broker::Brokers,
     /// What was last applied, so that an unchanged object is not applied again.
     pub applied: apply::Applied,
+    /// The broker URI each chat last reconciled with, by `namespace/name`: deleting a namespace deletes
+    /// the broker Secret too, often before the finalizer runs, and the topology must still go.
+    broker_urls: Mutex<HashMap<String, String>>,
 }
 
 impl Context {
@@ -155,6 +158,7 @@ impl Context {
             keda: tokio::sync::OnceCell::new(),
             brokers: broker::Brokers::default(),
             applied: apply::Applied::default(),
+            broker_urls: Mutex::default(),
         }
     }
 
@@ -173,6 +177,7 @@ impl Context {
         languages.extend(histories.into_iter().flat_map(|h| h.into_keys()));
         self.metrics.forget(&chat.namespace().unwrap_or_default(), &chat.name_any(), &languages);
         self.applied.forget(&chat.namespace().unwrap_or_default(), &chat.name_any());
+        self.broker_urls.lock().expect("broker urls lock").remove(&key);
     }
 
     async fn publish(&self, chat: &ChatDeployment, note: Note) {
@@ -221,6 +226,9 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         Ok(observed) => observed,
         Err(err) => return Err(read_failed(chat, ctx, err, &now).await),
     };
+    if let Ok(url) = observed.broker_url() {
+        ctx.broker_urls.lock().expect("broker urls lock").insert(key(chat), url);
+    }
     // What may be on the broker is recorded before anything more is declared.
     let recorded = declared(chat);
     let mut declaring: Vec<String> = recorded.iter().chain(&valid.language_codes()).cloned().collect();
@@ -463,8 +471,13 @@ pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Err
             key(chat)
         )));
     }
-    let removed = match observe::secret_value(&ctx.client, &namespace, &chat.spec.broker.secret_ref).await? {
-        Ok(url) => broker::remove(&ctx.brokers, String::from_utf8_lossy(&url).trim(), &topology, &languages).await,
+    let url = match observe::secret_value(&ctx.client, &namespace, &chat.spec.broker.secret_ref).await? {
+        Ok(url) => Ok(String::from_utf8_lossy(&url).trim().to_owned()),
+        // Gone with its namespace, say: the URI the chat last reconciled with still reaches the broker.
+        Err(err) => ctx.broker_urls.lock().expect("broker urls lock").get(&key(chat)).cloned().ok_or(err),
+    };
+    let removed = match url {
+        Ok(url) => broker::remove(&ctx.brokers, &url, &topology, &languages).await,
         Err(err) => Err(err.into()),
     };
     match removed {
