@@ -80,11 +80,14 @@ impl Names {
         format!("{}.{}.svc:{SERVICE_PORT}", self.gateway(), self.namespace)
     }
 
-    /// Labels that select one component's pods (and one language's, for translators).
+    /// Labels that select one component's pods (and one language's, for translators). Parley's own
+    /// deployment label among them: a Helm release of the same name labels its pods with the same
+    /// `app.kubernetes.io/instance` (and often `component`), and they must not be selected.
     pub fn selector(&self, component: Component, language: Option<&str>) -> BTreeMap<String, String> {
         let mut labels = BTreeMap::from([
             ("app.kubernetes.io/instance".to_owned(), self.instance.clone()),
             ("app.kubernetes.io/component".to_owned(), component.as_str().to_owned()),
+            (DEPLOYMENT_LABEL.to_owned(), self.instance.clone()),
         ]);
         if let Some(language) = language {
             labels.insert(LANGUAGE_LABEL.to_owned(), language.to_owned());

@@ -425,6 +425,37 @@ async fn a_reconcile_that_finds_nothing_changed_writes_nothing() {
 }
 
 #[tokio::test]
+async fn pods_are_selected_by_the_chat_not_by_a_helm_release_of_the_same_name() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    let service = h.api::<Service>().get("town-hall-gateway").await.unwrap();
+    let selector = service.spec.unwrap().selector.unwrap();
+    assert_eq!(selector["chat.parley.dev/deployment"], NAME, "a release's pods lack Parley's label: {selector:?}");
+    let gateway = h.api::<Deployment>().get("town-hall-gateway").await.unwrap();
+    let labels = gateway.spec.unwrap().selector.match_labels.unwrap();
+    assert_eq!(labels["chat.parley.dev/deployment"], NAME);
+}
+
+#[tokio::test]
+async fn a_deployment_made_before_the_selector_changed_keeps_its_immutable_selector() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    // As an earlier operator made it: selected by instance and component only.
+    let old = serde_json::json!({"app.kubernetes.io/instance": NAME, "app.kubernetes.io/component": "gateway"});
+    let mut gateway = h.api::<Deployment>().get("town-hall-gateway").await.unwrap();
+    gateway.spec.as_mut().unwrap().selector.match_labels = Some(serde_json::from_value(old.clone()).unwrap());
+    h.api::<Deployment>().replace("town-hall-gateway", &Default::default(), &gateway).await.unwrap();
+
+    h.edit(|c| c.spec.gateway.replicas = Some(3)).await;
+    h.reconcile().await.unwrap();
+
+    let gateway = h.api::<Deployment>().get("town-hall-gateway").await.unwrap();
+    let spec = gateway.spec.unwrap();
+    assert_eq!(spec.replicas, Some(3), "the change is applied");
+    assert_eq!(serde_json::to_value(spec.selector.match_labels).unwrap(), old, "with the selector it has");
+}
+
+#[tokio::test]
 async fn reconciles_share_one_connection_per_broker() {
     let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
     h.reconcile().await.unwrap();

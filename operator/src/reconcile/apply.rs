@@ -162,47 +162,58 @@ where
             result.push(current.clone());
             continue;
         }
-        before_apply.run(&api, object, current).await?;
-        let now = apply_one(client, &names.namespace, object).await?;
+        let adjusted = before_apply.run(&api, object, current).await?;
+        let now = apply_one(client, &names.namespace, adjusted.as_ref().unwrap_or(object)).await?;
         applied.record(object, &now);
         result.push(now);
     }
     Ok(result)
 }
 
-/// Work done just before an object is applied (none, but for Deployments: the replicas handover).
+/// Work done just before an object is applied, and the object to apply instead of the desired one,
+/// if any (nothing, but for Deployments).
 pub trait BeforeApply<K> {
     fn run(
         &self,
         api: &Api<K>,
         desired: &K,
         live: Option<&K>,
-    ) -> impl std::future::Future<Output = Result<(), kube::Error>>;
+    ) -> impl std::future::Future<Output = Result<Option<K>, kube::Error>>;
 }
 
 struct Nothing;
 
 impl<K> BeforeApply<K> for Nothing {
-    async fn run(&self, _: &Api<K>, _: &K, _: Option<&K>) -> Result<(), kube::Error> {
-        Ok(())
+    async fn run(&self, _: &Api<K>, _: &K, _: Option<&K>) -> Result<Option<K>, kube::Error> {
+        Ok(None)
     }
 }
 
-struct HandOverReplicas;
+/// For Deployments: the replicas handover, and the selector a live Deployment already has, which is
+/// immutable: one created before the selector gained Parley's deployment label keeps the old one
+/// (its pods carry both), where applying the new one would be refused.
+struct Deployments;
 
-impl BeforeApply<Deployment> for HandOverReplicas {
+impl BeforeApply<Deployment> for Deployments {
     async fn run(
         &self,
         api: &Api<Deployment>,
         desired: &Deployment,
         live: Option<&Deployment>,
-    ) -> Result<(), kube::Error> {
-        match live {
-            Some(live) if desired.spec.as_ref().is_some_and(|s| s.replicas.is_none()) => {
-                hand_over_replicas(api, live).await
-            }
-            _ => Ok(()),
+    ) -> Result<Option<Deployment>, kube::Error> {
+        let Some(live) = live else { return Ok(None) };
+        if desired.spec.as_ref().is_some_and(|s| s.replicas.is_none()) {
+            hand_over_replicas(api, live).await?;
         }
+        let live_selector = live.spec.as_ref().map(|s| &s.selector);
+        if live_selector.is_some_and(|l| Some(l) != desired.spec.as_ref().map(|s| &s.selector)) {
+            let mut kept = desired.clone();
+            if let (Some(spec), Some(selector)) = (kept.spec.as_mut(), live_selector) {
+                spec.selector = selector.clone();
+            }
+            return Ok(Some(kept));
+        }
+        Ok(None)
     }
 }
 
@@ -219,7 +230,7 @@ pub async fn apply(
     apply_kind(client, names, applied, &desired.disruption_budgets, Nothing).await?;
     apply_kind(client, names, applied, &desired.scaled_objects, Nothing).await?;
     apply_kind(client, names, applied, &desired.trigger_authentications, Nothing).await?;
-    let deployments = apply_kind(client, names, applied, &desired.deployments, HandOverReplicas).await?;
+    let deployments = apply_kind(client, names, applied, &desired.deployments, Deployments).await?;
     // After the workloads: a monitor refused never holds the chat itself back.
     apply_kind(client, names, applied, &desired.pod_monitors, Nothing).await?;
     Ok(deployments)
