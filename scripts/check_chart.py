@@ -32,6 +32,7 @@ METRIC_FAMILIES = {
     "gauge": [
         "parley_connections", "parley_subscriptions", "parley_shared_groups", "parley_ready",
         "parley_operator_translator_backlog", "parley_operator_translator_desired_replicas",
+        "parley_operator_gateway_ready_replicas",
     ],
     "counter": [
         "parley_messages_posted", "parley_deliveries", "parley_gap_filled_deliveries", "parley_slow_consumer_closes",

@@ -28,6 +28,12 @@ pub struct LanguageLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChatLabels {
+    pub namespace: String,
+    pub chat: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub error: String,
 }
@@ -39,6 +45,9 @@ pub struct Metrics {
     pub duration: Family<ResultLabels, Histogram>,
     pub backlog: Family<LanguageLabels, Gauge>,
     pub desired_replicas: Family<LanguageLabels, Gauge>,
+    /// Ready gateway replicas by chat, as the last reconcile saw them: zero when no gateway pod is
+    /// there to be scraped at all, which no alert on the pods' own metrics can see.
+    pub gateway_ready: Family<ChatLabels, Gauge>,
     /// When each reconcile still running started, by timer: what `/healthz` looks at.
     running: Mutex<HashMap<u64, Instant>>,
     next_timer: AtomicU64,
@@ -53,12 +62,18 @@ impl Default for Metrics {
         });
         let backlog = Family::<LanguageLabels, Gauge>::default();
         let desired_replicas = Family::<LanguageLabels, Gauge>::default();
+        let gateway_ready = Family::<ChatLabels, Gauge>::default();
         let mut registry = Registry::with_prefix("parley_operator");
         registry.register("translator_backlog", "Ready messages waiting in a language's queue", backlog.clone());
         registry.register(
             "translator_desired_replicas",
             "Replicas the builtin autoscaler wants for a language",
             desired_replicas.clone(),
+        );
+        registry.register(
+            "gateway_ready_replicas",
+            "Ready gateway replicas of a chat, as its last reconcile saw them",
+            gateway_ready.clone(),
         );
         registry.register("reconciles", "Reconciliations by result", reconciles.clone());
         registry.register("reconcile_errors", "Reconciliation errors by kind", errors.clone());
@@ -70,6 +85,7 @@ impl Default for Metrics {
             duration,
             backlog,
             desired_replicas,
+            gateway_ready,
             running: Mutex::default(),
             next_timer: AtomicU64::new(0),
         }
@@ -79,6 +95,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Drops the per-language series of a ChatDeployment that is gone, so they do not outlive it.
     pub fn forget(&self, namespace: &str, chat: &str, languages: &[String]) {
+        self.gateway_ready.remove(&ChatLabels { namespace: namespace.to_owned(), chat: chat.to_owned() });
         for language in languages {
             let labels =
                 LanguageLabels { namespace: namespace.to_owned(), chat: chat.to_owned(), language: language.clone() };

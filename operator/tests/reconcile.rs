@@ -410,6 +410,8 @@ async fn a_reconcile_that_finds_nothing_changed_writes_nothing() {
     }
     // Converges: the status takes in the ready replicas.
     h.reconcile().await.unwrap();
+    let gateway = format!("parley_operator_gateway_ready_replicas{{namespace=\"{}\",chat=\"{NAME}\"}} 2", h.namespace);
+    assert!(h.ctx.metrics.encode().contains(&gateway), "{}", h.ctx.metrics.encode());
     let before = h.recorder.requests().len();
 
     h.reconcile().await.unwrap();
@@ -706,6 +708,8 @@ async fn a_deleted_chat_leaves_no_metric_series_behind() {
     };
     h.ctx.metrics.backlog.get_or_create(&labels).set(3);
     h.ctx.metrics.desired_replicas.get_or_create(&labels).set(2);
+    let chat_labels = parley_operator::metrics::ChatLabels { namespace: namespace.clone(), chat: NAME.into() };
+    h.ctx.metrics.gateway_ready.get_or_create(&chat_labels).set(2);
     assert!(h.ctx.metrics.encode().contains(&namespace));
 
     reconcile(Arc::new(h.chat().await), h.ctx.clone()).await.unwrap();

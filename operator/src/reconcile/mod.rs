@@ -45,7 +45,7 @@ use parley_contract::topology::Topology;
 use crate::{
     crd::{ChatDeployment, ChatDeploymentStatus, Phase},
     events::{Note, Reason},
-    metrics::{LanguageLabels, Metrics},
+    metrics::{ChatLabels, LanguageLabels, Metrics},
     names::{Names, DECLARED_ANNOTATION, FIELD_MANAGER},
 };
 use autoscale::History;
@@ -317,6 +317,9 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
     let previous = chat.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
     let status = status::compute(&valid, chat.meta().generation, found, previous, &now);
     let ready = status.phase == Some(Phase::Ready);
+    let gateway_ready = status.gateway.as_ref().map_or(0, |g| g.ready_replicas);
+    let labels = ChatLabels { namespace: valid.names.namespace.clone(), chat: valid.names.instance.clone() };
+    ctx.metrics.gateway_ready.get_or_create(&labels).set(i64::from(gateway_ready));
     patch_status(ctx, chat, status).await?;
     if let Some(err) = broker.failure {
         // Everything else is applied; the broker is retried with backoff.
