@@ -75,6 +75,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Where spans are exported over OTLP/HTTP, if anywhere.
     pub otlp_endpoint: Option<String>,
+    /// Fraction of the traces started here whose spans are exported.
+    pub trace_sample_ratio: f64,
     pub log_format: LogFormat,
 }
 
@@ -167,6 +169,10 @@ impl Settings {
             stall_timeout: Duration::from_secs(seconds("stall-timeout-secs", o.stall_timeout_secs, 60)?),
             shutdown_timeout: Duration::from_secs(seconds("shutdown-timeout-secs", o.shutdown_timeout_secs, 25)?),
             otlp_endpoint: o.otlp_endpoint.map(otlp_traces_url).transpose()?,
+            trace_sample_ratio: match o.trace_sample_ratio.unwrap_or(1.0) {
+                ratio if (0.0..=1.0).contains(&ratio) => ratio,
+                ratio => return Err(invalid("trace-sample-ratio", format!("{ratio} is not between 0 and 1"))),
+            },
             log_format: o.log_format.unwrap_or(LogFormat::Text),
         })
     }
@@ -241,5 +247,14 @@ mod tests {
         assert_eq!(resolve("https://otel.example/custom/traces").unwrap(), "https://otel.example/custom/traces");
         assert!(resolve("collector:4318").unwrap_err().to_string().contains("otlp-endpoint"));
         assert!(resolve("grpc://collector:4317").is_err());
+    }
+
+    #[test]
+    fn the_trace_sample_ratio_is_a_fraction() {
+        let ratio =
+            |r: f64| Settings::resolve(ChatServerConfig { trace_sample_ratio: Some(r), ..Default::default() }, None);
+        assert_eq!(ratio(0.25).unwrap().trace_sample_ratio, 0.25);
+        assert_eq!(Settings::resolve(ChatServerConfig::default(), None).unwrap().trace_sample_ratio, 1.0);
+        assert!(ratio(1.5).unwrap_err().to_string().contains("trace-sample-ratio"));
     }
 }

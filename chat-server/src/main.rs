@@ -20,7 +20,12 @@ async fn main() -> anyhow::Result<()> {
         Role::Standalone => "parley-standalone",
     };
     // Exports what is still buffered when dropped, after the role has stopped.
-    let telemetry = chat_server::telemetry::init(settings.log_format, settings.otlp_endpoint.as_deref(), service)?;
+    let telemetry = chat_server::telemetry::init(
+        settings.log_format,
+        settings.otlp_endpoint.as_deref(),
+        settings.trace_sample_ratio,
+        service,
+    )?;
     let cancel = CancellationToken::new();
     tokio::spawn(stop_on_signal(cancel.clone(), settings.shutdown_timeout));
     let result = chat_server::roles::run(cli.role, settings, cancel).await;

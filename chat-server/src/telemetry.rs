@@ -95,6 +95,13 @@ impl Extractor for TraceHeaders {
     }
 }
 
+/// Follows the caller's sampling decision, and samples `ratio` of the traces that start here. An
+/// unsampled span still has its ids, so logs and the headers a message carries keep its trace.
+fn sampler(ratio: f64) -> opentelemetry_sdk::trace::Sampler {
+    use opentelemetry_sdk::trace::Sampler;
+    Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+}
+
 /// Exports the spans still buffered when dropped (the end of `main`).
 pub struct Telemetry {
     provider: SdkTracerProvider,
@@ -120,10 +127,17 @@ pub struct TelemetryError {
 }
 
 /// Installs the process's subscriber: logs to stderr in `format`, filtered by `RUST_LOG`, and spans
-/// to `otlp_endpoint` (an OTLP/HTTP traces URL) when given, named `service` there.
-pub fn init(format: LogFormat, otlp_endpoint: Option<&str>, service: &str) -> Result<Telemetry, TelemetryError> {
-    let mut provider =
-        SdkTracerProvider::builder().with_resource(Resource::builder().with_service_name(service.to_owned()).build());
+/// to `otlp_endpoint` (an OTLP/HTTP traces URL) when given, named `service` there: of the traces
+/// started here, `sample_ratio` of them; of those continued, as their caller decided.
+pub fn init(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+    sample_ratio: f64,
+    service: &str,
+) -> Result<Telemetry, TelemetryError> {
+    let mut provider = SdkTracerProvider::builder()
+        .with_sampler(sampler(sample_ratio))
+        .with_resource(Resource::builder().with_service_name(service.to_owned()).build());
     if let Some(endpoint) = otlp_endpoint {
         let failed = |reason: String| TelemetryError { endpoint: endpoint.to_owned(), reason };
         let endpoint_owned = endpoint.to_owned();
@@ -180,5 +194,20 @@ mod tests {
         );
         let context = TraceContextPropagator::new().extract(&headers);
         assert_eq!(context.span().span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn an_unsampled_trace_is_not_exported_and_a_sampled_caller_is_followed() {
+        use opentelemetry::trace::{SpanKind, TraceId};
+        use opentelemetry_sdk::trace::{SamplingDecision, SamplingResult, ShouldSample};
+        let never = sampler(0.0);
+        let id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        let decide = |parent: Option<&opentelemetry::Context>| -> SamplingResult {
+            never.should_sample(parent, id, "send_message", &SpanKind::Internal, &[], &[])
+        };
+        assert_eq!(decide(None).decision, SamplingDecision::Drop, "a new trace at ratio 0 is not exported");
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let caller = TraceContextPropagator::new().extract(&TraceHeaders::from_pairs([("traceparent", parent)]));
+        assert_eq!(decide(Some(&caller)).decision, SamplingDecision::RecordAndSample, "a sampled caller is followed");
     }
 }

@@ -123,6 +123,12 @@ pub struct ChatServerConfig {
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_OTLP_ENDPOINT", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    /// Fraction (0 to 1) of the traces started here whose spans are exported; a message sent inside a
+    /// caller's trace follows the caller's decision. Unsampled messages still carry trace ids in the
+    /// logs. [default: 1]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_TRACE_SAMPLE_RATIO", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_sample_ratio: Option<f64>,
     /// Log format. [default: text]
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_LOG_FORMAT", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -163,6 +169,7 @@ impl ChatServerConfig {
             stall_timeout_secs,
             shutdown_timeout_secs,
             otlp_endpoint,
+            trace_sample_ratio,
             log_format,
         )
     }

@@ -95,11 +95,21 @@ pub struct MonitoringSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://.+"))]
     pub otlp_endpoint: Option<String>,
+    /// Fraction (0 to 1) of the traces the chat's pods start whose spans are exported; 1 when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub trace_sample_ratio: Option<f64>,
 }
 
 impl Default for MonitoringSpec {
     fn default() -> Self {
-        Self { pod_monitor: true, labels: BTreeMap::new(), interval: None, otlp_endpoint: None }
+        Self {
+            pod_monitor: true,
+            labels: BTreeMap::new(),
+            interval: None,
+            otlp_endpoint: None,
+            trace_sample_ratio: None,
+        }
     }
 }
 

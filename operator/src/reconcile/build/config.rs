@@ -20,6 +20,7 @@ pub fn config_file(chat: &ValidatedChat) -> ChatServerConfig {
         translator_url: Some(chat.provider_url.clone()),
         history_retention: chat.history.as_ref().and_then(|h| h.retention.clone()),
         otlp_endpoint: chat.monitoring.otlp_endpoint.as_ref().map(|e| e.trim().to_owned()),
+        trace_sample_ratio: chat.monitoring.trace_sample_ratio,
         log_format: Some(LogFormat::Json),
         ..Default::default()
     }
