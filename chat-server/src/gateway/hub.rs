@@ -278,18 +278,18 @@ impl Hub {
             };
             let span = tracing::info_span!("deliver", trace_id = tracing::field::Empty);
             trace.continue_in(&span);
-            let delivery = match span.in_scope(|| serde_json::from_slice::<Delivery>(&payload)) {
-                Ok(delivery) => delivery,
-                Err(err) => {
-                    span.in_scope(
-                        || tracing::error!(error = %err, bytes = payload.len(), "dropping an undecodable delivery"),
-                    );
-                    continue;
+            // One entry into the span for the whole delivery: this is the broadcast path.
+            async {
+                match serde_json::from_slice::<Delivery>(&payload) {
+                    Ok(delivery) => {
+                        tracing::debug!(id = %delivery.id, language = delivery.language, seq = delivery.seq, "delivery received");
+                        self.dispatch(Arc::new(delivery)).await;
+                    }
+                    Err(err) => tracing::error!(error = %err, bytes = payload.len(), "dropping an undecodable delivery"),
                 }
-            };
-            let (id, seq) = (delivery.id, delivery.seq);
-            span.in_scope(|| tracing::debug!(%id, language = delivery.language, seq, "delivery received"));
-            self.dispatch(Arc::new(delivery)).instrument(span).await;
+            }
+            .instrument(span)
+            .await;
         }
         tracing::warn!("delivery feed ended");
     }

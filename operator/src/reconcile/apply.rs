@@ -110,8 +110,7 @@ impl Applied {
         hasher.finish()
     }
 
-    fn unchanged<K: Resource<DynamicType = ()> + Serialize>(&self, desired: &K, live: Option<&K>) -> bool {
-        let Some(live) = live else { return false };
+    fn unchanged<K: Resource<DynamicType = ()> + Serialize>(&self, desired: &K, live: &K) -> bool {
         let seen = self.0.lock().expect("applied lock");
         seen.get(&Self::key(desired)) == Some(&(Self::digest(desired), Self::marker(live)))
     }
@@ -158,7 +157,7 @@ where
     let mut result = Vec::with_capacity(desired.len());
     for object in desired {
         let current = live.get(&object.name_any());
-        if let Some(current) = current.filter(|current| applied.unchanged(object, Some(current))) {
+        if let Some(current) = current.filter(|current| applied.unchanged(object, current)) {
             result.push(current.clone());
             continue;
         }

@@ -70,13 +70,21 @@ pub struct Brokers {
 }
 
 impl Brokers {
-    /// The open connection to `url`, connecting (again) when there is none or it failed.
+    /// The open connection to `url`, connecting (again) when there is none or it failed. The lock is
+    /// not held while connecting: a broker that does not answer must not hold up the reconciles of
+    /// chats on other brokers.
     async fn connection(&self, url: &str) -> Result<Arc<Connection>, BrokerError> {
-        let mut connections = self.connections.lock().await;
-        if let Some(open) = connections.get(url).filter(|c| c.status().connected()) {
+        if let Some(open) = self.connections.lock().await.get(url).filter(|c| c.status().connected()) {
             return Ok(open.clone());
         }
         let connection = Arc::new(connect(url).await?);
+        let mut connections = self.connections.lock().await;
+        // Another reconcile may have connected meanwhile: keep one, close the other.
+        if let Some(open) = connections.get(url).filter(|c| c.status().connected()).cloned() {
+            drop(connections);
+            let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "duplicate".into())).await;
+            return Ok(open);
+        }
         connections.insert(url.to_owned(), connection.clone());
         Ok(connection)
     }
