@@ -90,7 +90,7 @@ def start_gateways(count):
                                   stderr=open("/tmp/bench-fanout.log", "w")))
     for _ in range(count):
         port = free_port()
-        procs.append(subprocess.Popen([TARGET / "chat-server", "gateway", "--listen", f"127.0.0.1:{port}", *common], env=env,
+        procs.append(subprocess.Popen([TARGET / "chat-server", "gateway", "--auth", "none", "--listen", f"127.0.0.1:{port}", *common], env=env,
                                       stderr=open(f"/tmp/bench-gateway-{port}.log", "w")))
         urls.append(f"http://127.0.0.1:{port}/graphql")
     for p, u in zip(procs[1:], urls):

@@ -153,3 +153,24 @@ stop_packaged_prometheus() {
     as_root kill "$pid" || true
   done
 }
+
+# The OpenID Connect provider the sign-in tests get tokens from (tests/oidc: the npm package
+# oidc-provider on Node.js), installed from its lock file.
+ensure_oidc_provider() {
+  command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+  local dir
+  dir="$(dirname "${BASH_SOURCE[0]}")/../tests/oidc"
+  if [ ! -e "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    log "installing the test OpenID provider (npm ci in tests/oidc)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+}
+
+# openssl and socat: the broker TLS test makes its certificates with openssl and fronts the test
+# broker with socat's TLS listener.
+ensure_tls_tools() {
+  local missing=()
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v socat >/dev/null || missing+=(socat)
+  [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+}

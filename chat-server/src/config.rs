@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand};
-pub use parley_contract::config::{ChatServerConfig, LogFormat};
+pub use parley_contract::config::{AuthMode, ChatServerConfig, LogFormat};
 use parley_contract::{provider::Provider, topology};
 
 #[derive(Debug, Parser)]
@@ -77,7 +77,116 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     /// Fraction of the traces started here whose spans are exported.
     pub trace_sample_ratio: f64,
+    pub auth: AuthSettings,
+    pub limits: crate::auth::limits::LimitSettings,
+    /// Certificate authorities (PEM) an amqps:// broker is checked against, instead of the system's.
+    pub amqp_ca_file: Option<PathBuf>,
     pub log_format: LogFormat,
+}
+
+/// How the gateway signs clients in, resolved.
+#[derive(Clone)]
+pub struct AuthSettings {
+    /// `None` when not configured: the gateway refuses to start, standalone runs without sign-in.
+    pub mode: Option<AuthMode>,
+    pub jwt_secret: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub clock_skew: Duration,
+    pub policy: crate::auth::Policy,
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("mode", &self.mode)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<redacted>"))
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("clock_skew", &self.clock_skew)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+/// Shortest HS256 secret accepted (RFC 7518 §3.2: at least the hash's size).
+const MIN_JWT_SECRET_BYTES: usize = 32;
+
+fn groups(list: Option<String>) -> Vec<String> {
+    list.iter().flat_map(|l| l.split(',')).map(str::trim).filter(|g| !g.is_empty()).map(str::to_owned).collect()
+}
+
+impl AuthSettings {
+    fn resolve(o: &mut ChatServerConfig) -> Result<Self, ConfigError> {
+        let mode = o.auth;
+        let jwt_secret = o.jwt_secret.take().filter(|s| !s.is_empty());
+        let issuer = o.auth_issuer.take().filter(|s| !s.is_empty());
+        let audience = o.auth_audience.take().filter(|s| !s.is_empty());
+        match mode {
+            Some(AuthMode::Jwt) => match &jwt_secret {
+                None => return Err(invalid("jwt-secret", "--auth jwt needs --jwt-secret (PARLEY_JWT_SECRET)")),
+                Some(secret) if secret.len() < MIN_JWT_SECRET_BYTES => {
+                    return Err(invalid("jwt-secret", format!("must be at least {MIN_JWT_SECRET_BYTES} bytes")))
+                }
+                Some(_) => {}
+            },
+            Some(AuthMode::Oidc) => {
+                if issuer.is_none() {
+                    return Err(invalid("auth-issuer", "--auth oidc needs --auth-issuer (PARLEY_AUTH_ISSUER)"));
+                }
+                if audience.is_none() {
+                    return Err(invalid("auth-audience", "--auth oidc needs --auth-audience (PARLEY_AUTH_AUDIENCE)"));
+                }
+            }
+            Some(AuthMode::None) | None => {}
+        }
+        let claim = |value: Option<String>, default: &str| value.filter(|c| !c.is_empty()).unwrap_or(default.into());
+        Ok(Self {
+            mode,
+            jwt_secret,
+            issuer,
+            audience,
+            clock_skew: Duration::from_secs(o.auth_clock_skew_secs.unwrap_or(30)),
+            policy: crate::auth::Policy {
+                groups_claim: claim(o.groups_claim.take(), "groups"),
+                name_claim: claim(o.name_claim.take(), "name"),
+                read_groups: groups(o.read_groups.take()),
+                send_groups: groups(o.send_groups.take()),
+            },
+        })
+    }
+
+    /// The gateway's sign-in; `default` applies when no mode was configured (standalone's none), and
+    /// without one a gateway does not start: an open gateway must be asked for.
+    pub fn build(&self, default: Option<AuthMode>) -> anyhow::Result<crate::auth::Auth> {
+        use crate::auth::{Auth, Verifier};
+        let mode = self.mode.or(default).ok_or_else(|| {
+            anyhow::anyhow!(
+                "the gateway needs --auth (PARLEY_AUTH): oidc or jwt to sign clients in, or none to let anyone \
+                 read and post under any name"
+            )
+        })?;
+        Ok(match mode {
+            AuthMode::None => Auth::off(),
+            AuthMode::Jwt => Auth::new(
+                Verifier::hs256(
+                    self.jwt_secret.as_deref().unwrap_or_default().as_bytes(),
+                    self.issuer.as_deref(),
+                    self.audience.as_deref(),
+                    self.clock_skew,
+                ),
+                self.policy.clone(),
+            ),
+            AuthMode::Oidc => Auth::new(
+                Verifier::issuer(
+                    self.issuer.as_deref().unwrap_or_default(),
+                    self.audience.as_deref().unwrap_or_default(),
+                    self.clock_skew,
+                )?,
+                self.policy.clone(),
+            ),
+        })
+    }
 }
 
 /// The settings in `options` over those of the config file `path` names, if any.
@@ -120,7 +229,17 @@ pub fn parse_languages(list: &str) -> Result<Vec<String>, ConfigError> {
 impl Settings {
     /// Resolves `options` over the file `config` names (if any) over the defaults.
     pub fn resolve(options: ChatServerConfig, config: Option<&PathBuf>) -> Result<Self, ConfigError> {
-        let o = with_file(options, config)?;
+        let mut o = with_file(options, config)?;
+        let auth = AuthSettings::resolve(&mut o)?;
+        let rate = |setting, value: Option<u32>, default: u32| {
+            std::num::NonZeroU32::new(value.unwrap_or(default)).ok_or_else(|| invalid(setting, "must be at least 1"))
+        };
+        let limits = crate::auth::limits::LimitSettings {
+            send_rate: rate("send-rate", o.send_rate, 5)?,
+            send_burst: rate("send-burst", o.send_burst, 20)?,
+            subscribe_rate: rate("subscribe-rate", o.subscribe_rate, 10)?,
+            max_connections_per_ip: o.max_connections_per_ip.unwrap_or(0),
+        };
         let source_language = o.source_language.unwrap_or_else(|| "en".into());
         if source_language != "auto" {
             topology::validate_language(&source_language).map_err(|e| invalid("source-language", e.to_string()))?;
@@ -173,6 +292,9 @@ impl Settings {
                 ratio if (0.0..=1.0).contains(&ratio) => ratio,
                 ratio => return Err(invalid("trace-sample-ratio", format!("{ratio} is not between 0 and 1"))),
             },
+            auth,
+            limits,
+            amqp_ca_file: o.amqp_ca_file.filter(|f| !f.is_empty()).map(PathBuf::from),
             log_format: o.log_format.unwrap_or(LogFormat::Text),
         })
     }

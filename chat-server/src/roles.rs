@@ -42,6 +42,7 @@ async fn gateway_history(settings: &Settings) -> anyhow::Result<Option<Arc<dyn H
 pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     match role {
         Role::Gateway => {
+            let auth = Arc::new(settings.auth.build(None)?);
             let history = gateway_history(&settings).await?;
             let dispatcher = gateway::Dispatcher::start().context("failed to start the dispatch thread")?;
             let bus = dispatcher
@@ -50,7 +51,7 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
                     async move { connect(&settings, &settings.languages, "gateway", Recovery::Automatic, &cancel).await }
                 })
                 .await?;
-            let served = gateway::serve(bus.clone(), history, &settings, &dispatcher, cancel).await;
+            let served = gateway::serve(bus.clone(), history, auth, &settings, &dispatcher, cancel).await;
             bus.close().await;
             drop(dispatcher);
             served
@@ -113,7 +114,15 @@ async fn connect(
 ) -> anyhow::Result<Arc<dyn Bus>> {
     let url = settings.amqp_url.as_deref().context("the broker URL is missing: pass --amqp-url (PARLEY_AMQP_URL)")?;
     let topology = parley_contract::topology::Topology::new(settings.topology_prefix.as_str())?;
-    let bus = AmqpBus::connect(url, topology, languages, &format!("parley-{role}"), recovery, cancel).await?;
+    let ca = match &settings.amqp_ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("failed to read the broker's CA file {} (--amqp-ca-file)", path.display()))?,
+        ),
+        None => None,
+    };
+    let name = format!("parley-{role}");
+    let bus = AmqpBus::connect(url, topology, languages, &name, recovery, ca.as_deref(), cancel).await?;
     Ok(Arc::new(bus))
 }
 
@@ -226,6 +235,7 @@ where
 }
 
 async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+    let auth = Arc::new(settings.auth.build(Some(crate::config::AuthMode::None))?);
     if !settings.languages.is_empty() {
         settings.provider().context("standalone mode translates into the given --languages")?;
     }
@@ -294,7 +304,7 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
         failed_watch.cancelled().await;
         stop_gateway.cancel();
     });
-    let served = gateway::serve(bus.clone(), Some(history), &settings, &dispatcher, gateway_cancel).await;
+    let served = gateway::serve(bus.clone(), Some(history), auth, &settings, &dispatcher, gateway_cancel).await;
     cancel.cancel();
     let _ = tokio::task::spawn_blocking(move || workers.join()).await;
     bus.close().await;

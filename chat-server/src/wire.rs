@@ -15,6 +15,9 @@ pub struct MessagePosted {
     pub chat_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<String>,
+    /// The signed-in sender's `sub`, when the gateway signs clients in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_id: Option<String>,
     pub text: String,
     pub source_language: String,
     pub sent_at: String,
@@ -40,6 +43,9 @@ pub struct MessageTranslated {
     pub source_language: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<String>,
+    /// The signed-in sender's `sub`, when the gateway signs clients in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_id: Option<String>,
     pub sent_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<Uuid>,
@@ -64,6 +70,9 @@ pub struct Delivery {
     pub text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<String>,
+    /// The signed-in sender's `sub`, when the gateway signs clients in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_id: Option<String>,
     pub sent_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<Uuid>,
@@ -82,6 +91,7 @@ impl Delivery {
             original: true,
             text: posted.text,
             sender: posted.sender,
+            sender_id: posted.sender_id,
             sent_at: posted.sent_at,
             reply_to: posted.reply_to,
         }
@@ -99,6 +109,7 @@ impl Delivery {
             original: false,
             text: translated.text,
             sender: translated.sender,
+            sender_id: translated.sender_id,
             sent_at: translated.sent_at,
             reply_to: translated.reply_to,
         }
@@ -121,6 +132,7 @@ mod tests {
             id: Uuid::nil(),
             chat_id: "c".into(),
             sender: None,
+            sender_id: None,
             text: "hi".into(),
             source_language: "en".into(),
             sent_at: "2026-01-01T00:00:00.000Z".into(),
@@ -146,6 +158,7 @@ mod tests {
             provider: "apertium".into(),
             source_language: "en".into(),
             sender: Some("ana".into()),
+            sender_id: None,
             sent_at: now_rfc3339(),
             reply_to: Some(Uuid::now_v7()),
         };

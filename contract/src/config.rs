@@ -24,6 +24,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the gateway signs clients in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Anyone who reaches the gateway may read and post, under any `sender` name.
+    None,
+    /// Bearer JWTs signed with a shared HS256 secret (`--jwt-secret`).
+    Jwt,
+    /// Bearer JWTs from an OpenID Connect issuer, verified with the keys its discovery document names.
+    Oidc,
+}
+
 /// Every setting of the chat server. Field names are the file's kebab-case keys and, upper-cased
 /// with `PARLEY_`, the environment variables.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,6 +142,68 @@ pub struct ChatServerConfig {
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_TRACE_SAMPLE_RATIO", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_sample_ratio: Option<f64>,
+    /// How clients sign in: none, jwt (HS256 with --jwt-secret) or oidc (--auth-issuer). Required for
+    /// the gateway; standalone defaults to none.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_AUTH", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthMode>,
+    /// The HS256 secret of `--auth jwt` (at least 32 bytes). Pass it from a Secret, never in the file.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_JWT_SECRET", global = true, hide_env_values = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<String>,
+    /// The token issuer (`iss`): with oidc, the URL whose /.well-known/openid-configuration names the
+    /// keys; with jwt, checked when set.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_AUTH_ISSUER", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_issuer: Option<String>,
+    /// The audience (`aud`) a token must name. Required with oidc; checked with jwt when set.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_AUTH_AUDIENCE", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_audience: Option<String>,
+    /// Seconds of clock skew allowed on `exp` and `nbf`. [default: 30]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_AUTH_CLOCK_SKEW_SECS", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_clock_skew_secs: Option<u64>,
+    /// The claim holding the user's groups, e.g. cognito:groups; a dotted path reaches into objects
+    /// (realm_access.roles). [default: groups]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_GROUPS_CLAIM", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups_claim: Option<String>,
+    /// The claim holding the display name messages are sent under (falling back to
+    /// preferred_username, then sub). [default: name]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_NAME_CLAIM", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_claim: Option<String>,
+    /// Comma-separated groups whose members may read (subscribe, query); empty lets any signed-in user.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_READ_GROUPS", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_groups: Option<String>,
+    /// Comma-separated groups whose members may send; empty lets any user who may read.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SEND_GROUPS", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_groups: Option<String>,
+    /// Messages one user (one client address without sign-in) may send per second, sustained. [default: 5]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SEND_RATE", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_rate: Option<u32>,
+    /// Messages one user may send in a burst above the sustained rate. [default: 20]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SEND_BURST", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_burst: Option<u32>,
+    /// Subscriptions one WebSocket connection may start per second (bursts of 5× pass). [default: 10]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SUBSCRIBE_RATE", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribe_rate: Option<u32>,
+    /// WebSocket connections one client address may hold at once; 0 for no limit. Behind a proxy
+    /// every client shares the proxy's address. [default: 0]
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_MAX_CONNECTIONS_PER_IP", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_ip: Option<usize>,
+    /// PEM file of the certificate authorities an amqps:// broker's certificate is checked against
+    /// (the system's roots when unset).
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_AMQP_CA_FILE", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_ca_file: Option<String>,
     /// Log format. [default: text]
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_LOG_FORMAT", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +245,20 @@ impl ChatServerConfig {
             shutdown_timeout_secs,
             otlp_endpoint,
             trace_sample_ratio,
+            auth,
+            jwt_secret,
+            auth_issuer,
+            auth_audience,
+            auth_clock_skew_secs,
+            groups_claim,
+            name_claim,
+            read_groups,
+            send_groups,
+            send_rate,
+            send_burst,
+            subscribe_rate,
+            max_connections_per_ip,
+            amqp_ca_file,
             log_format,
         )
     }

@@ -83,6 +83,7 @@ impl AmqpBus {
         languages: &[S],
         connection_name: &str,
         recovery: Recovery,
+        ca_certificates: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<Self, BusError> {
         let mut uri: lapin::uri::AMQPUri = url.parse().map_err(BusError::Url)?;
@@ -97,7 +98,14 @@ impl AmqpBus {
                 props = props.enable_auto_recover();
             }
             // Bounded, and given up at once when the role stops.
-            let attempt = tokio::time::timeout(connect_timeout, Connection::connect_uri(uri.clone(), props));
+            // An amqps:// URL is checked against `ca_certificates` (PEM) when given, else the system's roots.
+            let tls = lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: ca_certificates.map(str::to_owned) };
+            let runtime = lapin::runtime::default_runtime()
+                .map_err(|source| BusError::Amqp { action: "start the broker connection".into(), source })?;
+            let attempt = tokio::time::timeout(
+                connect_timeout,
+                Connection::connect_uri_with_config(uri.clone(), props, tls, runtime),
+            );
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => {
                     return Err(BusError::Timeout("connecting to the broker: the role is stopping".into()));

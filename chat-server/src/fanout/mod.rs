@@ -248,6 +248,7 @@ mod tests {
             id: Uuid::now_v7(),
             chat_id: chat.into(),
             sender: None,
+            sender_id: None,
             text: text.into(),
             source_language: "en".into(),
             sent_at: crate::wire::now_rfc3339(),

@@ -471,6 +471,8 @@ mod tests {
     fn setup_with_backlog(backlog: usize) -> (Arc<SharedSubscriptions>, Arc<Hub>) {
         let hub = Hub::new(Arc::new(NoBinder), backlog);
         let chat = ChatContext {
+            auth: Arc::new(crate::auth::Auth::off()),
+            limits: crate::auth::limits::Limits::new(Default::default()),
             bus: Arc::new(MemoryBus::new(&["es"])),
             hub: hub.clone(),
             history: None,

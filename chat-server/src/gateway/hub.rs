@@ -331,6 +331,7 @@ pub(crate) mod tests {
             original: true,
             text: text.into(),
             sender: None,
+            sender_id: None,
             sent_at: String::new(),
             reply_to: None,
         })

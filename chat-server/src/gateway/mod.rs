@@ -24,7 +24,12 @@ use anyhow::Context as _;
 use axum::serve::ListenerExt;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{bus::Bus, config::Settings, history::History};
+use crate::{
+    auth::{limits::Limits, Auth},
+    bus::Bus,
+    config::Settings,
+    history::History,
+};
 use groups::SharedSubscriptions;
 use http::AppState;
 use hub::Hub;
@@ -87,6 +92,7 @@ impl Drop for Dispatcher {
 pub async fn serve(
     bus: Arc<dyn Bus>,
     history: Option<Arc<dyn History>>,
+    auth: Arc<Auth>,
     settings: &Settings,
     dispatcher: &Dispatcher,
     cancel: CancellationToken,
@@ -107,7 +113,10 @@ pub async fn serve(
         Some(history) => history.clone().keys(),
         None => Arc::new(crate::history::keys::MemoryKeys::default()),
     };
+    let abuse = Limits::new(settings.limits);
     let chat = ChatContext {
+        auth: auth.clone(),
+        limits: abuse.clone(),
         bus: bus.clone(),
         hub,
         history,
@@ -131,13 +140,15 @@ pub async fn serve(
             max_message_bytes: settings.max_text_bytes * 4 + 16 * 1024,
             send_queue_frames: settings.subscriber_buffer,
         },
+        auth: auth.clone(),
+        abuse,
         shutdown: serving.clone(),
         tracker: TaskTracker::new(),
         closing: Arc::default(),
     };
     sockets.watch_shutdown();
     let open_sockets = sockets.tracker.clone();
-    let state = AppState { schema, bus: bus.clone(), sockets, stall_timeout: settings.stall_timeout };
+    let state = AppState { schema, bus: bus.clone(), auth, sockets, stall_timeout: settings.stall_timeout };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;
@@ -148,7 +159,8 @@ pub async fn serve(
             tracing::warn!(error = %err, "failed to set TCP_NODELAY");
         }
     });
-    axum::serve(listener, http::router(state)).with_graceful_shutdown(serving.cancelled_owned()).await?;
+    let app = http::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(serving.cancelled_owned()).await?;
     open_sockets.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, open_sockets.wait()).await.is_err() {
         tracing::warn!("some sockets did not close in time");

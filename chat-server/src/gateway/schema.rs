@@ -15,6 +15,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
+    auth::{limits::Limits, Auth, Caller, Identity},
     bus::{Bus, BusError, Outgoing, Route, TraceHeaders},
     gateway::hub::{Hub, Missed},
     history::{
@@ -37,6 +38,9 @@ pub struct ChatContext {
     /// Where `idempotencyKey`s are claimed: beside the history when there is one, else in the process.
     pub keys: Arc<dyn IdempotencyKeys>,
     pub settings: ChatSettings,
+    /// Who may send; the transports have checked who may read.
+    pub auth: Arc<Auth>,
+    pub limits: Arc<Limits>,
 }
 
 impl ChatContext {
@@ -195,8 +199,14 @@ impl ChatMessage {
         self.sequenced.then(|| i64::try_from(self.message.seq).ok()).flatten()
     }
 
+    /// The sender's display name: from its sign-in when the gateway has one, else as sent.
     async fn sender(&self) -> Option<&str> {
         self.message.sender.as_deref()
+    }
+
+    /// The signed-in sender's stable id (the token's `sub`); null without sign-in.
+    async fn sender_id(&self) -> Option<ID> {
+        self.message.sender_id.clone().map(ID)
     }
 
     /// The language of `text`.
@@ -380,16 +390,27 @@ const MAX_KEY_BYTES: usize = 256;
 /// child of the caller's when the request carried a W3C `traceparent`.
 async fn post(ctx: &Context<'_>, message: NewMessage) -> Result<MessagePosted, PostError> {
     let chat = ctx.data_unchecked::<Arc<ChatContext>>();
+    let caller = ctx.data_opt::<Caller>();
+    chat.auth.may_send(caller).map_err(|e| e.graphql())?;
+    let identity = caller.and_then(|c| c.identity.as_deref());
+    if let Some(identity) = identity {
+        if message.sender.is_some() {
+            return Err(bad_input("sender comes from your sign-in: leave the sender argument out").into());
+        }
+        // Signed-in users are limited one by one; without sign-in there is no one to tell apart.
+        chat.limits.send(&identity.sub)?;
+    }
     let span = tracing::info_span!("send_message", trace_id = tracing::field::Empty);
     ctx.data_opt::<TraceHeaders>().cloned().unwrap_or_default().continue_in(&span);
     let trace = TraceHeaders::of(&span);
-    publish_new(chat, message, &trace).instrument(span).await
+    publish_new(chat, message, identity, &trace).instrument(span).await
 }
 
 /// Validates and publishes a new message; the gateway is where message ids are born.
 async fn publish_new(
     chat: &ChatContext,
     message: NewMessage,
+    identity: Option<&Identity>,
     trace: &TraceHeaders,
 ) -> Result<MessagePosted, PostError> {
     let NewMessage { chat_id, text, language, sender, reply_to, idempotency_key } = message;
@@ -428,11 +449,16 @@ async fn publish_new(
             Some(parent)
         }
     };
+    let (sender, sender_id) = match identity {
+        Some(identity) => (Some(identity.name.clone()), Some(identity.sub.clone())),
+        None => (sender, None),
+    };
     let mut posted = MessagePosted {
         v: WIRE_VERSION,
         id: Uuid::now_v7(),
         chat_id,
         sender,
+        sender_id,
         text,
         source_language,
         sent_at: now_rfc3339(),
@@ -441,7 +467,8 @@ async fn publish_new(
     if let Some(key) = idempotency_key.as_deref() {
         let claim = Claim {
             chat_id: &posted.chat_id,
-            sender: posted.sender.as_deref(),
+            // A signed-in sender's keys are its own whatever its display name.
+            sender: posted.sender_id.as_deref().or(posted.sender.as_deref()),
             key,
             id: posted.id,
             sent_at: &posted.sent_at,
@@ -486,6 +513,7 @@ impl MutationRoot {
         #[graphql(desc = "ISO 639-1 code of `text`; the deployment's source language when omitted")] language: Option<
             String,
         >,
+        #[graphql(desc = "Display name, without sign-in only: a signed-in sender's comes from its token")]
         sender: Option<String>,
         #[graphql(desc = "The message this one answers, in the same chat (needs history)")] reply_to: Option<ID>,
         #[graphql(desc = "A retry with the same key (same chat and sender, within 24 hours) answers the first \

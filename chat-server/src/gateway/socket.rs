@@ -31,7 +31,13 @@ use axum::{
 use futures_util::{SinkExt, StreamExt};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::metrics::{metrics, Counted, Protocol};
+use crate::{
+    auth::{
+        limits::{ConnectionGuard, Limits, SubscribeLimiter, RATE_LIMITED_CLOSE},
+        token_of_payload, Auth, AuthError, Caller, Identity,
+    },
+    metrics::{metrics, Counted, Protocol},
+};
 
 use super::{
     framing::{Framing, OperationId},
@@ -82,6 +88,9 @@ pub struct Sockets {
     /// Subscriptions executed once per distinct operation.
     pub shared: Arc<SharedSubscriptions>,
     pub limits: SocketLimits,
+    /// Who may connect; signed in with the first message (see [`SignIn`]).
+    pub auth: Arc<Auth>,
+    pub abuse: Arc<Limits>,
     pub shutdown: CancellationToken,
     /// Upgraded sockets outlive axum's graceful shutdown; this lets the server wait for their close frames.
     pub tracker: TaskTracker,
@@ -156,8 +165,9 @@ impl Wire {
     }
 }
 
-/// Upgrades a `GET /graphql` to a WebSocket speaking the subprotocol the client asked for.
-pub fn upgrade(state: Sockets, upgrade: WebSocketUpgrade) -> Response {
+/// Upgrades a `GET /graphql` from `ip` to a WebSocket speaking the subprotocol the client asked for;
+/// `token` is the upgrade request's bearer token, if it sent one.
+pub fn upgrade(state: Sockets, upgrade: WebSocketUpgrade, ip: std::net::IpAddr, token: Option<String>) -> Response {
     let upgrade = upgrade
         .protocols(["graphql-transport-ws", "graphql-ws"])
         .max_message_size(state.limits.max_message_bytes)
@@ -175,11 +185,22 @@ pub fn upgrade(state: Sockets, upgrade: WebSocketUpgrade) -> Response {
         Wire::LegacyWs => "graphql-ws",
         Wire::Plain => "plain",
     };
-    upgrade.on_upgrade(move |socket| {
+    let place = state.abuse.connect(ip);
+    upgrade.on_upgrade(move |mut socket| {
         let tracker = state.tracker.clone();
         let open = Counted::new(&metrics().connections.get_or_create(&Protocol { protocol }));
         tracker.track_future(async move {
-            serve(socket, wire, state).await;
+            match place {
+                Some(place) => serve(socket, wire, state, SignIn { ip, token, _place: place }).await,
+                None => {
+                    let reason = format!(
+                        "too many connections from your address (at most {})",
+                        state.abuse.settings.max_connections_per_ip
+                    );
+                    let _ =
+                        tokio::time::timeout(CLOSE_GRACE, socket.send(close_frame(RATE_LIMITED_CLOSE, &reason))).await;
+                }
+            }
             drop(open);
         })
     })
@@ -216,6 +237,14 @@ struct Operation {
     _counted: Counted,
 }
 
+/// What a socket signs in with: its address, its upgrade request's token, and its place under the
+/// per-address limit (held while it is open).
+struct SignIn {
+    ip: std::net::IpAddr,
+    token: Option<String>,
+    _place: ConnectionGuard,
+}
+
 /// One client connection.
 struct Connection {
     wire: Wire,
@@ -225,6 +254,10 @@ struct Connection {
     operations: HashMap<Box<str>, Operation>,
     budget: SubscriptionBudget,
     initialised: bool,
+    /// Who is connected: set at once without sign-in, else once the first message's token verifies.
+    caller: Option<Caller>,
+    /// How fast this connection may subscribe (signed-in connections only).
+    subscribing: Option<SubscribeLimiter>,
     next_serial: u64,
     /// Frames gathered for the next write, kept to reuse its memory.
     pending: Vec<Utf8Bytes>,
@@ -240,6 +273,8 @@ impl Connection {
             budget: SubscriptionBudget::new(state.limits.max_subscriptions_per_connection),
             // Plain frames have no handshake.
             initialised: wire == Wire::Plain,
+            caller: None,
+            subscribing: state.auth.enabled().then(|| state.abuse.subscriptions()),
             next_serial: 0,
             pending: Vec::new(),
             state,
@@ -266,10 +301,31 @@ impl Connection {
 
     /// Starts `request` as operation `id`: in its group when it can be shared, else on its own.
     fn start(&mut self, id: OperationId, request: Request) {
-        match self.state.shared.check(request) {
-            Sharing::Shared(operation) => self.start_shared(id, operation),
-            Sharing::Alone { request, subscription } => self.start_alone(id, request, subscription),
+        let sharing = self.state.shared.check(request);
+        if matches!(sharing, Sharing::Shared(_) | Sharing::Alone { subscription: true, .. }) {
+            if let Some(Err(error)) = self.subscribing.as_ref().map(SubscribeLimiter::check) {
+                return self.refuse(&id, error);
+            }
         }
+        match sharing {
+            Sharing::Shared(operation) => self.start_shared(id, operation),
+            Sharing::Alone { request, subscription } => {
+                let request = match &self.caller {
+                    Some(caller) => request.data(caller.clone()),
+                    None => request,
+                };
+                self.start_alone(id, request, subscription)
+            }
+        }
+    }
+
+    /// Whether the client must still sign in before anything else.
+    fn awaits_sign_in(&self) -> bool {
+        self.caller.is_none()
+    }
+
+    fn signed_in(&mut self, ip: std::net::IpAddr, identity: Option<Arc<Identity>>) {
+        self.caller = Some(Caller { identity, ip });
     }
 
     fn start_shared(&mut self, id: OperationId, operation: Shareable) {
@@ -467,17 +523,78 @@ impl Connection {
 enum Wake {
     Shutdown,
     InitTimeout,
-    Work { write: bool, read: Option<Option<Result<Message, axum::Error>>> },
+    /// The token the connection signed in with expired.
+    Expired,
+    Work {
+        write: bool,
+        read: Option<Option<Result<Message, axum::Error>>>,
+    },
+}
+
+/// How long from now until `identity`'s token expires (zero once it has).
+fn until_expiry(identity: &Identity) -> Duration {
+    identity.expires_at.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO)
+}
+
+/// The token a socket's first message signs in with: a graphql protocol's `connection_init` payload
+/// or a plain socket's `{"authorization": …}` frame, else the upgrade request's header. `Err` for a
+/// first message that is not a sign-in at all (only plain sockets have no other first message).
+fn first_token(wire: Wire, bytes: &[u8], header: Option<&str>) -> Result<Option<String>, ()> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|_| ())?;
+    match wire {
+        Wire::Plain => match token_of_payload(&value) {
+            Some(token) => Ok(Some(token.to_owned())),
+            // A plain socket signed in by its upgrade request sends requests from the first frame on.
+            None if header.is_some() => Ok(header.map(str::to_owned)),
+            None => Err(()),
+        },
+        _ => {
+            let payload = value.get("payload").unwrap_or(&serde_json::Value::Null);
+            Ok(token_of_payload(payload).map(str::to_owned).or(header.map(str::to_owned)))
+        }
+    }
+}
+
+/// Signs `conn` in with the first message `bytes`, when it is the message that must do so; `Err`
+/// holds the close code and reason of a refusal. Returns whether `bytes` still needs handling as a
+/// message of its protocol (a plain sign-in frame does not).
+async fn sign_in(conn: &mut Connection, bytes: &[u8], sign: &SignIn) -> Result<bool, (u16, String)> {
+    let refuse = |err: AuthError| (err.close_code(), err.to_string());
+    if !conn.state.auth.enabled() {
+        conn.signed_in(sign.ip, None);
+        return Ok(true);
+    }
+    let is_init = |bytes: &[u8]| matches!(ClientMessage::from_bytes(bytes), Ok(ClientMessage::ConnectionInit { .. }));
+    if conn.wire != Wire::Plain && !is_init(bytes) {
+        // Not yet: the protocol itself answers an operation before connection_init (4401).
+        return Ok(true);
+    }
+    let header = sign.token.as_deref();
+    let token = first_token(conn.wire, bytes, header).map_err(|()| {
+        refuse(AuthError::Unauthenticated(
+            "sign-in required: send {\"authorization\": \"Bearer …\"} first, or the Authorization header".into(),
+        ))
+    })?;
+    let identity = conn.state.auth.authenticate(token.as_deref()).await.map_err(refuse)?;
+    let plain_sign_in = conn.wire == Wire::Plain
+        && serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| token_of_payload(&v).is_some());
+    conn.signed_in(sign.ip, identity);
+    Ok(!plain_sign_in)
 }
 
 /// Serves one upgraded socket until either side ends it or the gateway shuts down.
-async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets) {
+async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets, sign: SignIn) {
     let mut shutdown = pin!(state.shutdown.clone().cancelled_owned());
     let closing = state.closing.clone();
     let mut init_deadline = pin!(tokio::time::sleep(state.limits.connection_init_timeout));
+    // Far off until the connection signs in with a token that expires.
+    let mut expiry = pin!(tokio::time::sleep(Duration::from_secs(365 * 24 * 3600)));
     let mut conn = Connection::new(wire, state);
+    if !conn.state.auth.enabled() {
+        conn.signed_in(sign.ip, None);
+    }
     let close = loop {
-        let awaits_init = !conn.initialised;
+        let awaits_init = !conn.initialised || conn.awaits_sign_in();
         let wake = poll_fn(|cx| {
             let write = conn.signal.poll(cx).is_ready();
             if let Poll::Ready(message) = socket.poll_next_unpin(cx) {
@@ -494,12 +611,19 @@ async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets) {
             if awaits_init && init_deadline.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Wake::InitTimeout);
             }
+            if expiry.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Expired);
+            }
             Poll::Pending
         })
         .await;
         let (write, read) = match wake {
             Wake::Shutdown => break Some((GOING_AWAY, "server shutting down".to_owned())),
+            Wake::InitTimeout if wire == Wire::Plain => {
+                break Some((UNAUTHORIZED, "sign-in required: no authorization frame in time".to_owned()))
+            }
             Wake::InitTimeout => break Some((INIT_TIMEOUT, "Connection initialisation timeout".to_owned())),
+            Wake::Expired => break Some((UNAUTHORIZED, "the token expired: connect again with a new one".to_owned())),
             Wake::Work { write, read } => (write, read),
         };
         if let Some(message) = read {
@@ -508,6 +632,18 @@ async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets) {
                 Some(Ok(Message::Binary(bytes))) if wire != Wire::Plain => Some(bytes.to_vec()),
                 Some(Ok(Message::Close(_)) | Err(_)) | None => break None,
                 Some(Ok(_)) => None,
+            };
+            let bytes = match bytes {
+                Some(bytes) if conn.awaits_sign_in() => match sign_in(&mut conn, &bytes, &sign).await {
+                    Ok(handle) => {
+                        if let Some(identity) = conn.caller.as_ref().and_then(|c| c.identity.as_deref()) {
+                            expiry.as_mut().reset(tokio::time::Instant::now() + until_expiry(identity));
+                        }
+                        handle.then_some(bytes)
+                    }
+                    Err(close) => break Some(close),
+                },
+                bytes => bytes,
             };
             if let Some(bytes) = bytes {
                 match wire {

@@ -41,6 +41,7 @@ impl MigrationSource<'static> for Embedded {
             Ok(vec![
                 migration(1, "history", include_str!("../../migrations/0001_history.sql")),
                 migration(2, "idempotency keys", include_str!("../../migrations/0002_idempotency_keys.sql")),
+                migration(3, "sender id", include_str!("../../migrations/0003_sender_id.sql")),
             ])
         })
     }
@@ -50,7 +51,8 @@ impl MigrationSource<'static> for Embedded {
 macro_rules! columns {
     () => {
         "d.chat_id, d.seq, d.message_id, d.language, d.source_language, d.original, d.text, d.sender, d.sent_at, \
-         d.reply_to, (SELECT count(*) FROM parley_deliveries r WHERE r.reply_to = d.message_id AND r.original)"
+         d.reply_to, (SELECT count(*) FROM parley_deliveries r WHERE r.reply_to = d.message_id AND r.original), \
+         d.sender_id"
     };
 }
 
@@ -67,6 +69,7 @@ fn delivery(row: &PgRow) -> Result<Delivery, sqlx::Error> {
         sender: row.try_get(7)?,
         sent_at: row.try_get(8)?,
         reply_to: row.try_get(9)?,
+        sender_id: row.try_get(11)?,
     })
 }
 
@@ -84,9 +87,9 @@ async fn insert(tx: &mut sqlx::PgTransaction<'_>, rows: &[Delivery]) -> Result<u
     let column = |f: fn(&Delivery) -> String| rows.iter().map(f).collect::<Vec<String>>();
     let inserted = sqlx::query(
         "INSERT INTO parley_deliveries \
-         (chat_id, seq, message_id, language, source_language, original, text, sender, sent_at, reply_to) \
+         (chat_id, seq, message_id, language, source_language, original, text, sender, sent_at, reply_to, sender_id) \
          SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::bool[], \
-         $7::text[], $8::text[], $9::text[], $10::uuid[]) \
+         $7::text[], $8::text[], $9::text[], $10::uuid[], $11::text[]) \
          ON CONFLICT (message_id, language) DO NOTHING",
     )
     .bind(column(|d| d.chat_id.clone()))
@@ -99,6 +102,7 @@ async fn insert(tx: &mut sqlx::PgTransaction<'_>, rows: &[Delivery]) -> Result<u
     .bind(rows.iter().map(|d| d.sender.clone()).collect::<Vec<Option<String>>>())
     .bind(column(|d| d.sent_at.clone()))
     .bind(rows.iter().map(|d| d.reply_to).collect::<Vec<Option<Uuid>>>())
+    .bind(rows.iter().map(|d| d.sender_id.clone()).collect::<Vec<Option<String>>>())
     .execute(&mut **tx)
     .await?;
     Ok(inserted.rows_affected())

@@ -60,7 +60,7 @@ pub struct Translator {
 
 /// What becomes of one message.
 enum Outcome {
-    Translated(MessageTranslated),
+    Translated(Box<MessageTranslated>),
     /// Give the message back to the queue (its delivery count goes up; at the limit it dead-letters).
     Retry(String),
     DeadLetter(String),
@@ -154,7 +154,7 @@ impl Translator {
         let mut translated = Vec::new();
         for (item, outcome) in work.into_iter().zip(outcomes) {
             match outcome {
-                Outcome::Translated(message) => translated.push((item.incoming, message, item.span)),
+                Outcome::Translated(message) => translated.push((item.incoming, *message, item.span)),
                 Outcome::Retry(reason) => {
                     item.span.in_scope(|| {
                         tracing::warn!(language = %self.language, id = %item.posted.id, reason, "giving the message back to the queue")
@@ -239,6 +239,7 @@ impl Translator {
             provider: provider.to_owned(),
             source_language: posted.source_language.clone(),
             sender: posted.sender.clone(),
+            sender_id: posted.sender_id.clone(),
             sent_at: posted.sent_at.clone(),
             reply_to: posted.reply_to,
         }
@@ -261,7 +262,7 @@ impl Translator {
             if known.is_none() {
                 asked.entry(posted.source_language.as_str()).or_default().push(i);
             }
-            outcomes.push(known.map(Outcome::Translated));
+            outcomes.push(known.map(|m| Outcome::Translated(Box::new(m))));
         }
         for (from, indices) in asked {
             let texts: Vec<&str> = indices.iter().map(|i| work[*i].posted.text.as_str()).collect();
@@ -271,7 +272,7 @@ impl Translator {
                 outcomes[i] = Some(match result {
                     Ok(text) => {
                         self.cache.put(from, &self.language, &posted.text, &text);
-                        Outcome::Translated(self.translated(posted, text, self.provider.name()))
+                        Outcome::Translated(Box::new(self.translated(posted, text, self.provider.name())))
                     }
                     Err(TextFailure::Permanent(err)) => Outcome::DeadLetter(format!(
                         "failed to translate message {} to {}: {err}",

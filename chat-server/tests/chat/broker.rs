@@ -202,3 +202,117 @@ async fn a_gateway_unbinds_a_chat_from_its_queue_when_the_last_subscriber_leaves
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A TLS front for the test broker (socat, as a managed broker's TLS listener): a certificate of its
+/// own for 127.0.0.1, signed by nobody the system trusts. Stopped when dropped.
+struct TlsFront {
+    child: std::process::Child,
+    port: u16,
+    certificate: std::path::PathBuf,
+    _dir: std::path::PathBuf,
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+impl TlsFront {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("parley-tls-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A CA of the test's own, and the broker's certificate signed by it (a CA certificate itself
+        // is refused as a server's).
+        let (certificate, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+        let (server, key, request, extensions) =
+            (dir.join("broker.pem"), dir.join("broker.key"), dir.join("broker.csr"), dir.join("ext"));
+        std::fs::write(
+            &extensions,
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let openssl = |args: &[&std::ffi::OsStr]| {
+            let made = std::process::Command::new("openssl")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl makes the test broker's certificates");
+            assert!(made.success(), "openssl {args:?}");
+        };
+        let os = |s: &'static str| std::ffi::OsStr::new(s);
+        openssl(
+            &[os("req"), os("-x509"), os("-newkey"), os("rsa:2048"), os("-nodes"), os("-days"), os("1")]
+                .into_iter()
+                .chain([
+                    os("-subj"),
+                    os("/CN=Parley test CA"),
+                    os("-keyout"),
+                    ca_key.as_os_str(),
+                    os("-out"),
+                    certificate.as_os_str(),
+                ])
+                .collect::<Vec<_>>(),
+        );
+        openssl(
+            &[os("req"), os("-newkey"), os("rsa:2048"), os("-nodes"), os("-subj"), os("/CN=127.0.0.1")]
+                .into_iter()
+                .chain([os("-keyout"), key.as_os_str(), os("-out"), request.as_os_str()])
+                .collect::<Vec<_>>(),
+        );
+        openssl(
+            &[os("x509"), os("-req"), os("-in"), request.as_os_str(), os("-CA"), certificate.as_os_str()]
+                .into_iter()
+                .chain([os("-CAkey"), ca_key.as_os_str(), os("-CAcreateserial"), os("-days"), os("1")])
+                .chain([os("-extfile"), extensions.as_os_str(), os("-out"), server.as_os_str()])
+                .collect::<Vec<_>>(),
+        );
+        let port = free_port();
+        let listen = format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+            server.display(),
+            key.display()
+        );
+        let child = std::process::Command::new("socat")
+            .args([listen.as_str(), "TCP:127.0.0.1:5672"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("socat fronts the broker with TLS");
+        Self { child, port, certificate, _dir: dir }
+    }
+
+    /// The test broker's URL, over this front with amqps://.
+    fn url(&self) -> String {
+        let plain = amqp_url();
+        let vhost = plain.rsplit_once('/').map(|(_, v)| v).unwrap_or("%2f");
+        format!("amqps://guest:guest@127.0.0.1:{}/{vhost}", self.port)
+    }
+}
+
+#[tokio::test]
+async fn an_amqps_broker_is_reached_over_tls_checked_against_the_ca_file_and_refused_without_it() {
+    let front = TlsFront::start();
+    let (url, prefix) = (front.url(), unique_prefix("amqps"));
+    let _cleanup = TopologyCleanup::new(&prefix, &[]);
+    let ca = front.certificate.to_str().unwrap().to_owned();
+    let broker = broker_args(&prefix, &url, "");
+    let server = Server::start(&[&["standalone"], broker.as_slice(), &["--amqp-ca-file", &ca]].concat()).await;
+    let chat = unique_chat();
+    let mut subscriber = WsClient::connect(&server.ws(), Wire::TransportWs).await;
+    subscriber.subscribe_messages("m", &server.http(), &chat, None).await;
+    let id = send(&server.http(), &chat, "over TLS").await;
+    assert_eq!(subscriber.collect_message(&id, 1, DELIVERY).await.len(), 1, "a message goes through the TLS broker");
+
+    // Without the CA file the certificate is not trusted: the role never connects.
+    let mut untrusting =
+        Server::spawn(&[&["gateway"], broker_args(&unique_prefix("amqps"), &url, "").as_slice()].concat());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !untrusting.log_text().contains("cannot connect to the broker") {
+        assert!(std::time::Instant::now() < deadline, "no failed connect: {}", untrusting.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!untrusting.log_text().contains("connected to the broker"), "{}", untrusting.log_text());
+    untrusting.kill();
+}

@@ -24,6 +24,7 @@ fn delivery(chat: &str, id: Uuid, language: &str, reply_to: Option<Uuid>) -> Del
         original: language == "en",
         text: format!("{language} text of {id}"),
         sender: Some("ana".into()),
+        sender_id: None,
         sent_at: now_rfc3339(),
         reply_to,
     }

@@ -1,6 +1,7 @@
 //! chat-server's integration tests, as one test binary: real chat-server processes on a real RabbitMQ
 //! with real Apertium APYs. `cargo test -p chat-server --test chat <module>::` runs one part.
 
+mod auth;
 mod broker;
 mod chaos;
 mod configuration;

@@ -161,7 +161,8 @@ impl Server {
     }
 
     /// Like [`Server::spawn`], with `env` set for the process. Nothing else of the caller's `PARLEY_*`
-    /// environment reaches it: a test's server is configured by the test alone.
+    /// environment reaches it: a test's server is configured by the test alone. Gateways run without
+    /// sign-in (`PARLEY_AUTH=none`) unless the test says otherwise, with `--auth` or in `env`.
     pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let (log, path) = log_file(args.first().copied().unwrap_or("server"));
@@ -175,6 +176,7 @@ impl Server {
             .args(args)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .env("RUST_LOG", "info,chat_server=debug")
+            .env("PARLEY_AUTH", "none")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
@@ -255,15 +257,18 @@ pub fn broker_args<'a>(prefix: &'a str, url: &'a str, languages: &'a str) -> Vec
 
 /// POSTs a GraphQL operation and returns the whole response.
 pub async fn graphql(url: &str, query: &str, variables: Value) -> Value {
-    reqwest::Client::new()
-        .post(url)
-        .json(&json!({"query": query, "variables": variables}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    graphql_as(url, None, query, variables).await.1
+}
+
+/// POSTs a GraphQL operation with `Authorization: Bearer <token>` (when given); returns the HTTP
+/// status and the whole response.
+pub async fn graphql_as(url: &str, token: Option<&str>, query: &str, variables: Value) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(url).json(&json!({"query": query, "variables": variables}));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
 }
 
 /// The `extensions.code` of the first error in a GraphQL response, or in the error payload of a
@@ -365,7 +370,16 @@ impl WsClient {
 
     /// Connects without any handshake.
     pub async fn connect_raw(url: &str, wire: Wire) -> Self {
+        Self::connect_raw_with_authorization(url, wire, None).await
+    }
+
+    /// Connects without any handshake, the upgrade request carrying `authorization` as its
+    /// `Authorization` header when given.
+    pub async fn connect_raw_with_authorization(url: &str, wire: Wire, authorization: Option<&str>) -> Self {
         let mut request = url.into_client_request().unwrap();
+        if let Some(authorization) = authorization {
+            request.headers_mut().insert("Authorization", authorization.parse().unwrap());
+        }
         let protocol = wire.subprotocol();
         if let Some(protocol) = protocol {
             request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
@@ -374,6 +388,22 @@ impl WsClient {
         let negotiated = response.headers().get("Sec-WebSocket-Protocol").map(|v| v.to_str().unwrap().to_owned());
         assert_eq!(negotiated.as_deref(), protocol, "server must echo the subprotocol");
         Self { ws, wire }
+    }
+
+    /// Signs in with `token`: in `connection_init` for the GraphQL protocols (waiting for the ack),
+    /// in a first `{"authorization": …}` frame for plain frames. Returns what answered instead of an
+    /// ack, if anything did (the close of a refused token).
+    pub async fn sign_in(&mut self, token: &str) -> Option<Received> {
+        let authorization = json!({"authorization": format!("Bearer {token}")});
+        if self.wire == Wire::Plain {
+            self.send_json(authorization).await;
+            return None;
+        }
+        self.send_json(json!({"type": "connection_init", "payload": authorization})).await;
+        match self.next(DELIVERY).await {
+            Some(Received::Next { payload, .. }) if payload["type"] == "connection_ack" => None,
+            other => Some(other.expect("neither an ack nor a close")),
+        }
     }
 
     /// Sends `text` as a text frame, whatever it holds.

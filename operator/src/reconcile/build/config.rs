@@ -1,7 +1,7 @@
 //! The ConfigMap with the chat-server configuration file every role mounts.
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use parley_contract::config::{ChatServerConfig, LogFormat};
+use parley_contract::config::{AuthMode, ChatServerConfig, LogFormat};
 use sha2::{Digest, Sha256};
 
 use super::{metadata, Inputs};
@@ -21,6 +21,9 @@ pub fn config_file(chat: &ValidatedChat) -> ChatServerConfig {
         history_retention: chat.history.as_ref().and_then(|h| h.retention.clone()),
         otlp_endpoint: chat.monitoring.otlp_endpoint.as_ref().map(|e| e.trim().to_owned()),
         trace_sample_ratio: chat.monitoring.trace_sample_ratio,
+        // A gateway starts only with sign-in configured; a ChatDeployment has no spec.auth yet, so
+        // its gateway runs open, as before.
+        auth: Some(AuthMode::None),
         log_format: Some(LogFormat::Json),
         ..Default::default()
     }
