@@ -72,6 +72,128 @@ pub struct ChatDeploymentSpec {
     /// Prometheus scraping of the chat's pods.
     #[serde(default)]
     pub monitoring: MonitoringSpec,
+    /// How the gateway signs clients in, and how much one client may do. Without it the gateway is
+    /// open (mode none): anyone who reaches it may read and post, under any name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    /// NetworkPolicies that let each role's pods take and make only the connections they need.
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+}
+
+/// How the gateway signs clients in.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No sign-in: anyone who reaches the gateway may read and post, under any name.
+    #[default]
+    None,
+    /// Bearer JWTs signed with a shared HS256 secret (`jwtSecretRef`).
+    Jwt,
+    /// Bearer JWTs from an OpenID Connect issuer (`issuer`, `audience`), verified with the keys its
+    /// discovery document names.
+    Oidc,
+}
+
+/// Sign-in at the gateway: who may read and who may send, and the per-client limits.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.mode) || self.mode != 'oidc' || (has(self.issuer) && (self.issuer.startsWith('https://') || self.issuer.startsWith('http://')))",
+        "message": "mode oidc needs issuer, the OpenID Connect issuer's http(s) URL"
+    },
+    {
+        "rule": "!has(self.mode) || self.mode != 'oidc' || (has(self.audience) && size(self.audience) > 0)",
+        "message": "mode oidc needs audience, the audience (aud) its tokens must name"
+    },
+    {
+        "rule": "!has(self.mode) || self.mode != 'jwt' || has(self.jwtSecretRef)",
+        "message": "mode jwt needs jwtSecretRef, the Secret key holding the HS256 secret"
+    },
+    {
+        "rule": "(has(self.mode) && self.mode != 'none') || ((!has(self.readGroups) || size(self.readGroups) == 0) && (!has(self.sendGroups) || size(self.sendGroups) == 0))",
+        "message": "readGroups and sendGroups need mode jwt or oidc: with mode none anyone may read and send"
+    }
+]))]
+pub struct AuthSpec {
+    /// none (default), jwt or oidc.
+    #[serde(default)]
+    pub mode: AuthMode,
+    /// The token issuer (`iss`). With oidc, the http(s) URL whose /.well-known/openid-configuration
+    /// names the signing keys, e.g. https://keycloak.example.com/realms/events; with jwt, checked when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// The audience (`aud`) a token must name. Required with oidc; checked with jwt when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Seconds of clock skew allowed on a token's `exp` and `nbf`; 30 when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub clock_skew_seconds: Option<i64>,
+    /// The claim holding the user's groups, e.g. cognito:groups; a dotted path reaches into objects
+    /// (realm_access.roles). `groups` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups_claim: Option<String>,
+    /// The claim holding the name messages are sent under (falling back to preferred_username, then
+    /// sub). `name` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_claim: Option<String>,
+    /// Groups whose members may read (subscribe, query history); any signed-in user when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[^,\s]([^,]*[^,\s])?$")))]
+    pub read_groups: Vec<String>,
+    /// Groups whose members may send; any user who may read when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[^,\s]([^,]*[^,\s])?$")))]
+    pub send_groups: Vec<String>,
+    /// With mode jwt: the Secret key holding the HS256 secret (at least 32 bytes). It reaches the
+    /// gateway as an environment variable, never the ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret_ref: Option<SecretKeyRef>,
+    /// What one client may do; the chat server's defaults when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<RateLimitsSpec>,
+}
+
+/// Per-client limits at the gateway.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitsSpec {
+    /// Messages one user (one client address without sign-in) may send per second, sustained; 5 when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub send_per_second: Option<i32>,
+    /// Messages one user may send in a burst above the sustained rate; 20 when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub send_burst: Option<i32>,
+    /// Subscriptions one WebSocket connection may start per second (bursts of 5x pass); 10 when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub subscribe_per_second: Option<i32>,
+    /// WebSocket connections one client address may hold at once; 0 (the default) for no limit. Behind
+    /// a proxy every client shares the proxy's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_connections_per_ip: Option<i32>,
+}
+
+/// The NetworkPolicies of the chat's pods.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Create one NetworkPolicy per role (default true): ingress only on the pods' HTTP port, egress
+    /// only to DNS, the broker, the history database, the translation provider, the OIDC issuer and
+    /// the OTLP collector. false creates none (and deletes those made before).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 /// How Prometheus finds the chat's pods: a PodMonitor, where the Prometheus Operator is installed.
@@ -158,8 +280,20 @@ pub struct SecretKeyRef {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BrokerSpec {
-    /// The Secret key holding the AMQP URI, e.g. amqp://user:pass@host:5672/vhost.
+    /// The Secret key holding the AMQP URI, e.g. amqp://user:pass@host:5672/vhost (amqps://…:5671 for TLS).
     pub secret_ref: SecretKeyRef,
+    /// How an amqps:// broker's certificate is checked; against the system's roots when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BrokerTlsSpec>,
+}
+
+/// TLS to the broker; an amqps:// URI is what turns it on.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerTlsSpec {
+    /// The Secret key holding the PEM bundle of the certificate authorities the broker's certificate
+    /// is checked against; mounted read-only into every pod of the chat.
+    pub ca_secret_ref: SecretKeyRef,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -24,8 +24,18 @@ pub enum Reason {
     BrokerSecretNotFound,
     /// The broker Secret lacks the referenced key (Warning).
     BrokerSecretKeyMissing,
+    /// The Secret of the broker's CA bundle does not exist (Warning).
+    BrokerCaSecretNotFound,
+    /// The Secret of the broker's CA bundle lacks the referenced key (Warning).
+    BrokerCaSecretKeyMissing,
     /// The broker refused to declare the topology (Warning).
     TopologyFailed,
+    /// The Secret of the gateway's JWT secret does not exist (Warning).
+    JwtSecretNotFound,
+    /// The Secret of the gateway's JWT secret lacks the referenced key (Warning).
+    JwtSecretKeyMissing,
+    /// The gateway's JWT secret is shorter than the 32 bytes the chat server accepts (Warning).
+    JwtSecretTooShort,
     /// The history database's Secret does not exist (Warning).
     HistorySecretNotFound,
     /// The history database's Secret lacks the referenced key (Warning).
@@ -50,7 +60,12 @@ impl Reason {
             Self::BrokerUnreachable => "BrokerUnreachable",
             Self::BrokerSecretNotFound => "BrokerSecretNotFound",
             Self::BrokerSecretKeyMissing => "BrokerSecretKeyMissing",
+            Self::BrokerCaSecretNotFound => "BrokerCaSecretNotFound",
+            Self::BrokerCaSecretKeyMissing => "BrokerCaSecretKeyMissing",
             Self::TopologyFailed => "TopologyFailed",
+            Self::JwtSecretNotFound => "JwtSecretNotFound",
+            Self::JwtSecretKeyMissing => "JwtSecretKeyMissing",
+            Self::JwtSecretTooShort => "JwtSecretTooShort",
             Self::HistorySecretNotFound => "HistorySecretNotFound",
             Self::HistorySecretKeyMissing => "HistorySecretKeyMissing",
             Self::DatabaseUnreachable => "DatabaseUnreachable",

@@ -15,7 +15,7 @@ pub fn chat(languages: &[(&str, Option<i32>)]) -> ChatDeployment {
     let mut chat = ChatDeployment::new(
         NAME,
         ChatDeploymentSpec {
-            broker: BrokerSpec { secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "uri".into() } },
+            broker: BrokerSpec { secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "uri".into() }, tls: None },
             source_language: "en".into(),
             translation: TranslationSpec {
                 provider: Provider::Apertium,

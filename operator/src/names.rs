@@ -14,7 +14,14 @@ pub const ROLE_LABEL: &str = "chat.parley.dev/role";
 pub const LANGUAGE_LABEL: &str = "chat.parley.dev/language";
 pub const MANAGED_BY: &str = "parley-operator";
 pub const CONFIG_FILE: &str = parley_contract::config::FILE_NAME;
+/// The gateway's configuration file, beside [`CONFIG_FILE`] in the same ConfigMap: the shared settings
+/// plus sign-in and the per-client limits, which only the gateway reads (a fanout or translator given
+/// `auth = "jwt"` would refuse to start without the secret it has no use for).
+pub const GATEWAY_CONFIG_FILE: &str = "gateway.toml";
 pub const CONFIG_DIR: &str = "/etc/parley";
+/// Where the broker's CA bundle (`spec.broker.tls.caSecretRef`) is mounted, read-only, in every pod.
+pub const BROKER_CA_DIR: &str = "/etc/parley-broker-ca";
+pub const BROKER_CA_FILE: &str = "ca.pem";
 pub const HTTP_PORT: i32 = 8080;
 pub const SERVICE_PORT: i32 = 80;
 
@@ -68,6 +75,12 @@ impl Names {
 
     pub fn translator(&self, language: &str) -> String {
         format!("{}-translator-{}", self.instance, language.to_ascii_lowercase())
+    }
+
+    /// Objects that cover every language's translators (their NetworkPolicy); a language code has at
+    /// least two letters, so no translator Deployment is named so.
+    pub fn translators(&self) -> String {
+        format!("{}-translator", self.instance)
     }
 
     /// The KEDA TriggerAuthentication that reads the broker URI.

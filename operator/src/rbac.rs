@@ -25,6 +25,7 @@ pub const CONTROLLER: &[Rule] = &[
     // Read-only: deletion waits until no pod of the chat is left before it removes the topology.
     Rule { group: "", resource: "pods", verbs: &["list"], names: &[] },
     Rule { group: "policy", resource: "poddisruptionbudgets", verbs: &["list", "patch", "delete"], names: &[] },
+    Rule { group: "networking.k8s.io", resource: "networkpolicies", verbs: &["list", "patch", "delete"], names: &[] },
     // Read-only: the broker URI and provider key; watched by metadata only.
     Rule { group: "", resource: "secrets", verbs: &["get", "list", "watch"], names: &[] },
     Rule { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"], names: &[] },

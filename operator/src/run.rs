@@ -91,8 +91,8 @@ fn health_and_metrics(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
         )
 }
 
-/// The ChatDeployments in `chats` that reference the Secret `name` in `namespace` (broker, API key or
-/// history database), so a changed credential rolls their pods.
+/// The ChatDeployments in `chats` that reference the Secret `name` in `namespace` (broker, its CA
+/// bundle, API key, history database or JWT secret), so a changed credential rolls their pods.
 pub fn referencing_secret(
     chats: &[Arc<ChatDeployment>],
     namespace: Option<&str>,
@@ -103,8 +103,10 @@ pub fn referencing_secret(
         .filter(|chat| {
             chat.namespace().as_deref() == namespace
                 && (chat.spec.broker.secret_ref.name == name
+                    || chat.spec.broker.tls.as_ref().is_some_and(|t| t.ca_secret_ref.name == name)
                     || chat.spec.translation.api_key_secret_ref.as_ref().is_some_and(|r| r.name == name)
-                    || chat.spec.history.as_ref().is_some_and(|h| h.database.secret_ref.name == name))
+                    || chat.spec.history.as_ref().is_some_and(|h| h.database.secret_ref.name == name)
+                    || chat.spec.auth.as_ref().and_then(|a| a.jwt_secret_ref.as_ref()).is_some_and(|r| r.name == name))
         })
         .map(|chat| ObjectRef::from_obj(&**chat))
         .collect()
@@ -387,5 +389,25 @@ mod tests {
         let woken: Vec<String> =
             referencing_secret(&chats, Some("events"), "rabbitmq").into_iter().map(|r| r.name).collect();
         assert_eq!(woken, vec!["a", "b", "e"]);
+    }
+
+    #[test]
+    fn the_jwt_secret_and_the_broker_ca_wake_the_chat_deployments_that_reference_them() {
+        let mut jwt = (*chat("events", "jwt", "rabbitmq", None)).clone();
+        jwt.spec.auth = Some(crate::crd::AuthSpec {
+            mode: crate::crd::AuthMode::Jwt,
+            jwt_secret_ref: Some(SecretKeyRef { name: "parley-jwt".into(), key: "secret".into() }),
+            ..Default::default()
+        });
+        let mut tls = (*chat("events", "tls", "rabbitmq", None)).clone();
+        tls.spec.broker.tls = Some(crate::crd::BrokerTlsSpec {
+            ca_secret_ref: SecretKeyRef { name: "rabbitmq-ca".into(), key: "ca.crt".into() },
+        });
+        let chats = vec![Arc::new(jwt), Arc::new(tls), chat("events", "neither", "rabbitmq", None)];
+        let woken = |secret: &str| -> Vec<String> {
+            referencing_secret(&chats, Some("events"), secret).into_iter().map(|r| r.name).collect()
+        };
+        assert_eq!(woken("parley-jwt"), ["jwt"]);
+        assert_eq!(woken("rabbitmq-ca"), ["tls"]);
     }
 }

@@ -147,6 +147,27 @@ async fn the_crd_refuses_invalid_specs_with_their_reasons() {
             "the name must start with a letter",
         ),
         ("a second es", Box::new(|c| c["spec"]["languages"][1]["code"] = json!("es")), "Duplicate value"),
+        (
+            "oidc without an audience",
+            Box::new(|c| c["spec"]["auth"] = json!({"mode": "oidc", "issuer": "https://idp.example/realms/e"})),
+            "mode oidc needs audience",
+        ),
+        (
+            "oidc with an issuer that is no URL",
+            Box::new(|c| c["spec"]["auth"] = json!({"mode": "oidc", "issuer": "idp.example", "audience": "parley"})),
+            "mode oidc needs issuer",
+        ),
+        (
+            "jwt without its Secret",
+            Box::new(|c| c["spec"]["auth"] = json!({"mode": "jwt"})),
+            "mode jwt needs jwtSecretRef",
+        ),
+        (
+            "groups without sign-in",
+            Box::new(|c| c["spec"]["auth"] = json!({"readGroups": ["attendees"]})),
+            "readGroups and sendGroups need mode jwt or oidc",
+        ),
+        ("an unknown auth mode", Box::new(|c| c["spec"]["auth"] = json!({"mode": "basic"})), "Unsupported value"),
     ];
     for (what, change, expected) in cases {
         let mut chat = valid("town-hall");

@@ -9,11 +9,12 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentStatus},
-        core::v1::{ConfigMap, Pod, Secret, Service},
+        core::v1::{ConfigMap, EnvVar, Pod, Secret, Service},
         events::v1::Event,
+        networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
     },
-    apimachinery::pkg::apis::meta::v1::Time,
+    apimachinery::pkg::{apis::meta::v1::Time, util::intstr::IntOrString},
     ByteString,
 };
 use kube::{
@@ -26,7 +27,8 @@ use parley_contract::topology::Topology;
 use parley_operator::{
     controller::{error_policy, reconcile},
     crd::{
-        AutoscalingMode, AutoscalingSpec, ChatDeployment, DatabaseSpec, HistorySpec, LanguageSpec, Phase, SecretKeyRef,
+        AuthMode, AuthSpec, AutoscalingMode, AutoscalingSpec, BrokerTlsSpec, ChatDeployment, DatabaseSpec, HistorySpec,
+        LanguageSpec, Phase, SecretKeyRef,
     },
     fixtures::{self, NAME},
     keda::{ScaledObject, TriggerAuthentication},
@@ -1249,6 +1251,8 @@ async fn every_request_a_reconcile_makes_is_allowed_by_the_rbac_rules_and_every_
     h.api::<TriggerAuthentication>().create(&create, &auth).await.unwrap();
     let monitor = PodMonitor { metadata: stray_meta(&namespace), ..Default::default() };
     h.api::<PodMonitor>().create(&create, &monitor).await.unwrap();
+    let policy = NetworkPolicy { metadata: stray_meta(&namespace), ..Default::default() };
+    h.api::<NetworkPolicy>().create(&create, &policy).await.unwrap();
 
     h.reconcile().await.unwrap();
     h.edit(|c| c.spec.languages.retain(|l| l.code != "de")).await;
@@ -1328,4 +1332,375 @@ async fn without_the_prometheus_operator_the_status_says_how_to_scrape_the_pods(
     let scraped = status.conditions.iter().find(|c| c.type_ == "MetricsScraped").unwrap();
     assert_eq!((scraped.status.as_str(), scraped.reason.as_str()), ("False", "PrometheusOperatorNotInstalled"));
     assert!(scraped.message.contains("port http, path /metrics"), "{}", scraped.message);
+}
+
+/// The ConfigMap's file `name` (`chat-server.toml` or `gateway.toml`), parsed as the chat server reads it.
+async fn config_file(h: &Harness, name: &str) -> (String, parley_contract::config::ChatServerConfig) {
+    let data = h.api::<ConfigMap>().get("town-hall-config").await.unwrap().data.unwrap();
+    let text = data[name].clone();
+    let config = parley_contract::config::ChatServerConfig::from_toml(&text).unwrap();
+    (text, config)
+}
+
+fn env_var(deployment: &Deployment, name: &str) -> Option<EnvVar> {
+    let container = &deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    container.env.iter().flatten().find(|e| e.name == name).cloned()
+}
+
+fn condition_message(chat: &ChatDeployment, kind: &str) -> String {
+    chat.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == kind).unwrap().message.clone()
+}
+
+fn config_hash(deployment: &Deployment) -> String {
+    deployment.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()
+        ["chat.parley.dev/config-hash"]
+        .clone()
+}
+
+/// Sign-in with the Keycloak realm of examples/oidc-keycloak.yaml.
+fn oidc() -> AuthSpec {
+    AuthSpec {
+        mode: AuthMode::Oidc,
+        issuer: Some("https://keycloak.example.com/realms/events".into()),
+        audience: Some("parley".into()),
+        groups_claim: Some("groups".into()),
+        read_groups: vec!["attendees".into()],
+        send_groups: vec!["attendees".into(), "speakers".into()],
+        ..Default::default()
+    }
+}
+
+fn jwt(secret: &str) -> AuthSpec {
+    AuthSpec {
+        mode: AuthMode::Jwt,
+        jwt_secret_ref: Some(SecretKeyRef { name: secret.into(), key: "secret".into() }),
+        ..Default::default()
+    }
+}
+
+/// A Secret whose key `key` holds `value`.
+fn secret_with(namespace: &str, name: &str, key: &str, value: &[u8]) -> Secret {
+    Secret {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some(namespace.into()), ..Default::default() },
+        data: Some([(key.to_owned(), ByteString(value.to_vec()))].into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_gateway_config_says_auth_none_by_default_and_the_oidc_settings_when_set() {
+    let h = Harness::new(chat(&unique_namespace(), &[("de", 1)]), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+
+    let (_, gateway) = config_file(&h, "gateway.toml").await;
+    assert_eq!(gateway.auth, Some(parley_contract::config::AuthMode::None), "a gateway starts only with it set");
+    let deployments = h.api::<Deployment>();
+    let gateway_pods = deployments.get("town-hall-gateway").await.unwrap();
+    assert_eq!(env_var(&gateway_pods, "PARLEY_CONFIG").unwrap().value.unwrap(), "/etc/parley/gateway.toml");
+    let fanout = deployments.get("town-hall-fanout").await.unwrap();
+    assert_eq!(env_var(&fanout, "PARLEY_CONFIG").unwrap().value.unwrap(), "/etc/parley/chat-server.toml");
+
+    h.edit(|c| c.spec.auth = Some(oidc())).await;
+    h.reconcile().await.unwrap();
+
+    let (_, gateway) = config_file(&h, "gateway.toml").await;
+    assert_eq!(gateway.auth, Some(parley_contract::config::AuthMode::Oidc));
+    assert_eq!(gateway.auth_issuer.as_deref(), Some("https://keycloak.example.com/realms/events"));
+    assert_eq!(gateway.auth_audience.as_deref(), Some("parley"));
+    assert_eq!(gateway.groups_claim.as_deref(), Some("groups"));
+    assert_eq!(gateway.read_groups.as_deref(), Some("attendees"));
+    assert_eq!(gateway.send_groups.as_deref(), Some("attendees,speakers"), "comma-joined");
+    let (shared_text, shared) = config_file(&h, "chat-server.toml").await;
+    assert_eq!(shared.auth, None, "the fanout and translators read no sign-in: {shared_text}");
+    assert!(!shared_text.contains("auth-issuer"), "{shared_text}");
+    assert!(h.chat().await.status.unwrap().conditions.iter().all(|c| c.type_ != "AuthReady"), "nothing to check");
+}
+
+#[tokio::test]
+async fn jwt_mode_wires_the_gateway_secret_from_its_secret_and_never_into_the_config_map() {
+    let namespace = unique_namespace();
+    let mut spec = chat(&namespace, &[("de", 1)]);
+    spec.spec.auth = Some(jwt("parley-jwt"));
+    let h = Harness::new(spec, &amqp_url()).await;
+
+    // The Secret is not there yet: said on the chat, as a missing broker Secret is.
+    h.reconcile().await.unwrap();
+    let chat = h.chat().await;
+    assert_eq!(condition(&chat, "AuthReady"), ("False".into(), "JwtSecretNotFound".into()));
+    assert!(condition_message(&chat, "AuthReady").contains("auth.jwtSecretRef"), "names the field");
+    assert_eq!(condition(&chat, "Ready").0, "False");
+    assert_eq!(chat.status.as_ref().unwrap().phase, Some(Phase::Degraded));
+    assert!(h.event_reasons().await.contains(&"JwtSecretNotFound".to_owned()));
+
+    let value = "a signing secret of at least thirty-two bytes";
+    let created = secret_with(&namespace, "parley-jwt", "secret", value.as_bytes());
+    h.api::<Secret>().create(&Default::default(), &created).await.unwrap();
+    h.reconcile().await.unwrap();
+
+    assert_eq!(condition(&h.chat().await, "AuthReady"), ("True".into(), "JwtSecretFound".into()));
+    let deployments = h.api::<Deployment>();
+    let gateway = deployments.get("town-hall-gateway").await.unwrap();
+    let from = env_var(&gateway, "PARLEY_JWT_SECRET").expect("the gateway gets the secret");
+    assert_eq!(from.value, None, "by reference, never by value");
+    let selector = from.value_from.unwrap().secret_key_ref.unwrap();
+    assert_eq!((selector.name.as_str(), selector.key.as_str()), ("parley-jwt", "secret"));
+    for other in ["town-hall-fanout", "town-hall-translator-de"] {
+        assert!(env_var(&deployments.get(other).await.unwrap(), "PARLEY_JWT_SECRET").is_none(), "{other}");
+    }
+    let config = h.api::<ConfigMap>().get("town-hall-config").await.unwrap();
+    for (file, text) in config.data.unwrap() {
+        assert!(!text.contains(value) && !text.contains("jwt-secret"), "{file}: {text}");
+    }
+    let (_, gateway_config) = config_file(&h, "gateway.toml").await;
+    assert_eq!(gateway_config.auth, Some(parley_contract::config::AuthMode::Jwt));
+
+    // A new secret rolls the pods, as a new broker URI does.
+    let before = config_hash(&gateway);
+    let changed = secret_with(&namespace, "parley-jwt", "secret", b"another signing secret, thirty-two bytes or more");
+    h.api::<Secret>().replace("parley-jwt", &Default::default(), &changed).await.unwrap();
+    h.reconcile().await.unwrap();
+    assert_ne!(config_hash(&deployments.get("town-hall-gateway").await.unwrap()), before);
+}
+
+#[tokio::test]
+async fn an_oidc_spec_without_an_audience_is_refused_with_a_condition_naming_the_field() {
+    let mut bad = chat(&unique_namespace(), &[("de", 1)]);
+    bad.spec.auth = Some(AuthSpec { audience: None, ..oidc() });
+    let h = Harness::new(bad, &amqp_url()).await;
+
+    let action = h.reconcile().await.unwrap();
+
+    assert_eq!(action, Action::await_change(), "a bad spec waits for the next edit");
+    assert!(h.deployments().await.is_empty());
+    let chat = h.chat().await;
+    assert_eq!(condition(&chat, "Ready"), ("False".into(), "InvalidSpec".into()));
+    let message = condition_message(&chat, "Ready");
+    assert!(message.contains("auth.audience"), "{message}");
+    let invalid: Vec<_> = h.events().await.into_iter().filter(|(_, reason, _)| reason == "InvalidSpec").collect();
+    assert!(invalid.iter().any(|(kind, _, note)| kind == "Warning" && note.contains("auth.audience")), "{invalid:?}");
+}
+
+fn with_broker_ca(mut chat: ChatDeployment) -> ChatDeployment {
+    chat.spec.broker.tls =
+        Some(BrokerTlsSpec { ca_secret_ref: SecretKeyRef { name: "rabbitmq-ca".into(), key: "ca.crt".into() } });
+    chat
+}
+
+#[tokio::test]
+async fn the_broker_ca_is_mounted_read_only_in_every_pod_and_amqp_ca_file_names_it() {
+    let namespace = unique_namespace();
+    let h = Harness::new(with_broker_ca(chat(&namespace, &[("de", 1)])), &amqp_url()).await;
+
+    // Without its Secret: BrokerReady says so, as it does of the broker Secret.
+    assert!(h.reconcile().await.is_err(), "retried with backoff");
+    assert_eq!(condition(&h.chat().await, "BrokerReady"), ("False".into(), "BrokerCaSecretNotFound".into()));
+    assert!(h.event_reasons().await.contains(&"BrokerCaSecretNotFound".to_owned()));
+
+    let pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    h.api::<Secret>()
+        .create(&Default::default(), &secret_with(&namespace, "rabbitmq-ca", "ca.crt", pem))
+        .await
+        .unwrap();
+    h.reconcile().await.unwrap();
+    assert_eq!(condition(&h.chat().await, "BrokerReady").0, "True", "an amqp:// broker needs no CA");
+
+    for file in ["chat-server.toml", "gateway.toml"] {
+        let (_, config) = config_file(&h, file).await;
+        assert_eq!(config.amqp_ca_file.as_deref(), Some("/etc/parley-broker-ca/ca.pem"), "{file}");
+    }
+    let deployments = h.api::<Deployment>().list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(deployments.len(), 3);
+    for deployment in deployments {
+        let pod = deployment.spec.unwrap().template.spec.unwrap();
+        let mount = pod.containers[0].volume_mounts.iter().flatten().find(|m| m.name == "broker-ca").cloned();
+        let mount = mount.unwrap_or_else(|| panic!("{:?} mounts the CA", deployment.metadata.name));
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/parley-broker-ca", Some(true)));
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == "broker-ca").unwrap().secret.clone().unwrap();
+        assert_eq!(volume.secret_name.as_deref(), Some("rabbitmq-ca"));
+        let item = &volume.items.unwrap()[0];
+        assert_eq!((item.key.as_str(), item.path.as_str()), ("ca.crt", "ca.pem"));
+    }
+}
+
+/// A TLS front for the test broker (socat, as a managed broker's TLS listener) with a certificate for
+/// 127.0.0.1 signed by a CA of its own, which nothing trusts. Stopped when dropped.
+struct TlsFront {
+    child: std::process::Child,
+    port: u16,
+    ca: Vec<u8>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TlsFront {
+    async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("parley-operator-tls-{}", unique_namespace()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+        std::fs::write(
+            path("ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let openssl = |args: &[&str]| {
+            let made = std::process::Command::new("openssl")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl makes the test broker's certificates");
+            assert!(made.success(), "openssl {args:?}");
+        };
+        let (ca, ca_key, cert, key, csr) =
+            (path("ca.pem"), path("ca.key"), path("broker.pem"), path("broker.key"), path("broker.csr"));
+        openssl(
+            &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=Parley test CA"]
+                .into_iter()
+                .chain(["-keyout", &ca_key, "-out", &ca])
+                .collect::<Vec<_>>(),
+        );
+        openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", &key, "-out", &csr]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &path("ext"),
+            "-out",
+            &cert,
+        ]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let listen = format!("OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={cert},key={key}");
+        let child = std::process::Command::new("socat")
+            .args([listen.as_str(), "TCP:127.0.0.1:5672"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("socat fronts the broker with TLS");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "socat never listened on {port}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ca = std::fs::read(&ca).unwrap();
+        Self { child, port, ca, dir }
+    }
+
+    /// The test broker's URI over this front, with amqps://.
+    fn url(&self) -> String {
+        let plain = amqp_url();
+        let vhost = plain.rsplit_once('/').map(|(_, v)| v).unwrap_or("%2f");
+        format!("amqps://guest:guest@127.0.0.1:{}/{vhost}", self.port)
+    }
+}
+
+#[tokio::test]
+async fn an_amqps_broker_with_a_private_ca_is_reached_with_the_ca_bundle_of_broker_tls() {
+    let front = TlsFront::start().await;
+    let namespace = unique_namespace();
+    // Without the CA the broker's certificate is trusted by nobody: the operator cannot declare.
+    let untrusting = Harness::new(chat(&namespace, &[("de", 1)]), &front.url()).await;
+    assert!(untrusting.reconcile().await.is_err());
+    assert_eq!(condition(&untrusting.chat().await, "BrokerReady"), ("False".into(), "BrokerUnreachable".into()));
+
+    let h = Harness::new(with_broker_ca(chat(&unique_namespace(), &[("de", 1)])), &front.url()).await;
+    let ca = secret_with(&h.namespace, "rabbitmq-ca", "ca.crt", &front.ca);
+    h.api::<Secret>().create(&Default::default(), &ca).await.unwrap();
+
+    h.reconcile().await.unwrap();
+
+    assert_eq!(condition(&h.chat().await, "BrokerReady"), ("True".into(), "TopologyDeclared".into()));
+    assert!(queue_exists(&h.topology().translate_queue("de")).await, "declared through the TLS front");
+    // The NetworkPolicies let the pods out to the port the URI names, beside 5671 and 5672.
+    let policy = h.api::<NetworkPolicy>().get("town-hall-fanout").await.unwrap();
+    let broker = &policy.spec.unwrap().egress.unwrap()[1];
+    let ports: Vec<_> = broker.ports.iter().flatten().map(|p| p.port.clone().unwrap()).collect();
+    assert!(ports.contains(&IntOrString::Int(front.port.into())), "{ports:?}");
+}
+
+/// The TCP (or `protocol`) ports of one rule.
+fn ports_of(ports: &Option<Vec<k8s_openapi::api::networking::v1::NetworkPolicyPort>>, protocol: &str) -> Vec<i32> {
+    ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref() == Some(protocol))
+        .map(|p| match p.port {
+            Some(IntOrString::Int(n)) => n,
+            ref other => panic!("a numbered port: {other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_role_gets_a_network_policy_with_the_ports_it_needs_and_they_are_pruned_when_turned_off() {
+    let h = Harness::new(with_history(chat(&unique_namespace(), &[("de", 1), ("fr", 1)])), &amqp_url()).await;
+    h.api::<Secret>()
+        .create(&Default::default(), &secret_named(&h.namespace, "chat-db-app", &postgres_url()))
+        .await
+        .unwrap();
+    h.reconcile().await.unwrap();
+
+    let policies = h.api::<NetworkPolicy>();
+    let mut names: Vec<String> =
+        policies.list(&ListParams::default()).await.unwrap().items.iter().map(ResourceExt::name_any).collect();
+    names.sort();
+    assert_eq!(names, ["town-hall-fanout", "town-hall-gateway", "town-hall-translator"], "one per role");
+    let database = url::Url::parse(&postgres_url()).unwrap().port().map_or(5432, i32::from);
+    let history: Vec<i32> = std::collections::BTreeSet::from([5432, database]).into_iter().collect();
+    for (role, component, extra) in [
+        ("town-hall-gateway", "gateway", history.clone()),
+        ("town-hall-fanout", "fanout", history.clone()),
+        ("town-hall-translator", "translator", vec![2737]),
+    ] {
+        let policy = policies.get(role).await.unwrap();
+        assert_eq!(policy.owner_references()[0].kind, "ChatDeployment");
+        let spec = policy.spec.unwrap();
+        assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_owned(), "Egress".to_owned()][..]));
+        let selector = spec.pod_selector.unwrap().match_labels.unwrap();
+        assert_eq!(selector["app.kubernetes.io/component"], component);
+        assert_eq!(selector["chat.parley.dev/deployment"], NAME);
+        // Every pod of the role's Deployments is one it selects.
+        for deployment in h.api::<Deployment>().list(&ListParams::default()).await.unwrap().items {
+            let pods = deployment.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+            if pods["app.kubernetes.io/component"] == component {
+                assert!(selector.iter().all(|(k, v)| pods.get(k) == Some(v)), "{role}: {pods:?}");
+            }
+        }
+        let ingress = spec.ingress.unwrap();
+        assert_eq!(ingress.len(), 1);
+        assert_eq!(ports_of(&ingress[0].ports, "TCP"), [8080], "{role}: the HTTP, metrics and health port only");
+        let egress = spec.egress.unwrap();
+        assert_eq!((ports_of(&egress[0].ports, "UDP"), ports_of(&egress[0].ports, "TCP")), (vec![53], vec![53]));
+        assert_eq!(ports_of(&egress[1].ports, "TCP"), [5671, 5672], "{role}: the broker");
+        assert_eq!(ports_of(&egress[2].ports, "TCP"), extra, "{role}: the history or the provider");
+        assert_eq!(egress.len(), 3, "{role}: nothing else");
+        assert!(egress.iter().all(|rule| rule.to.is_none()), "to any address");
+    }
+
+    h.edit(|c| c.spec.network_policy.enabled = false).await;
+    h.reconcile().await.unwrap();
+
+    assert!(policies.list(&ListParams::default()).await.unwrap().items.is_empty(), "pruned once turned off");
+    let pruned: Vec<String> = h
+        .events()
+        .await
+        .into_iter()
+        .filter(|(_, reason, note)| reason == "Pruned" && note.contains("NetworkPolicy/"))
+        .map(|(_, _, note)| note)
+        .collect();
+    // (One Event: the recorder folds the three deletions, one reason, into a series.)
+    assert!(!pruned.is_empty(), "the deletion is said: {:?}", h.events().await);
 }

@@ -9,6 +9,7 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{ConfigMap, Service},
+        networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
     },
     NamespaceResourceScope,
@@ -227,6 +228,8 @@ pub async fn apply(
     apply_kind(client, names, applied, std::slice::from_ref(&desired.config_map), Nothing).await?;
     apply_kind(client, names, applied, &desired.services, Nothing).await?;
     apply_kind(client, names, applied, &desired.disruption_budgets, Nothing).await?;
+    // Before the pods they cover: a new pod never runs unrestricted.
+    apply_kind(client, names, applied, &desired.network_policies, Nothing).await?;
     apply_kind(client, names, applied, &desired.scaled_objects, Nothing).await?;
     apply_kind(client, names, applied, &desired.trigger_authentications, Nothing).await?;
     let deployments = apply_kind(client, names, applied, &desired.deployments, Deployments).await?;
@@ -259,6 +262,9 @@ pub async fn prune(
         .extend(prune_kind::<Service>(client, names, &keep(desired.services.iter().map(|o| &o.metadata.name))).await?);
     let budgets = keep(desired.disruption_budgets.iter().map(|o| &o.metadata.name));
     deleted.extend(prune_kind::<PodDisruptionBudget>(client, names, &budgets).await?);
+    // Built in, so always pruned: `spec.networkPolicy.enabled: false` deletes those made before.
+    let policies = keep(desired.network_policies.iter().map(|o| &o.metadata.name));
+    deleted.extend(prune_kind::<NetworkPolicy>(client, names, &policies).await?);
     let config_maps = keep(std::iter::once(&desired.config_map.metadata.name));
     deleted.extend(prune_kind::<ConfigMap>(client, names, &config_maps).await?);
     if installed.keda {

@@ -29,6 +29,9 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum BrokerError {
     #[error("broker {0}")]
     Secret(#[from] SecretError),
+    /// The CA bundle of `spec.broker.tls` cannot be read.
+    #[error("broker CA bundle (broker.tls.caSecretRef): {0}")]
+    Ca(SecretError),
     #[error("broker unreachable: {0}")]
     Unreachable(String),
     #[error("failed to declare the topology: {0}")]
@@ -43,6 +46,8 @@ impl BrokerError {
         match self {
             Self::Secret(SecretError::NotFound(_)) => Reason::BrokerSecretNotFound,
             Self::Secret(SecretError::KeyMissing { .. }) => Reason::BrokerSecretKeyMissing,
+            Self::Ca(SecretError::NotFound(_)) => Reason::BrokerCaSecretNotFound,
+            Self::Ca(SecretError::KeyMissing { .. }) => Reason::BrokerCaSecretKeyMissing,
             Self::Unreachable(_) | Self::Channel(_) => Reason::BrokerUnreachable,
             Self::Topology(_) => Reason::TopologyFailed,
         }
@@ -53,64 +58,83 @@ impl BrokerError {
     }
 }
 
-async fn connect(url: &str) -> Result<Connection, BrokerError> {
+/// Where a broker is and how its certificate is checked: its URI, and the CA bundle (PEM) of
+/// `spec.broker.tls`, if any (the system's roots otherwise).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BrokerAddress {
+    pub url: String,
+    pub ca: Option<String>,
+}
+
+impl BrokerAddress {
+    pub fn new(url: impl Into<String>, ca: Option<String>) -> Self {
+        Self { url: url.into(), ca }
+    }
+}
+
+async fn connect(address: &BrokerAddress) -> Result<Connection, BrokerError> {
+    let url = address.url.as_str();
     let props = ConnectionProperties::default().with_connection_name("parley-operator".into());
-    match tokio::time::timeout(BROKER_TIMEOUT, Connection::connect(url, props)).await {
+    // An amqps:// URI is checked against the CA bundle when there is one, as the chat server does.
+    let tls = lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: address.ca.clone() };
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|err| BrokerError::Unreachable(super::observe::scrub(&err.to_string(), url)))?;
+    match tokio::time::timeout(BROKER_TIMEOUT, Connection::connect_with_config(url, props, tls, runtime)).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(err)) => Err(BrokerError::Unreachable(super::observe::scrub(&err.to_string(), url))),
         Err(_) => Err(BrokerError::Unreachable(format!("no answer within {BROKER_TIMEOUT:?}"))),
     }
 }
 
-/// One open connection per broker, shared by every reconcile of the chats that use it, instead of a
-/// new connection (and its handshake) per reconcile.
+/// One open connection per broker (and CA bundle), shared by every reconcile of the chats that use
+/// it, instead of a new connection (and its handshake) per reconcile.
 #[derive(Default)]
 pub struct Brokers {
-    connections: tokio::sync::Mutex<HashMap<String, Arc<Connection>>>,
+    connections: tokio::sync::Mutex<HashMap<BrokerAddress, Arc<Connection>>>,
 }
 
 impl Brokers {
-    /// The open connection to `url`, connecting (again) when there is none or it failed. The lock is
-    /// not held while connecting: a broker that does not answer must not hold up the reconciles of
+    /// The open connection to `address`, connecting (again) when there is none or it failed. The lock
+    /// is not held while connecting: a broker that does not answer must not hold up the reconciles of
     /// chats on other brokers.
-    async fn connection(&self, url: &str) -> Result<Arc<Connection>, BrokerError> {
-        if let Some(open) = self.connections.lock().await.get(url).filter(|c| c.status().connected()) {
+    async fn connection(&self, address: &BrokerAddress) -> Result<Arc<Connection>, BrokerError> {
+        if let Some(open) = self.connections.lock().await.get(address).filter(|c| c.status().connected()) {
             return Ok(open.clone());
         }
-        let connection = Arc::new(connect(url).await?);
+        let connection = Arc::new(connect(address).await?);
         let mut connections = self.connections.lock().await;
         // Another reconcile may have connected meanwhile: keep one, close the other.
-        if let Some(open) = connections.get(url).filter(|c| c.status().connected()).cloned() {
+        if let Some(open) = connections.get(address).filter(|c| c.status().connected()).cloned() {
             drop(connections);
             let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "duplicate".into())).await;
             return Ok(open);
         }
-        connections.insert(url.to_owned(), connection.clone());
+        connections.insert(address.clone(), connection.clone());
         Ok(connection)
     }
 
-    /// Runs `work` on the connection to `url`, bounded by [`STEP_TIMEOUT`]; a connection whose work
-    /// timed out or failed is dropped, and the next step connects afresh.
-    async fn with<T, F, Fut>(&self, url: &str, work: F) -> Result<T, BrokerError>
+    /// Runs `work` on the connection to `address`, bounded by [`STEP_TIMEOUT`]; a connection whose
+    /// work timed out or failed is dropped, and the next step connects afresh.
+    async fn with<T, F, Fut>(&self, address: &BrokerAddress, work: F) -> Result<T, BrokerError>
     where
         F: FnOnce(Arc<Connection>) -> Fut,
         Fut: Future<Output = Result<T, BrokerError>>,
     {
-        let connection = self.connection(url).await?;
+        let connection = self.connection(address).await?;
         let result = match tokio::time::timeout(STEP_TIMEOUT, work(connection.clone())).await {
             Ok(result) => result,
             Err(_) => Err(BrokerError::Unreachable(format!("the broker did not answer within {STEP_TIMEOUT:?}"))),
         };
         if result.is_err() {
-            self.forget(url, &connection).await;
+            self.forget(address, &connection).await;
         }
         result
     }
 
-    async fn forget(&self, url: &str, connection: &Arc<Connection>) {
+    async fn forget(&self, address: &BrokerAddress, connection: &Arc<Connection>) {
         let mut connections = self.connections.lock().await;
-        if connections.get(url).is_some_and(|c| Arc::ptr_eq(c, connection)) {
-            connections.remove(url);
+        if connections.get(address).is_some_and(|c| Arc::ptr_eq(c, connection)) {
+            connections.remove(address);
         }
         drop(connections);
         let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "failed".into())).await;
@@ -247,8 +271,13 @@ pub async fn step(
     draining: Vec<Draining>,
     elapsed: impl Fn(&str) -> Duration,
 ) -> BrokerStep {
-    let synced = match observed.broker_url() {
-        Ok(url) => {
+    let address = observed.broker_url().map_err(BrokerError::from).and_then(|url| match observed.broker_ca() {
+        None => Ok(BrokerAddress::new(url, None)),
+        Some(Ok(ca)) => Ok(BrokerAddress::new(url, Some(ca))),
+        Some(Err(err)) => Err(BrokerError::Ca(err)),
+    });
+    let synced = match address {
+        Ok(address) => {
             let drain_timeout = Duration::from_secs(chat.drain_timeout_seconds.max(0) as u64);
             // Removed languages whose translators are scaled to zero (or gone).
             let stopped: BTreeSet<String> = draining
@@ -259,12 +288,12 @@ pub async fn step(
             let removed = (draining.clone(), &stopped);
             let languages = chat.language_codes();
             brokers
-                .with(&url, |connection| async move {
+                .with(&address, |connection| async move {
                     sync(&connection, &chat.topology, &languages, removed, drain_timeout, elapsed).await
                 })
                 .await
         }
-        Err(err) => Err(err.into()),
+        Err(err) => Err(err),
     };
     match synced {
         Ok(outcome) => BrokerStep {
@@ -287,12 +316,12 @@ pub async fn step(
 /// Deletes every exchange and queue of the topology (the finalizer's work).
 pub async fn remove(
     brokers: &Brokers,
-    url: &str,
+    address: &BrokerAddress,
     topology: &Topology,
     languages: &[String],
 ) -> Result<(), BrokerError> {
     brokers
-        .with(url, |connection| async move {
+        .with(address, |connection| async move {
             let channel = connection.create_channel().await.map_err(BrokerError::Channel)?;
             parley_contract::topology::delete_all(&channel, topology, languages).await?;
             Ok(())
@@ -309,7 +338,7 @@ mod tests {
         for uri in
             ["guest:s3cret@127.0.0.1:1/%2f", "amqp//guest:s3cret@127.0.0.1:1", "amqp://guest:s3cret@127.0.0.1:1/%2f"]
         {
-            let Err(err) = connect(uri).await else { panic!("nothing listens there") };
+            let Err(err) = connect(&BrokerAddress::new(uri, None)).await else { panic!("nothing listens there") };
             let text = err.to_string();
             assert!(!text.contains("s3cret"), "{uri}: {text}");
         }

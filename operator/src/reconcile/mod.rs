@@ -139,9 +139,10 @@ pub struct Context {
     pub brokers: broker::Brokers,
     /// What was last applied, so that an unchanged object is not applied again.
     pub applied: apply::Applied,
-    /// The broker URI each chat last reconciled with, by `namespace/name`: deleting a namespace deletes
-    /// the broker Secret too, often before the finalizer runs, and the topology must still go.
-    broker_urls: Mutex<HashMap<String, String>>,
+    /// The broker URI (and CA bundle) each chat last reconciled with, by `namespace/name`: deleting a
+    /// namespace deletes the broker Secret too, often before the finalizer runs, and the topology must
+    /// still go.
+    broker_addresses: Mutex<HashMap<String, broker::BrokerAddress>>,
 }
 
 impl Context {
@@ -158,7 +159,7 @@ impl Context {
             keda: tokio::sync::OnceCell::new(),
             brokers: broker::Brokers::default(),
             applied: apply::Applied::default(),
-            broker_urls: Mutex::default(),
+            broker_addresses: Mutex::default(),
         }
     }
 
@@ -177,7 +178,7 @@ impl Context {
         languages.extend(histories.into_iter().flat_map(|h| h.into_keys()));
         self.metrics.forget(&chat.namespace().unwrap_or_default(), &chat.name_any(), &languages);
         self.applied.forget(&chat.namespace().unwrap_or_default(), &chat.name_any());
-        self.broker_urls.lock().expect("broker urls lock").remove(&key);
+        self.broker_addresses.lock().expect("broker addresses lock").remove(&key);
     }
 
     async fn publish(&self, chat: &ChatDeployment, note: Note) {
@@ -227,7 +228,11 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         Err(err) => return Err(read_failed(chat, ctx, err, &now).await),
     };
     if let Ok(url) = observed.broker_url() {
-        ctx.broker_urls.lock().expect("broker urls lock").insert(key(chat), url);
+        let ca = observed.broker_ca().and_then(Result::ok);
+        ctx.broker_addresses
+            .lock()
+            .expect("broker addresses lock")
+            .insert(key(chat), broker::BrokerAddress::new(url, ca));
     }
     // What may be on the broker is recorded before anything more is declared.
     let recorded = declared(chat);
@@ -247,6 +252,7 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
     }
     let broker = broker::step(&ctx.brokers, &observed, &valid, draining, |since| elapsed_since(since, now.0)).await;
     let history = database::step(&observed).await;
+    let auth = status::AuthReport::new(&valid, observed.jwt_secret.as_ref());
     if !broker.deleted.is_empty() {
         let left: Vec<String> =
             declaring.iter().filter(|l| !broker.deleted.iter().any(|(gone, _)| gone == *l)).cloned().collect();
@@ -273,6 +279,10 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
     inputs.scaled = plan.report.desired.clone();
     inputs.keda_installed = observed.keda_installed;
     inputs.pod_monitor_installed = observed.pod_monitors.yes();
+    inputs.broker_port =
+        observed.broker_url().ok().and_then(|url| Some(url.parse::<lapin::uri::AMQPUri>().ok()?.authority.port));
+    inputs.history_port =
+        observed.history_url().and_then(Result::ok).and_then(|url| url::Url::parse(&url).ok()?.port());
     // A removed language keeps translating its accepted messages until its queue is drained; with none
     // ready, its translators go to zero, handing back any they hold, before the queue is deleted.
     inputs.draining = broker
@@ -300,7 +310,8 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         .map(|pruned| Note::normal(Reason::Pruned, format!("deleted {pruned}, no longer in the spec")))
         .chain(plan.changes.iter().map(autoscale::Change::note))
         .chain(broker.notes())
-        .chain(history.note(chat.status.as_ref()));
+        .chain(history.note(chat.status.as_ref()))
+        .chain(auth.as_ref().and_then(|a| a.note(chat.status.as_ref())));
     for note in notes.collect::<Vec<_>>() {
         ctx.publish(chat, note).await;
     }
@@ -312,6 +323,7 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         draining: &broker.draining,
         scaling: &plan.report,
         history: history_report.as_ref(),
+        auth: auth.as_ref(),
         pod_monitors: &observed.pod_monitors,
     };
     let previous = chat.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
@@ -474,13 +486,21 @@ pub async fn cleanup(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Err
             key(chat)
         )));
     }
+    let last = ctx.broker_addresses.lock().expect("broker addresses lock").get(&key(chat)).cloned();
     let url = match observe::secret_value(&ctx.client, &namespace, &chat.spec.broker.secret_ref).await? {
         Ok(url) => Ok(String::from_utf8_lossy(&url).trim().to_owned()),
         // Gone with its namespace, say: the URI the chat last reconciled with still reaches the broker.
-        Err(err) => ctx.broker_urls.lock().expect("broker urls lock").get(&key(chat)).cloned().ok_or(err),
+        Err(err) => last.as_ref().map(|a| a.url.clone()).ok_or(err),
+    };
+    let ca = match &chat.spec.broker.tls {
+        None => None,
+        Some(tls) => match observe::secret_value(&ctx.client, &namespace, &tls.ca_secret_ref).await? {
+            Ok(pem) => Some(String::from_utf8_lossy(&pem).into_owned()),
+            Err(_) => last.and_then(|a| a.ca),
+        },
     };
     let removed = match url {
-        Ok(url) => broker::remove(&ctx.brokers, &url, &topology, &languages).await,
+        Ok(url) => broker::remove(&ctx.brokers, &broker::BrokerAddress::new(url, ca), &topology, &languages).await,
         Err(err) => Err(err.into()),
     };
     match removed {

@@ -28,6 +28,10 @@ pub struct Observed {
     pub api_key: Option<Result<Vec<u8>, SecretError>>,
     /// The history database's URI from its Secret, when the spec keeps a history.
     pub history_secret: Option<Result<Vec<u8>, SecretError>>,
+    /// The gateway's HS256 secret, in auth mode jwt.
+    pub jwt_secret: Option<Result<Vec<u8>, SecretError>>,
+    /// The broker's CA bundle (PEM), when the spec names one.
+    pub broker_ca: Option<Result<Vec<u8>, SecretError>>,
     /// The replicas each owned translator Deployment has now, by language.
     pub translator_replicas: BTreeMap<String, i32>,
     /// Whether the KEDA CRDs are installed (asked once per operator process).
@@ -65,6 +69,11 @@ impl Observed {
         self.broker_secret.clone().map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
     }
 
+    /// The broker's CA bundle (PEM), when the spec names one.
+    pub fn broker_ca(&self) -> Option<Result<String, SecretError>> {
+        self.broker_ca.clone().map(|secret| secret.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
     /// A digest of the referenced Secrets' data (or of what is missing), so pods roll when a credential
     /// changes. Keyed (HMAC-SHA256 with `key`, which the operator keeps in its own Secret): anyone who can
     /// read the Deployments sees the digest, and an unkeyed hash of a password would let them test
@@ -74,7 +83,10 @@ impl Observed {
         let broker = self.broker_secret.as_ref().map(Vec::as_slice);
         let api_key = self.api_key.as_ref().map(|key| key.as_ref().map(Vec::as_slice));
         let history = self.history_secret.as_ref().map(|url| url.as_ref().map(Vec::as_slice));
-        for part in std::iter::once(broker).chain(api_key).chain(history) {
+        // Absent parts add nothing: a chat that references neither keeps the digest it had.
+        let jwt = self.jwt_secret.as_ref().map(|secret| secret.as_ref().map(Vec::as_slice));
+        let ca = self.broker_ca.as_ref().map(|ca| ca.as_ref().map(Vec::as_slice));
+        for part in std::iter::once(broker).chain(api_key).chain(history).chain(jwt).chain(ca) {
             match part {
                 Ok(bytes) => hasher.update(bytes),
                 Err(err) => hasher.update(err.to_string().as_bytes()),
@@ -122,6 +134,14 @@ pub async fn observe(
         }
         None => None,
     };
+    let jwt_secret = match &chat.auth.jwt_secret {
+        Some(reference) => Some(secret_value(client, namespace, reference).await.map_err(secret(reference))?),
+        None => None,
+    };
+    let broker_ca = match &chat.broker_ca {
+        Some(reference) => Some(secret_value(client, namespace, reference).await.map_err(secret(reference))?),
+        None => None,
+    };
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let translator_replicas = deployments
         .list(&ListParams::default().labels(&chat.names.owned_selector()))
@@ -143,7 +163,16 @@ pub async fn observe(
     let pod_monitors = served::<PodMonitor>(client, namespace)
         .await
         .map_err(reading(|| "asking whether PodMonitors are served".to_owned()))?;
-    Ok(Observed { broker_secret, api_key, history_secret, translator_replicas, keda_installed, pod_monitors })
+    Ok(Observed {
+        broker_secret,
+        api_key,
+        history_secret,
+        jwt_secret,
+        broker_ca,
+        translator_replicas,
+        keda_installed,
+        pod_monitors,
+    })
 }
 
 /// A Secret key's value; `Ok(Err(..))` when the Secret or the key does not exist.
@@ -207,6 +236,8 @@ mod tests {
             broker_secret: Ok(broker.to_vec()),
             api_key: None,
             history_secret: None,
+            jwt_secret: None,
+            broker_ca: None,
             translator_replicas: BTreeMap::new(),
             keda_installed: false,
             pod_monitors: Served::NotInstalled,
@@ -223,5 +254,25 @@ mod tests {
         let unkeyed: String =
             sha2::Sha256::digest([uri.as_slice(), &[0]].concat()).iter().take(8).map(|b| format!("{b:02x}")).collect();
         assert_ne!(digest, unkeyed, "not the plain hash a guess could be checked against");
+    }
+
+    #[test]
+    fn the_secrets_digest_follows_the_jwt_secret_and_the_broker_ca() {
+        let uri = b"amqp://parley:hunter2@rabbitmq:5672/%2f";
+        let with = |jwt: Option<&[u8]>, ca: Option<&[u8]>| Observed {
+            jwt_secret: jwt.map(|j| Ok(j.to_vec())),
+            broker_ca: ca.map(|c| Ok(c.to_vec())),
+            ..observed(uri)
+        };
+        let plain = observed(uri).secrets_digest(b"key");
+        assert_eq!(with(None, None).secrets_digest(b"key"), plain, "nothing referenced: the digest is unchanged");
+        let jwt = with(Some(b"one secret of at least 32 bytes!"), None).secrets_digest(b"key");
+        assert_ne!(jwt, plain);
+        assert_ne!(with(Some(b"another secret of 32 bytes or so"), None).secrets_digest(b"key"), jwt);
+        let ca = with(None, Some(b"-----BEGIN CERTIFICATE-----")).secrets_digest(b"key");
+        assert_ne!(ca, plain);
+        assert_ne!(with(None, Some(b"-----BEGIN CERTIFICATE-----\n")).secrets_digest(b"key"), ca);
+        let missing = Observed { jwt_secret: Some(Err(SecretError::NotFound("jwt".into()))), ..observed(uri) };
+        assert_ne!(missing.secrets_digest(b"key"), plain, "a Secret that goes missing counts too");
     }
 }

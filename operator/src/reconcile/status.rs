@@ -10,12 +10,12 @@ use k8s_openapi::{
 };
 
 use super::{
-    observe::Served,
+    observe::{SecretError, Served},
     validate::{Scaling, SpecError, ValidatedChat},
 };
 use crate::{
     crd::{ChatDeploymentStatus, GatewayStatus, Phase, RoleStatus, TranslatorStatus},
-    events::Reason,
+    events::{Note, Reason},
 };
 
 pub const READY: &str = "Ready";
@@ -25,6 +25,8 @@ pub const TRANSLATORS_READY: &str = "TranslatorsReady";
 pub const FANOUT_READY: &str = "FanoutReady";
 pub const AUTOSCALING_READY: &str = "AutoscalingReady";
 pub const HISTORY_READY: &str = "HistoryReady";
+/// In auth mode jwt: whether the gateway's HS256 secret is there to be handed to it.
+pub const AUTH_READY: &str = "AuthReady";
 /// Whether Prometheus is told to scrape the chat's pods; not part of `Ready`.
 pub const METRICS_SCRAPED: &str = "MetricsScraped";
 
@@ -57,6 +59,59 @@ pub enum HistoryReport {
         reason: String,
         message: String,
     },
+}
+
+/// The shortest HS256 secret the chat server accepts (RFC 7518 §3.2: the hash's size).
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// What the gateway's sign-in needs from the cluster, when it needs something: in auth mode jwt, its
+/// HS256 secret. A gateway whose Secret is missing never starts (its pods wait for the Secret).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthReport {
+    Ready { message: String },
+    Failed { reason: Reason, message: String },
+}
+
+impl AuthReport {
+    /// The report for `chat`, from the JWT secret as observed: `None` unless the mode is jwt.
+    pub fn new(chat: &ValidatedChat, secret: Option<&Result<Vec<u8>, SecretError>>) -> Option<Self> {
+        let reference = chat.auth.jwt_secret.as_ref()?;
+        let field = "auth.jwtSecretRef";
+        Some(match secret? {
+            Ok(bytes) if bytes.len() < MIN_JWT_SECRET_BYTES => Self::Failed {
+                reason: Reason::JwtSecretTooShort,
+                message: format!(
+                    "{field}: Secret {} key {} holds {} bytes; the gateway needs at least {MIN_JWT_SECRET_BYTES}",
+                    reference.name,
+                    reference.key,
+                    bytes.len()
+                ),
+            },
+            Ok(_) => Self::Ready {
+                message: format!(
+                    "the gateway verifies tokens with the secret in Secret {} key {}",
+                    reference.name, reference.key
+                ),
+            },
+            Err(err) => Self::Failed {
+                reason: match err {
+                    SecretError::NotFound(_) => Reason::JwtSecretNotFound,
+                    SecretError::KeyMissing { .. } => Reason::JwtSecretKeyMissing,
+                },
+                message: format!("{field}: {err}"),
+            },
+        })
+    }
+
+    /// A Warning when the report turns to a failure: once, not on every reconcile while it stays.
+    pub fn note(&self, previous: Option<&ChatDeploymentStatus>) -> Option<Note> {
+        let Self::Failed { reason, message } = self else { return None };
+        let was_failing = previous
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .any(|c| c.type_ == AUTH_READY && c.status == "False" && c.reason == reason.as_str());
+        (!was_failing).then(|| Note::warning(*reason, message.clone()))
+    }
 }
 
 /// A removed language whose queue still drains.
@@ -158,6 +213,8 @@ pub struct Findings<'a> {
     pub scaling: &'a ScalingReport,
     /// `None` when the spec keeps no history.
     pub history: Option<&'a HistoryReport>,
+    /// `None` unless the gateway's sign-in needs something from the cluster (auth mode jwt).
+    pub auth: Option<&'a AuthReport>,
     /// Whether PodMonitors can be made.
     pub pod_monitors: &'a Served,
 }
@@ -170,7 +227,7 @@ pub fn compute(
     previous: &[Condition],
     now: &Time,
 ) -> ChatDeploymentStatus {
-    let Findings { deployments, broker, draining, scaling, history, pod_monitors } = found;
+    let Findings { deployments, broker, draining, scaling, history, auth, pod_monitors } = found;
     let names = &chat.names;
     let gateway = observe(deployments, &names.gateway());
     let fanout = observe(deployments, &names.fanout());
@@ -253,22 +310,33 @@ pub fn compute(
             condition(HISTORY_READY, false, reason, message.clone(), generation, now)
         }
     }));
+    // Without its secret the gateway cannot start: the chat is not serving.
+    parts.extend(auth.map(|report| match report {
+        AuthReport::Ready { message } => {
+            condition(AUTH_READY, true, "JwtSecretFound", message.clone(), generation, now)
+        }
+        AuthReport::Failed { reason, message } => {
+            condition(AUTH_READY, false, reason.as_str(), message.clone(), generation, now)
+        }
+    }));
     let failing: Vec<&str> = parts.iter().filter(|c| c.status != "True").map(|c| c.type_.as_str()).collect();
     let ready = if failing.is_empty() {
         condition(READY, true, "AllComponentsReady", "the chat is serving".into(), generation, now)
     } else {
         condition(READY, false, "ComponentsNotReady", format!("not ready: {}", failing.join(", ")), generation, now)
     };
-    let phase =
-        if matches!(broker, BrokerReport::Failed { .. }) || matches!(history, Some(HistoryReport::Failed { .. })) {
-            Phase::Degraded
-        } else if failing.is_empty() {
-            Phase::Ready
-        } else if !any_exists {
-            Phase::Pending
-        } else {
-            Phase::Progressing
-        };
+    let phase = if matches!(broker, BrokerReport::Failed { .. })
+        || matches!(history, Some(HistoryReport::Failed { .. }))
+        || matches!(auth, Some(AuthReport::Failed { .. }))
+    {
+        Phase::Degraded
+    } else if failing.is_empty() {
+        Phase::Ready
+    } else if !any_exists {
+        Phase::Pending
+    } else {
+        Phase::Progressing
+    };
     let mut conditions = vec![ready];
     conditions.extend(parts);
     let autoscaled = chat.languages.iter().any(|l| matches!(l.scaling, Scaling::Builtin(_) | Scaling::Keda(_)));
@@ -419,6 +487,7 @@ mod tests {
         deployments: Vec<Deployment>,
         broker: BrokerReport,
         history: Option<HistoryReport>,
+        auth: Option<AuthReport>,
         pod_monitor_installed: bool,
         previous: Vec<Condition>,
         now: Time,
@@ -430,6 +499,7 @@ mod tests {
             deployments: all_ready(),
             broker: BrokerReport::Ready { backlogs: [("de".to_owned(), 4)].into() },
             history: None,
+            auth: None,
             pod_monitor_installed: false,
             previous: Vec::new(),
             now: time("2026-01-01T00:00:00Z"),
@@ -475,6 +545,7 @@ mod tests {
                 draining: &[],
                 scaling: &scaling,
                 history: self.history.as_ref(),
+                auth: self.auth.as_ref(),
                 pod_monitors: if self.pod_monitor_installed { &Served::Yes } else { &Served::NotInstalled },
             };
             compute(&valid, self.generation, found, &self.previous, &self.now)
@@ -533,6 +604,7 @@ mod tests {
             draining: &[],
             scaling: &scaling,
             history: None,
+            auth: None,
             pod_monitors: &forbidden,
         };
         let s = compute(&valid, Some(1), found, &[], &time("2026-01-01T00:00:00Z"));
@@ -571,6 +643,7 @@ mod tests {
             draining: &draining,
             scaling: &scaling,
             history: None,
+            auth: None,
             pod_monitors: &Served::NotInstalled,
         };
         let s = compute(&valid, Some(1), found, &[], &time("2026-01-01T00:00:00Z"));
@@ -603,6 +676,48 @@ mod tests {
         let c = get(&s, HISTORY_READY);
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "DatabaseUnreachable"));
         assert_eq!((get(&s, READY).status.as_str(), s.phase), ("False", Some(Phase::Degraded)));
+    }
+
+    fn jwt_chat() -> ValidatedChat {
+        let mut c = chat(&[("de", Some(1))]);
+        c.spec.auth = Some(crate::crd::AuthSpec {
+            mode: crate::crd::AuthMode::Jwt,
+            jwt_secret_ref: Some(crate::crd::SecretKeyRef { name: "parley-jwt".into(), key: "secret".into() }),
+            ..Default::default()
+        });
+        validate(&c, "img").unwrap()
+    }
+
+    #[test]
+    fn a_jwt_secret_that_is_missing_or_too_short_degrades_the_chat_with_its_reason() {
+        let open = validate(&chat(&[("de", Some(1))]), "img").unwrap();
+        assert_eq!(AuthReport::new(&open, None), None, "nothing to report without mode jwt");
+        let s = case().compute();
+        assert!(s.conditions.iter().all(|c| c.type_ != AUTH_READY));
+
+        let chat = jwt_chat();
+        let missing = AuthReport::new(&chat, Some(&Err(SecretError::NotFound("parley-jwt".into())))).unwrap();
+        let s = Case { auth: Some(missing.clone()), ..case() }.compute();
+        let c = get(&s, AUTH_READY);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "JwtSecretNotFound"));
+        assert_eq!(c.message, "auth.jwtSecretRef: Secret parley-jwt not found");
+        assert_eq!((get(&s, READY).status.as_str(), s.phase), ("False", Some(Phase::Degraded)));
+        assert_eq!(missing.note(None).map(|n| n.reason), Some(Reason::JwtSecretNotFound));
+        assert!(missing.note(Some(&s)).is_none(), "said once, not on every reconcile");
+
+        let key = SecretError::KeyMissing { secret: "parley-jwt".into(), key: "secret".into() };
+        let report = AuthReport::new(&chat, Some(&Err(key))).unwrap();
+        assert!(matches!(report, AuthReport::Failed { reason: Reason::JwtSecretKeyMissing, .. }), "{report:?}");
+        assert!(report.note(Some(&s)).is_some(), "another failure is news");
+        let short = AuthReport::new(&chat, Some(&Ok(b"too short".to_vec()))).unwrap();
+        assert!(
+            matches!(&short, AuthReport::Failed { reason: Reason::JwtSecretTooShort, message } if message.contains("9 bytes"))
+        );
+
+        let found = AuthReport::new(&chat, Some(&Ok(vec![7; MIN_JWT_SECRET_BYTES]))).unwrap();
+        let s = Case { auth: Some(found), ..case() }.compute();
+        assert_eq!(get(&s, AUTH_READY).status, "True");
+        assert_eq!(s.phase, Some(Phase::Ready));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use parley_contract::topology::{self, Topology};
 
 use crate::{
-    crd::{AutoscalingMode, ChatDeployment, Provider, RoleOverrides, SecretKeyRef},
+    crd::{AuthMode, AuthSpec, AutoscalingMode, ChatDeployment, Provider, RoleOverrides, SecretKeyRef},
     names::Names,
 };
 
@@ -52,6 +52,22 @@ pub enum SpecError {
     InvalidRetention(String),
     #[error("monitoring.otlpEndpoint {0:?} is not an http(s) URL")]
     InvalidOtlpEndpoint(String),
+    #[error("auth.mode oidc needs auth.issuer, the OpenID Connect issuer's URL")]
+    OidcWithoutIssuer,
+    #[error("auth.issuer {0:?} is not an http(s) URL, which auth.mode oidc needs")]
+    InvalidIssuer(String),
+    #[error("auth.mode oidc needs auth.audience, the audience (aud) its tokens must name")]
+    OidcWithoutAudience,
+    #[error("auth.mode jwt needs auth.jwtSecretRef, the Secret key holding the HS256 secret")]
+    JwtWithoutSecret,
+    #[error("auth.{field} holds {group:?}, which is no group name (empty, a comma, or space around it)")]
+    InvalidGroup { field: &'static str, group: String },
+    #[error("auth.readGroups and auth.sendGroups need auth.mode jwt or oidc: with mode none anyone may read and send")]
+    GroupsWithoutSignIn,
+    #[error("auth.clockSkewSeconds is {0}; it cannot be negative")]
+    NegativeClockSkew(i64),
+    #[error("auth.rateLimits.{field} is {value}; it must be at least {min}")]
+    InvalidRateLimit { field: &'static str, value: i32, min: i32 },
 }
 
 /// The bounds of one language, resolved from its spec.
@@ -82,6 +98,31 @@ pub struct HistoryPlan {
     pub database: SecretKeyRef,
     /// As the chat server reads it, e.g. `30d`; `None` keeps everything.
     pub retention: Option<String>,
+}
+
+/// Per-client limits at the gateway; `None` leaves the chat server's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub send_rate: Option<u32>,
+    pub send_burst: Option<u32>,
+    pub subscribe_rate: Option<u32>,
+    pub max_connections_per_ip: Option<u32>,
+}
+
+/// How the gateway signs clients in, resolved from `spec.auth` (mode none when it is absent).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AuthPlan {
+    pub mode: AuthMode,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub clock_skew_seconds: Option<u64>,
+    pub groups_claim: Option<String>,
+    pub name_claim: Option<String>,
+    pub read_groups: Vec<String>,
+    pub send_groups: Vec<String>,
+    /// The HS256 secret's Secret key: only in mode jwt.
+    pub jwt_secret: Option<SecretKeyRef>,
+    pub limits: Limits,
 }
 
 /// One target language.
@@ -116,6 +157,11 @@ pub struct ValidatedChat {
     pub drain_timeout_seconds: i64,
     pub history: Option<HistoryPlan>,
     pub monitoring: crate::crd::MonitoringSpec,
+    pub auth: AuthPlan,
+    /// The Secret key of the broker's CA bundle (`spec.broker.tls.caSecretRef`).
+    pub broker_ca: Option<SecretKeyRef>,
+    /// Whether each role gets a NetworkPolicy.
+    pub network_policy: bool,
 }
 
 impl ValidatedChat {
@@ -155,6 +201,86 @@ fn autoscaling_bounds(code: &str, a: &crate::crd::AutoscalingSpec) -> Result<Bou
 fn valid_retention(text: &str) -> bool {
     let Some(digits) = text.strip_suffix(['s', 'm', 'h', 'd']) else { return false };
     !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// An http(s) URL with something after the scheme.
+fn http_url(url: &str) -> bool {
+    (url.starts_with("http://") || url.starts_with("https://")) && url.len() > "https://".len()
+}
+
+/// Non-blank text, trimmed; `None` for blank.
+fn text(value: &Option<String>) -> Option<String> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned)
+}
+
+/// `spec.auth` resolved: mode none without one, and every setting the mode needs present.
+fn auth_plan(spec: Option<&AuthSpec>, errors: &mut Vec<SpecError>) -> AuthPlan {
+    let Some(spec) = spec else { return AuthPlan::default() };
+    let issuer = text(&spec.issuer);
+    let audience = text(&spec.audience);
+    match spec.mode {
+        AuthMode::Oidc => {
+            match &issuer {
+                None => errors.push(SpecError::OidcWithoutIssuer),
+                Some(url) if !http_url(url) => errors.push(SpecError::InvalidIssuer(url.clone())),
+                Some(_) => {}
+            }
+            if audience.is_none() {
+                errors.push(SpecError::OidcWithoutAudience);
+            }
+        }
+        AuthMode::Jwt if spec.jwt_secret_ref.is_none() => errors.push(SpecError::JwtWithoutSecret),
+        AuthMode::Jwt => {}
+        AuthMode::None if !spec.read_groups.is_empty() || !spec.send_groups.is_empty() => {
+            errors.push(SpecError::GroupsWithoutSignIn)
+        }
+        AuthMode::None => {}
+    }
+    // The chat server reads the groups comma-separated and trimmed.
+    let mut groups = |field: &'static str, list: &[String]| {
+        for group in list {
+            if group.is_empty() || group.contains(',') || group.trim() != group {
+                errors.push(SpecError::InvalidGroup { field, group: group.clone() });
+            }
+        }
+        list.to_vec()
+    };
+    let read_groups = groups("readGroups", &spec.read_groups);
+    let send_groups = groups("sendGroups", &spec.send_groups);
+    let clock_skew_seconds = spec.clock_skew_seconds.and_then(|s| match u64::try_from(s) {
+        Ok(s) => Some(s),
+        Err(_) => {
+            errors.push(SpecError::NegativeClockSkew(s));
+            None
+        }
+    });
+    let limits = spec.rate_limits.as_ref().map_or_else(Limits::default, |r| {
+        let mut at_least = |field: &'static str, value: Option<i32>, min: i32| {
+            let value = value?;
+            if value < min {
+                errors.push(SpecError::InvalidRateLimit { field, value, min });
+            }
+            u32::try_from(value).ok()
+        };
+        Limits {
+            send_rate: at_least("sendPerSecond", r.send_per_second, 1),
+            send_burst: at_least("sendBurst", r.send_burst, 1),
+            subscribe_rate: at_least("subscribePerSecond", r.subscribe_per_second, 1),
+            max_connections_per_ip: at_least("maxConnectionsPerIp", r.max_connections_per_ip, 0),
+        }
+    });
+    AuthPlan {
+        mode: spec.mode,
+        issuer,
+        audience,
+        clock_skew_seconds,
+        groups_claim: text(&spec.groups_claim),
+        name_claim: text(&spec.name_claim),
+        read_groups,
+        send_groups,
+        jwt_secret: (spec.mode == AuthMode::Jwt).then(|| spec.jwt_secret_ref.clone()).flatten(),
+        limits,
+    }
 }
 
 fn check_name(name: String, errors: &mut Vec<SpecError>) {
@@ -221,15 +347,16 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     }
 
     let url = spec.translation.url.trim();
-    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len() {
+    if !http_url(url) {
         errors.push(SpecError::InvalidProviderUrl(url.to_owned()));
     }
     if let Some(endpoint) = &spec.monitoring.otlp_endpoint {
-        let url = endpoint.trim();
-        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() <= "https://".len() {
+        if !http_url(endpoint.trim()) {
             errors.push(SpecError::InvalidOtlpEndpoint(endpoint.clone()));
         }
     }
+    let auth = auth_plan(spec.auth.as_ref(), &mut errors);
+    let network_policy = spec.network_policy.enabled;
     if spec.drain_timeout_seconds < 0 {
         errors.push(SpecError::NegativeDrainTimeout(spec.drain_timeout_seconds));
     }
@@ -246,6 +373,9 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     let fanout = replicas("fanout.replicas", spec.fanout.replicas, DEFAULT_FANOUT_REPLICAS);
     check_name(names.gateway(), &mut errors);
     check_name(names.fanout(), &mut errors);
+    if network_policy {
+        check_name(names.translators(), &mut errors);
+    }
     let topology = Topology::for_chat_deployment(&namespace, &name);
     if let Err(err) = &topology {
         errors.push(SpecError::Topology(err.to_string()));
@@ -268,6 +398,9 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
             drain_timeout_seconds: spec.drain_timeout_seconds,
             history,
             monitoring: spec.monitoring.clone(),
+            auth,
+            broker_ca: spec.broker.tls.as_ref().map(|tls| tls.ca_secret_ref.clone()),
+            network_policy,
         }),
         (gateway, fanout, _) => {
             errors.extend(gateway.err());
@@ -404,6 +537,116 @@ mod tests {
         c.spec.history.as_mut().unwrap().retention = Some("30d".into());
         let history = validate(&c, "img").unwrap().history.unwrap();
         assert_eq!((history.database.name.as_str(), history.retention.as_deref()), ("db", Some("30d")));
+    }
+
+    fn with_auth(auth: crate::crd::AuthSpec) -> ChatDeployment {
+        let mut c = chat(&[]);
+        c.spec.auth = Some(auth);
+        c
+    }
+
+    fn oidc(issuer: Option<&str>, audience: Option<&str>) -> crate::crd::AuthSpec {
+        crate::crd::AuthSpec {
+            mode: AuthMode::Oidc,
+            issuer: issuer.map(Into::into),
+            audience: audience.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn without_spec_auth_the_gateway_runs_open_and_network_policies_are_on() {
+        let valid = validate(&chat(&[]), "img").unwrap();
+        assert_eq!(valid.auth, AuthPlan::default());
+        assert_eq!(valid.auth.mode, AuthMode::None);
+        assert!(valid.network_policy);
+        assert_eq!(valid.broker_ca, None);
+    }
+
+    #[test]
+    fn an_oidc_spec_needs_an_issuer_url_and_an_audience_and_says_which_is_missing() {
+        let issuer = Some("https://keycloak.example.com/realms/events");
+        assert_eq!(errors(&with_auth(oidc(issuer, None))), vec![SpecError::OidcWithoutAudience]);
+        assert!(SpecError::OidcWithoutAudience.to_string().contains("auth.audience"));
+        assert_eq!(errors(&with_auth(oidc(issuer, Some("  ")))), vec![SpecError::OidcWithoutAudience], "blank");
+        assert_eq!(errors(&with_auth(oidc(None, Some("parley")))), vec![SpecError::OidcWithoutIssuer]);
+        assert_eq!(
+            errors(&with_auth(oidc(Some("keycloak.example.com"), Some("parley")))),
+            vec![SpecError::InvalidIssuer("keycloak.example.com".into())]
+        );
+        let valid = validate(&with_auth(oidc(Some("http://dex.auth:5556/dex"), Some("parley"))), "img").unwrap();
+        assert_eq!(valid.auth.issuer.as_deref(), Some("http://dex.auth:5556/dex"), "http is accepted");
+        assert_eq!(valid.auth.jwt_secret, None);
+    }
+
+    #[test]
+    fn jwt_mode_needs_a_secret_ref_which_no_other_mode_hands_out() {
+        let jwt = crate::crd::AuthSpec { mode: AuthMode::Jwt, ..Default::default() };
+        assert_eq!(errors(&with_auth(jwt.clone())), vec![SpecError::JwtWithoutSecret]);
+        let reference = SecretKeyRef { name: "parley-jwt".into(), key: "secret".into() };
+        let with_secret = crate::crd::AuthSpec { jwt_secret_ref: Some(reference.clone()), ..jwt };
+        let valid = validate(&with_auth(with_secret.clone()), "img").unwrap();
+        assert_eq!(valid.auth.jwt_secret, Some(reference));
+        let oidc = crate::crd::AuthSpec { mode: AuthMode::Oidc, ..oidc(Some("https://idp"), Some("parley")) };
+        let oidc = crate::crd::AuthSpec { jwt_secret_ref: with_secret.jwt_secret_ref, ..oidc };
+        assert_eq!(validate(&with_auth(oidc), "img").unwrap().auth.jwt_secret, None, "not read in mode oidc");
+    }
+
+    #[test]
+    fn groups_need_sign_in_and_must_be_names_the_chat_server_can_split() {
+        let open = crate::crd::AuthSpec { read_groups: vec!["attendees".into()], ..Default::default() };
+        assert_eq!(errors(&with_auth(open)), vec![SpecError::GroupsWithoutSignIn], "mode none would let anyone read");
+        let listed = crate::crd::AuthSpec {
+            read_groups: vec!["attendees,staff".into()],
+            send_groups: vec!["".into(), " speakers".into(), "Event Staff".into()],
+            ..oidc(Some("https://idp"), Some("parley"))
+        };
+        assert_eq!(
+            errors(&with_auth(listed)),
+            vec![
+                SpecError::InvalidGroup { field: "readGroups", group: "attendees,staff".into() },
+                SpecError::InvalidGroup { field: "sendGroups", group: "".into() },
+                SpecError::InvalidGroup { field: "sendGroups", group: " speakers".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn rate_limits_and_clock_skew_must_be_in_range() {
+        let limits = crate::crd::RateLimitsSpec {
+            send_per_second: Some(0),
+            send_burst: Some(5),
+            subscribe_per_second: None,
+            max_connections_per_ip: Some(-1),
+        };
+        let auth =
+            crate::crd::AuthSpec { rate_limits: Some(limits), clock_skew_seconds: Some(-5), ..Default::default() };
+        assert_eq!(
+            errors(&with_auth(auth)),
+            vec![
+                SpecError::NegativeClockSkew(-5),
+                SpecError::InvalidRateLimit { field: "sendPerSecond", value: 0, min: 1 },
+                SpecError::InvalidRateLimit { field: "maxConnectionsPerIp", value: -1, min: 0 },
+            ]
+        );
+        let limits =
+            crate::crd::RateLimitsSpec { send_burst: Some(5), max_connections_per_ip: Some(0), ..Default::default() };
+        let auth = crate::crd::AuthSpec { rate_limits: Some(limits), ..Default::default() };
+        let valid = validate(&with_auth(auth), "img").unwrap();
+        assert_eq!(
+            valid.auth.limits,
+            Limits { send_burst: Some(5), max_connections_per_ip: Some(0), ..Default::default() },
+            "rate limits apply without sign-in too (per client address)"
+        );
+    }
+
+    #[test]
+    fn a_name_too_long_for_the_translators_network_policy_is_rejected_only_when_it_is_made() {
+        let mut c = chat(&[]);
+        c.metadata.name = Some("a".repeat(53));
+        assert_eq!(errors(&c), vec![SpecError::NameTooLong { name: format!("{}-translator", "a".repeat(53)) }]);
+        c.spec.network_policy.enabled = false;
+        assert!(validate(&c, "img").is_ok());
     }
 
     #[test]

@@ -4,12 +4,16 @@ mod autoscaling;
 mod config;
 mod gateway;
 mod monitoring;
+mod network;
 mod workload;
+
+pub use network::{BROKER_PORTS, POSTGRES_PORT};
 
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{ConfigMap, Service},
+        networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
@@ -40,6 +44,10 @@ pub struct Inputs {
     pub keda_installed: bool,
     /// Whether the Prometheus Operator's PodMonitor CRD is installed (a PodMonitor is emitted only then).
     pub pod_monitor_installed: bool,
+    /// The port the broker URI names, for the NetworkPolicies (5671 and 5672 are always let out).
+    pub broker_port: Option<u16>,
+    /// The port the history database's URI names, for the NetworkPolicies (5432 is always let out).
+    pub history_port: Option<u16>,
 }
 
 impl Inputs {
@@ -51,6 +59,8 @@ impl Inputs {
             draining: BTreeMap::new(),
             keda_installed: false,
             pod_monitor_installed: false,
+            broker_port: None,
+            history_port: None,
         }
     }
 }
@@ -65,6 +75,7 @@ pub struct Desired {
     pub scaled_objects: Vec<ScaledObject>,
     pub trigger_authentications: Vec<TriggerAuthentication>,
     pub pod_monitors: Vec<PodMonitor>,
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 impl Desired {
@@ -142,6 +153,7 @@ pub fn build(chat: &ValidatedChat, inputs: &Inputs) -> Desired {
         scaled_objects,
         trigger_authentications,
         pod_monitors,
+        network_policies: network::network_policies(chat, inputs),
     }
 }
 
@@ -158,8 +170,15 @@ fn metadata(names: &Names, name: String, component: Component, language: Option<
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use parley_contract::config::ChatServerConfig;
+
     use super::*;
-    use crate::{fixtures::chat, reconcile::validate::validate};
+    use crate::{
+        fixtures::chat,
+        names::{CONFIG_FILE, GATEWAY_CONFIG_FILE},
+        reconcile::validate::validate,
+    };
 
     pub fn inputs() -> Inputs {
         // The owner reference the reconcile really sets (kube's `controller_owner_ref`).
@@ -230,7 +249,8 @@ mod tests {
         let metas = std::iter::once(&d.config_map.metadata)
             .chain(d.deployments.iter().map(|o| &o.metadata))
             .chain(d.services.iter().map(|o| &o.metadata))
-            .chain(d.disruption_budgets.iter().map(|o| &o.metadata));
+            .chain(d.disruption_budgets.iter().map(|o| &o.metadata))
+            .chain(d.network_policies.iter().map(|o| &o.metadata));
         for meta in metas {
             let labels = meta.labels.as_ref().unwrap();
             assert_eq!(labels["chat.parley.dev/deployment"], "town-hall");
@@ -318,6 +338,207 @@ mod tests {
         let d = build(&valid, &Inputs { draining: [("fr".to_owned(), 2)].into(), ..inputs() });
         assert_eq!(d.deployment_names().last().map(String::as_str), Some("town-hall-translator-fr"));
         assert_eq!(d.deployments.last().unwrap().spec.as_ref().unwrap().replicas, Some(2));
+    }
+
+    fn container(d: &Deployment) -> &k8s_openapi::api::core::v1::Container {
+        &d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+    }
+
+    fn env_value(d: &Deployment, name: &str) -> Option<String> {
+        container(d).env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone())
+    }
+
+    fn file<'a>(d: &'a Desired, name: &str) -> &'a str {
+        &d.config_map.data.as_ref().unwrap()[name]
+    }
+
+    fn oidc() -> crate::crd::AuthSpec {
+        crate::crd::AuthSpec {
+            mode: crate::crd::AuthMode::Oidc,
+            issuer: Some("https://keycloak.example.com/realms/events".into()),
+            audience: Some("parley".into()),
+            clock_skew_seconds: Some(10),
+            groups_claim: Some("realm_access.roles".into()),
+            name_claim: Some("preferred_username".into()),
+            read_groups: vec!["attendees".into(), "speakers".into()],
+            send_groups: vec!["speakers".into()],
+            jwt_secret_ref: None,
+            rate_limits: Some(crate::crd::RateLimitsSpec {
+                send_per_second: Some(2),
+                send_burst: Some(10),
+                subscribe_per_second: Some(4),
+                max_connections_per_ip: Some(50),
+            }),
+        }
+    }
+
+    #[test]
+    fn only_the_gateway_reads_sign_in_and_without_spec_auth_its_file_says_auth_none() {
+        let d = desired();
+        let gateway = ChatServerConfig::from_toml(file(&d, GATEWAY_CONFIG_FILE)).unwrap();
+        assert_eq!(gateway.auth, Some(parley_contract::config::AuthMode::None), "explicit: a gateway needs it");
+        let shared = ChatServerConfig::from_toml(file(&d, CONFIG_FILE)).unwrap();
+        assert_eq!(shared.auth, None, "the fanout and translators never sign anyone in");
+        assert_eq!(ChatServerConfig { auth: None, ..gateway }, shared, "otherwise the same settings");
+        let read = |i: usize| env_value(&d.deployments[i], "PARLEY_CONFIG").unwrap();
+        assert_eq!(read(0), "/etc/parley/gateway.toml");
+        assert_eq!(
+            (read(1).as_str(), read(2).as_str()),
+            ("/etc/parley/chat-server.toml", "/etc/parley/chat-server.toml")
+        );
+    }
+
+    #[test]
+    fn gateway_config_with_oidc_snapshot() {
+        let mut c = chat(&[("de", Some(1))]);
+        c.spec.auth = Some(oidc());
+        let d = build(&validate(&c, "img").unwrap(), &inputs());
+        let gateway = ChatServerConfig::from_toml(file(&d, GATEWAY_CONFIG_FILE)).unwrap();
+        assert_eq!(gateway.auth, Some(parley_contract::config::AuthMode::Oidc));
+        assert_eq!(gateway.auth_issuer.as_deref(), Some("https://keycloak.example.com/realms/events"));
+        assert_eq!(gateway.read_groups.as_deref(), Some("attendees,speakers"), "comma-joined");
+        assert_eq!((gateway.send_rate, gateway.max_connections_per_ip), (Some(2), Some(50)));
+        assert!(!file(&d, CONFIG_FILE).contains("auth"), "{}", file(&d, CONFIG_FILE));
+        insta::assert_snapshot!(file(&d, GATEWAY_CONFIG_FILE));
+    }
+
+    #[test]
+    fn jwt_mode_hands_only_the_gateway_its_secret_from_the_secret_and_never_the_config_map() {
+        let mut c = chat(&[("de", Some(1))]);
+        let reference = crate::crd::SecretKeyRef { name: "parley-jwt".into(), key: "secret".into() };
+        c.spec.auth = Some(crate::crd::AuthSpec {
+            mode: crate::crd::AuthMode::Jwt,
+            jwt_secret_ref: Some(reference),
+            ..Default::default()
+        });
+        let d = build(&validate(&c, "img").unwrap(), &inputs());
+        let jwt = container(&d.deployments[0]).env.iter().flatten().find(|e| e.name == "PARLEY_JWT_SECRET").unwrap();
+        assert_eq!(jwt.value, None, "never the value itself");
+        let selector = jwt.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((selector.name.as_str(), selector.key.as_str()), ("parley-jwt", "secret"));
+        for other in &d.deployments[1..] {
+            assert!(env_value(other, "PARLEY_JWT_SECRET").is_none(), "{:?}", other.metadata.name);
+            assert!(container(other).env.iter().flatten().all(|e| e.name != "PARLEY_JWT_SECRET"));
+        }
+        let gateway = ChatServerConfig::from_toml(file(&d, GATEWAY_CONFIG_FILE)).unwrap();
+        assert_eq!((gateway.auth, gateway.jwt_secret), (Some(parley_contract::config::AuthMode::Jwt), None));
+        for text in d.config_map.data.as_ref().unwrap().values() {
+            assert!(!text.contains("jwt-secret"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_broker_ca_is_mounted_read_only_in_every_pod_and_named_by_amqp_ca_file() {
+        let mut c = chat(&[("de", Some(1))]);
+        c.spec.broker.tls = Some(crate::crd::BrokerTlsSpec {
+            ca_secret_ref: crate::crd::SecretKeyRef { name: "rabbitmq-ca".into(), key: "ca.crt".into() },
+        });
+        let d = build(&validate(&c, "img").unwrap(), &inputs());
+        for name in [CONFIG_FILE, GATEWAY_CONFIG_FILE] {
+            let config = ChatServerConfig::from_toml(file(&d, name)).unwrap();
+            assert_eq!(config.amqp_ca_file.as_deref(), Some("/etc/parley-broker-ca/ca.pem"), "{name}");
+        }
+        assert_eq!(d.deployments.len(), 3);
+        for deployment in &d.deployments {
+            let pod = deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+            let mount = container(deployment).volume_mounts.iter().flatten().find(|m| m.name == "broker-ca").unwrap();
+            assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/parley-broker-ca", Some(true)));
+            let volume = pod.volumes.iter().flatten().find(|v| v.name == "broker-ca").unwrap();
+            let secret = volume.secret.as_ref().unwrap();
+            assert_eq!(secret.secret_name.as_deref(), Some("rabbitmq-ca"));
+            let item = &secret.items.as_ref().unwrap()[0];
+            assert_eq!((item.key.as_str(), item.path.as_str()), ("ca.crt", "ca.pem"));
+        }
+        let plain = desired();
+        assert!(!file(&plain, CONFIG_FILE).contains("amqp-ca-file"), "the system's roots without one");
+        let pod = plain.deployments[0].spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert!(pod.volumes.iter().flatten().all(|v| v.name != "broker-ca"));
+    }
+
+    #[test]
+    fn network_policies_snapshot() {
+        insta::assert_yaml_snapshot!(desired().network_policies);
+    }
+
+    /// TCP ports each egress rule of the role's NetworkPolicy lets out, in order.
+    fn egress(d: &Desired, role: &str) -> Vec<Vec<i32>> {
+        let policy = d.network_policies.iter().find(|p| p.metadata.name.as_deref() == Some(role)).unwrap();
+        let spec = policy.spec.as_ref().unwrap();
+        spec.egress
+            .iter()
+            .flatten()
+            .map(|rule| {
+                rule.ports
+                    .iter()
+                    .flatten()
+                    .filter(|p| p.protocol.as_deref() == Some("TCP"))
+                    .map(|p| match p.port {
+                        Some(IntOrString::Int(n)) => n,
+                        _ => panic!("a numbered port"),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_role_may_reach_only_what_it_talks_to() {
+        let d = desired();
+        assert_eq!(d.network_policies.len(), 3);
+        let (dns, broker) = (vec![53], vec![5671, 5672]);
+        assert_eq!(egress(&d, "town-hall-gateway"), [dns.clone(), broker.clone()]);
+        assert_eq!(egress(&d, "town-hall-fanout"), [dns.clone(), broker.clone()]);
+        assert_eq!(
+            egress(&d, "town-hall-translator"),
+            [dns.clone(), broker.clone(), vec![2737]],
+            "the provider's port"
+        );
+        for policy in &d.network_policies {
+            let spec = policy.spec.as_ref().unwrap();
+            let ingress = &spec.ingress.as_ref().unwrap()[0];
+            assert!(ingress.from.is_none(), "from anywhere");
+            assert_eq!(ingress.ports.as_ref().unwrap()[0].port, Some(IntOrString::Int(8080)));
+            let role = policy.metadata.labels.as_ref().unwrap()["app.kubernetes.io/component"].clone();
+            let selected = spec.pod_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+            for deployment in d
+                .deployments
+                .iter()
+                .filter(|d| d.metadata.labels.as_ref().unwrap()["app.kubernetes.io/component"] == role)
+            {
+                let pods =
+                    deployment.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+                assert!(selected.iter().all(|(k, v)| pods.get(k) == Some(v)), "{role} selects its pods");
+            }
+        }
+
+        // A history, an OIDC issuer, a collector, an https provider and a broker on its own port.
+        let mut c = chat(&[("de", Some(1))]);
+        c.spec.auth = Some(oidc());
+        c.spec.translation.url = "https://translate.example.com".into();
+        c.spec.monitoring.otlp_endpoint = Some("http://otel-collector.observability:4318".into());
+        c.spec.history = Some(crate::crd::HistorySpec {
+            database: crate::crd::DatabaseSpec {
+                secret_ref: crate::crd::SecretKeyRef { name: "chat-db-app".into(), key: "uri".into() },
+            },
+            retention: None,
+        });
+        let inputs = Inputs { broker_port: Some(5673), history_port: Some(6432), ..inputs() };
+        let d = build(&validate(&c, "img").unwrap(), &inputs);
+        let (broker, history, otlp) = (vec![5671, 5672, 5673], vec![5432, 6432], vec![4318]);
+        assert_eq!(
+            egress(&d, "town-hall-gateway"),
+            [dns.clone(), broker.clone(), history.clone(), vec![443], otlp.clone()],
+            "the history and the issuer"
+        );
+        assert_eq!(egress(&d, "town-hall-fanout"), [dns.clone(), broker.clone(), history, otlp.clone()]);
+        assert_eq!(egress(&d, "town-hall-translator"), [dns, broker, vec![443], otlp], "no history for translators");
+    }
+
+    #[test]
+    fn no_network_policies_when_turned_off() {
+        let mut c = chat(&[("de", Some(1))]);
+        c.spec.network_policy.enabled = false;
+        assert!(build(&validate(&c, "img").unwrap(), &inputs()).network_policies.is_empty());
     }
 
     #[test]

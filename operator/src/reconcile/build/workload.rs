@@ -6,8 +6,8 @@ use k8s_openapi::{
         apps::v1::{Deployment, DeploymentSpec},
         core::v1::{
             Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-            HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
-            SecurityContext, Volume, VolumeMount,
+            HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+            SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
         },
     },
     apimachinery::pkg::{
@@ -19,7 +19,10 @@ use k8s_openapi::{
 use super::{metadata, Inputs};
 use crate::{
     crd::{RoleOverrides, SecretKeyRef},
-    names::{Component, CONFIG_DIR, CONFIG_FILE, CONFIG_HASH_ANNOTATION, HTTP_PORT},
+    names::{
+        Component, BROKER_CA_DIR, BROKER_CA_FILE, CONFIG_DIR, CONFIG_FILE, CONFIG_HASH_ANNOTATION, GATEWAY_CONFIG_FILE,
+        HTTP_PORT,
+    },
     reconcile::validate::ValidatedChat,
 };
 
@@ -110,11 +113,16 @@ fn template(
     let mut annotations = overrides.annotations.clone().unwrap_or_default();
     annotations.insert(CONFIG_HASH_ANNOTATION.into(), config_hash.into());
 
+    // The gateway reads its own file: the shared settings plus sign-in, which no other role may be given.
+    let file = if role == Component::Gateway { GATEWAY_CONFIG_FILE } else { CONFIG_FILE };
     let mut env_vars = vec![
-        env("PARLEY_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
+        env("PARLEY_CONFIG", &format!("{CONFIG_DIR}/{file}")),
         env("PARLEY_LISTEN", &format!("0.0.0.0:{HTTP_PORT}")),
         env_from_secret("PARLEY_AMQP_URL", &chat.broker),
     ];
+    if let (Component::Gateway, Some(secret)) = (role, &chat.auth.jwt_secret) {
+        env_vars.push(env_from_secret("PARLEY_JWT_SECRET", secret));
+    }
     if role == Component::Translator {
         if let Some(key) = &chat.api_key {
             env_vars.push(env_from_secret("PARLEY_TRANSLATOR_API_KEY", key));
@@ -123,6 +131,42 @@ fn template(
     // The fanout writes the history and the gateways read it; translators never touch it.
     if let (Component::Gateway | Component::Fanout, Some(history)) = (role, &chat.history) {
         env_vars.push(env_from_secret("PARLEY_HISTORY_URL", &history.database));
+    }
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource { name: chat.names.config_map(), ..Default::default() }),
+            ..Default::default()
+        },
+        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+    ];
+    // The broker's CA bundle, for every role: each connects to the broker. `amqp-ca-file` names it.
+    if let Some(ca) = &chat.broker_ca {
+        mounts.push(VolumeMount {
+            name: "broker-ca".into(),
+            mount_path: BROKER_CA_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "broker-ca".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(ca.name.clone()),
+                items: Some(vec![KeyToPath { key: ca.key.clone(), path: BROKER_CA_FILE.into(), mode: None }]),
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
     }
     let container = Container {
         name: "chat-server".into(),
@@ -141,15 +185,7 @@ fn template(
             seccomp_profile: runtime_default(),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".into(),
-                mount_path: CONFIG_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
-        ]),
+        volume_mounts: Some(mounts),
         ..Default::default()
     };
     PodTemplateSpec {
@@ -169,14 +205,7 @@ fn template(
             node_selector: overrides.node_selector.clone(),
             tolerations: overrides.tolerations.clone(),
             affinity: overrides.affinity.clone(),
-            volumes: Some(vec![
-                Volume {
-                    name: "config".into(),
-                    config_map: Some(ConfigMapVolumeSource { name: chat.names.config_map(), ..Default::default() }),
-                    ..Default::default()
-                },
-                Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
-            ]),
+            volumes: Some(volumes),
             ..Default::default()
         }),
     }
