@@ -165,6 +165,11 @@ async fn forged_and_unfit_tokens_are_refused_over_http_and_every_socket_protocol
     let oidc = Oidc::start();
     let server = gateway(&oidc, &[]).await;
     let valid = oidc.token("alice").await;
+    // A signed-in subscriber, connected throughout the attempts below.
+    let chat = unique_chat();
+    let mut bystander = WsClient::connect_raw(&server.ws(), Wire::TransportWs).await;
+    assert_eq!(bystander.sign_in(&valid).await, None);
+    bystander.start("m", SUBSCRIBE_SENDERS, json!({"chatId": chat})).await;
     let kid = jsonwebtoken::decode_header(&valid).unwrap().kid.unwrap();
     // The valid token's header and claims under the signature of another token.
     let other = oidc.token("bob").await;
@@ -234,6 +239,12 @@ async fn forged_and_unfit_tokens_are_refused_over_http_and_every_socket_protocol
     for wire in WIRES {
         assert_eq!(socket_outcome(&server.ws(), wire, &valid).await, None, "a valid token over {wire:?}");
     }
+    // The bystander never noticed.
+    let (status, sent) =
+        graphql_as(&server.http(), Some(&valid), SEND, json!({"chatId": chat, "text": "still here"})).await;
+    assert_eq!(status, 200, "{sent}");
+    let id = sent["data"]["sendMessage"]["id"].as_str().unwrap();
+    assert_eq!(bystander.collect_message(id, 1, DELIVERY).await.len(), 1, "the signed-in subscriber still receives");
     // The upgrade request's header signs a socket in as well.
     let authorization = format!("Bearer {valid}");
     let mut client = WsClient::connect_raw_with_authorization(&server.ws(), Wire::Plain, Some(&authorization)).await;

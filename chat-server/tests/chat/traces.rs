@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use axum::{body::Bytes, extract::State, routing::post, Router};
@@ -105,6 +106,20 @@ async fn send_traced(url: &str, chat: &str, text: &str, traceparent: &str) -> St
 }
 
 /// The trace id on the log line that says `what` about message `id`.
+/// The trace id of the line `what` about `id` in `server`'s log, waiting for it a few seconds: a role
+/// logs some lines after the work that let the test go on (a translator logs "translation published"
+/// once the broker confirmed it, when the fanout may have delivered it already).
+async fn trace_id_logged_by(server: &Server, id: &str, what: &str) -> Option<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = trace_id_logged(&server.log_text(), id, what);
+        if found.is_some() || std::time::Instant::now() > deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn trace_id_logged(log: &str, id: &str, what: &str) -> Option<String> {
     let line = log.lines().find(|l| l.contains(what) && l.contains(id))?;
     let start = line.find("trace_id=")? + "trace_id=".len();
@@ -127,15 +142,16 @@ async fn a_messages_trace_id_is_in_the_logs_and_spans_of_every_role_it_passes() 
     let trace_id = trace_id_logged(&gateway_log, &id, "message posted")
         .unwrap_or_else(|| panic!("the gateway logs the message's trace id: {gateway_log}"));
     assert_eq!(trace_id.len(), 32, "{trace_id}");
-    for (role, log, what) in [
-        ("translator", d.translators[0].log_text(), "translation published"),
-        ("fanout", d.fanouts[0].log_text(), "stored; publishing the delivery"),
-        ("gateway", gateway_log.clone(), "delivery received"),
+    for (role, server, what) in [
+        ("translator", &d.translators[0], "translation published"),
+        ("fanout", &d.fanouts[0], "stored; publishing the delivery"),
+        ("gateway", d.gateway(), "delivery received"),
     ] {
         assert_eq!(
-            trace_id_logged(&log, &id, what).as_deref(),
+            trace_id_logged_by(server, &id, what).await.as_deref(),
             Some(trace_id.as_str()),
-            "the {role} logs '{what}' for {id} with the gateway's trace id: {log}"
+            "the {role} logs '{what}' for {id} with the gateway's trace id: {}",
+            server.log_text()
         );
     }
 
@@ -147,7 +163,7 @@ async fn a_messages_trace_id_is_in_the_logs_and_spans_of_every_role_it_passes() 
     client.collect_message(&traced, 2, DELIVERY).await;
     assert_eq!(trace_id_logged(&d.gateway().log_text(), &traced, "message posted"), Some(caller_trace.clone()));
     assert_eq!(
-        trace_id_logged(&d.translators[0].log_text(), &traced, "translation published"),
+        trace_id_logged_by(&d.translators[0], &traced, "translation published").await,
         Some(caller_trace.clone())
     );
 
