@@ -131,8 +131,13 @@ impl AuthSettings {
                 Some(_) => {}
             },
             Some(AuthMode::Oidc) => {
-                if issuer.is_none() {
-                    return Err(invalid("auth-issuer", "--auth oidc needs --auth-issuer (PARLEY_AUTH_ISSUER)"));
+                match &issuer {
+                    None => return Err(invalid("auth-issuer", "--auth oidc needs --auth-issuer (PARLEY_AUTH_ISSUER)")),
+                    Some(url) => {
+                        if let Some(reason) = parley_contract::config::untrusted_issuer(url) {
+                            return Err(invalid("auth-issuer", reason));
+                        }
+                    }
                 }
                 if audience.is_none() {
                     return Err(invalid("auth-audience", "--auth oidc needs --auth-audience (PARLEY_AUTH_AUDIENCE)"));
@@ -197,6 +202,12 @@ fn with_file(options: ChatServerConfig, path: Option<&PathBuf>) -> Result<ChatSe
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
     let file =
         ChatServerConfig::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?;
+    if file.jwt_secret.is_some() {
+        return Err(invalid(
+            "jwt-secret",
+            format!("is a secret: pass it in PARLEY_JWT_SECRET, not in {}", path.display()),
+        ));
+    }
     Ok(options.over(file))
 }
 
@@ -350,6 +361,28 @@ mod tests {
         std::fs::write(&path, "langauges = \"de\"\n").unwrap();
         let err = Settings::resolve(ChatServerConfig::default(), Some(&path)).unwrap_err();
         assert!(err.to_string().contains("langauges"), "{err}");
+    }
+
+    #[test]
+    fn sign_in_settings_are_checked_and_the_jwt_secret_never_comes_from_the_file() {
+        let dir = std::env::temp_dir().join(format!("parley-config-jwt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("chat.toml");
+        std::fs::write(&path, "jwt-secret = \"0123456789abcdef0123456789abcdef\"\n").unwrap();
+        let err = Settings::resolve(ChatServerConfig::default(), Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("PARLEY_JWT_SECRET"), "{err}");
+        let oidc = |issuer: &str| ChatServerConfig {
+            auth: Some(AuthMode::Oidc),
+            auth_issuer: Some(issuer.into()),
+            auth_audience: Some("parley".into()),
+            ..Default::default()
+        };
+        assert!(Settings::resolve(oidc("https://idp.example/realms/e"), None).is_ok());
+        let err = Settings::resolve(oidc("http://idp.example/realms/e"), None).unwrap_err().to_string();
+        assert!(err.contains("auth-issuer") && err.contains("https"), "{err}");
+        let short =
+            ChatServerConfig { auth: Some(AuthMode::Jwt), jwt_secret: Some("short".into()), ..Default::default() };
+        assert!(Settings::resolve(short, None).unwrap_err().to_string().contains("32 bytes"));
     }
 
     #[test]

@@ -115,10 +115,17 @@ async fn connect(
     let url = settings.amqp_url.as_deref().context("the broker URL is missing: pass --amqp-url (PARLEY_AMQP_URL)")?;
     let topology = parley_contract::topology::Topology::new(settings.topology_prefix.as_str())?;
     let ca = match &settings.amqp_ca_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("failed to read the broker's CA file {} (--amqp-ca-file)", path.display()))?,
-        ),
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("failed to read the broker's CA file {} (--amqp-ca-file)", path.display()))?;
+            // rustls skips what it cannot parse without a word: a file of no certificate is an error here.
+            anyhow::ensure!(
+                pem.contains("-----BEGIN CERTIFICATE-----"),
+                "the broker's CA file {} (--amqp-ca-file) holds no PEM certificate",
+                path.display()
+            );
+            Some(pem)
+        }
         None => None,
     };
     let name = format!("parley-{role}");

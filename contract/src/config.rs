@@ -182,7 +182,8 @@ pub struct ChatServerConfig {
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SEND_GROUPS", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send_groups: Option<String>,
-    /// Messages one user (one client address without sign-in) may send per second, sustained. [default: 5]
+    /// Messages one signed-in user may send per second, sustained (without sign-in there is no one to
+    /// limit). [default: 5]
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_SEND_RATE", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send_rate: Option<u32>,
@@ -199,8 +200,8 @@ pub struct ChatServerConfig {
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_MAX_CONNECTIONS_PER_IP", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections_per_ip: Option<usize>,
-    /// PEM file of the certificate authorities an amqps:// broker's certificate is checked against
-    /// (the system's roots when unset).
+    /// PEM file of certificate authorities an amqps:// broker's certificate may chain to, besides the
+    /// system's roots (a private CA).
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_AMQP_CA_FILE", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amqp_ca_file: Option<String>,
@@ -208,6 +209,31 @@ pub struct ChatServerConfig {
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_LOG_FORMAT", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+}
+
+/// Why an OpenID issuer URL cannot be trusted, if it cannot: its keys decide who anyone is, so they
+/// must come over https. Plain http is accepted only to a host no one else can be on the path to:
+/// loopback, or a Kubernetes Service name (`keycloak`, `dex.auth.svc`, `…svc.cluster.local`).
+pub fn untrusted_issuer(issuer: &str) -> Option<String> {
+    if let Some(rest) = issuer.strip_prefix("https://") {
+        return (rest.is_empty()).then(|| format!("{issuer:?} names no host"));
+    }
+    let Some(rest) = issuer.strip_prefix("http://") else {
+        return Some(format!("{issuer:?} is not an https URL"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(host, _)| host),
+    }
+    .trim_end_matches('.')
+    .to_ascii_lowercase();
+    let loopback = host == "localhost" || host == "::1" || host.starts_with("127.");
+    let in_cluster =
+        !host.is_empty() && (!host.contains('.') || host.ends_with(".svc") || host.ends_with(".svc.cluster.local"));
+    (!loopback && !in_cluster).then(|| {
+        format!("{issuer:?} is plain http to a host outside the cluster: use https, or the issuer's in-cluster Service name")
+    })
 }
 
 /// A configuration file that could not be read.
@@ -304,6 +330,26 @@ mod tests {
              translator = \"libretranslate\"\ntranslator-url = \"http://libretranslate.translation:5000\"\n\
              log-format = \"json\"\n"
         );
+    }
+
+    #[test]
+    fn issuers_need_https_except_on_loopback_and_in_cluster_services() {
+        for trusted in [
+            "https://idp.example.com/realms/e",
+            "http://127.0.0.1:8080",
+            "http://localhost",
+            "http://[::1]:80",
+            "http://keycloak:8080/realms/e",
+            "http://dex.auth.svc:5556/dex",
+            "http://kc.auth.svc.cluster.local/realms/e",
+        ] {
+            assert_eq!(untrusted_issuer(trusted), None, "{trusted}");
+        }
+        for untrusted in
+            ["http://idp.example.com/realms/e", "http://10.0.0.5", "idp.example.com", "ftp://idp", "https://"]
+        {
+            assert!(untrusted_issuer(untrusted).is_some(), "{untrusted}");
+        }
     }
 
     #[test]

@@ -1683,7 +1683,10 @@ async fn every_role_gets_a_network_policy_with_the_ports_it_needs_and_they_are_p
         assert_eq!(ingress.len(), 1);
         assert_eq!(ports_of(&ingress[0].ports, "TCP"), [8080], "{role}: the HTTP, metrics and health port only");
         let egress = spec.egress.unwrap();
-        assert_eq!((ports_of(&egress[0].ports, "UDP"), ports_of(&egress[0].ports, "TCP")), (vec![53], vec![53]));
+        assert_eq!(
+            (ports_of(&egress[0].ports, "UDP"), ports_of(&egress[0].ports, "TCP")),
+            (vec![53, 5353], vec![53, 5353])
+        );
         assert_eq!(ports_of(&egress[1].ports, "TCP"), [5671, 5672], "{role}: the broker");
         assert_eq!(ports_of(&egress[2].ports, "TCP"), extra, "{role}: the history or the provider");
         assert_eq!(egress.len(), 3, "{role}: nothing else");

@@ -25,6 +25,15 @@ const KEYS_TTL: Duration = Duration::from_secs(600);
 const REFETCH_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one request to the issuer may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a sign-in waits for the issuer's keys before it is refused.
+const KEY_WAIT: Duration = Duration::from_secs(8);
+
+/// When the keys were last fetched for, and whether that worked.
+#[derive(Clone, Copy)]
+struct Attempt {
+    at: Instant,
+    succeeded: bool,
+}
 
 /// Checks tokens and returns their claims.
 pub enum Verifier {
@@ -36,7 +45,11 @@ fn validation(algorithm: Algorithm, issuer: Option<&str>, audience: Option<&str>
     let mut validation = Validation::new(algorithm);
     validation.leeway = leeway.as_secs();
     validation.validate_nbf = true;
-    validation.set_required_spec_claims(&["exp", "sub"]);
+    // A claim jsonwebtoken checks is only checked when present: each one configured is required.
+    let mut required = vec!["exp", "sub"];
+    required.extend(issuer.map(|_| "iss"));
+    required.extend(audience.map(|_| "aud"));
+    validation.set_required_spec_claims(&required);
     if let Some(issuer) = issuer {
         validation.set_issuer(&[issuer]);
     }
@@ -115,6 +128,7 @@ pub struct IssuerKeys {
     leeway: Duration,
     client: reqwest_tls::Client,
     fetched: RwLock<Option<Arc<Fetched>>>,
+    attempted: std::sync::Mutex<Option<Attempt>>,
     /// One fetch at a time; holds the JWKS URL once discovered.
     fetching: tokio::sync::Mutex<Option<String>>,
 }
@@ -130,6 +144,7 @@ impl IssuerKeys {
             leeway,
             client,
             fetched: RwLock::new(None),
+            attempted: std::sync::Mutex::new(None),
             fetching: tokio::sync::Mutex::new(None),
         })
     }
@@ -138,47 +153,86 @@ impl IssuerKeys {
         self.fetched.read().expect("keys lock").clone()
     }
 
-    /// The key `kid` names (the only key, for a token without `kid`), fetching the keys when they are
-    /// old or lack it.
-    async fn key(&self, kid: Option<&str>) -> Result<Arc<IssuerKey>, String> {
+    /// The key `kid` names (the only key, for a token without `kid`). Keys past their time are used
+    /// while a refresh runs behind; a key id the keys lack waits for the next fetch (or the one in
+    /// flight), at most one a second whether fetches succeed or fail, and never longer than
+    /// [`KEY_WAIT`].
+    async fn key(self: &Arc<Self>, kid: Option<&str>) -> Result<Arc<IssuerKey>, String> {
         let find = |fetched: &Fetched| match kid {
             Some(kid) => fetched.keys.get(kid).cloned(),
             None if fetched.keys.len() == 1 => fetched.keys.values().next().cloned(),
             None => fetched.keys.get("").cloned(),
         };
         if let Some(fetched) = self.cached() {
-            if fetched.at.elapsed() < KEYS_TTL {
-                if let Some(key) = find(&fetched) {
-                    return Ok(key);
+            if let Some(key) = find(&fetched) {
+                if fetched.at.elapsed() >= KEYS_TTL {
+                    self.refresh_behind();
                 }
+                return Ok(key);
             }
         }
         let asked = Instant::now();
-        let mut jwks_uri = self.fetching.lock().await;
-        let last = self.cached();
-        let fetched = match last {
-            // Another caller fetched while this one waited: its keys are as new as any.
-            Some(fetched) if fetched.at >= asked => fetched,
-            _ => {
-                // At most one fetch a second, however many tokens name unknown keys.
-                if let Some(last) = &last {
-                    tokio::time::sleep(REFETCH_INTERVAL.saturating_sub(last.at.elapsed())).await;
-                }
-                match self.fetch(&mut jwks_uri).await {
-                    Ok(fetched) => fetched,
-                    Err(err) => {
-                        tracing::warn!(issuer = %self.issuer, error = %err, "fetching the issuer's signing keys failed");
-                        // Keys fetched before still verify what they signed.
-                        let stale = self.cached().and_then(|f| find(&f));
-                        return stale.ok_or_else(|| format!("the issuer's signing keys cannot be fetched: {err}"));
+        let unavailable = || "the issuer's signing keys cannot be fetched right now; try again shortly".to_owned();
+        let refreshed = tokio::time::timeout(KEY_WAIT, async {
+            let mut jwks_uri = self.fetching.lock().await;
+            let last = *self.attempted.lock().expect("attempt lock");
+            match last {
+                // An attempt began while this caller waited: its outcome is as new as any.
+                Some(last) if last.at >= asked => last.succeeded,
+                _ => {
+                    if let Some(last) = last {
+                        tokio::time::sleep(REFETCH_INTERVAL.saturating_sub(last.at.elapsed())).await;
                     }
+                    self.attempt(&mut jwks_uri).await
                 }
             }
-        };
+        })
+        .await;
+        match refreshed {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return Err(unavailable()),
+        }
+        let fetched = self.cached().ok_or_else(unavailable)?;
         find(&fetched).ok_or_else(|| match kid {
             Some(kid) => format!("no signing key of the issuer has the key id {kid:?}"),
             None => "the token names no key id (kid) and the issuer has several keys".into(),
         })
+    }
+
+    /// One fetch, recorded (when it began, and whether it worked) for the callers waiting on it.
+    async fn attempt(&self, jwks_uri: &mut Option<String>) -> bool {
+        let at = Instant::now();
+        let succeeded = match self.fetch(jwks_uri).await {
+            Ok(_) => true,
+            Err(err) => {
+                tracing::error!(issuer = %self.issuer, error = %err, "fetching the issuer's signing keys failed: \
+                    tokens signed with keys not fetched before are refused");
+                false
+            }
+        };
+        *self.attempted.lock().expect("attempt lock") = Some(Attempt { at, succeeded });
+        succeeded
+    }
+
+    /// Fetches the keys again in a task of its own, unless a fetch is under way.
+    fn refresh_behind(self: &Arc<Self>) {
+        let keys = self.clone();
+        tokio::spawn(async move {
+            if let Ok(mut jwks_uri) = keys.fetching.try_lock() {
+                let recent =
+                    keys.attempted.lock().expect("attempt lock").is_some_and(|a| a.at.elapsed() < REFETCH_INTERVAL);
+                if !recent {
+                    keys.attempt(&mut jwks_uri).await;
+                }
+            }
+        });
+    }
+
+    /// Fetches the keys once now, so that a misconfigured or unreachable issuer shows in the log at
+    /// start rather than at the first sign-in.
+    pub async fn prefetch(self: &Arc<Self>) -> bool {
+        let mut jwks_uri = self.fetching.lock().await;
+        self.attempt(&mut jwks_uri).await
     }
 
     async fn get_json(&self, url: &str) -> anyhow::Result<Value> {

@@ -18,6 +18,8 @@ pub const RATE_LIMITED_CLOSE: u16 = 4429;
 
 /// Keys a keyed limiter keeps before it forgets those that are full again.
 const RETAIN_ABOVE: usize = 10_000;
+/// Sends between two looks at the limiter's size.
+const PRUNE_EVERY: u64 = 4096;
 
 pub fn rate_limited(message: impl Into<String>) -> async_graphql::Error {
     async_graphql::Error::new(message).extend_with(|_, e| e.set("code", "RATE_LIMITED"))
@@ -50,18 +52,27 @@ impl Default for LimitSettings {
 pub struct Limits {
     pub settings: LimitSettings,
     senders: DefaultKeyedRateLimiter<String>,
+    sends: std::sync::atomic::AtomicU64,
     connections: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl Limits {
     pub fn new(settings: LimitSettings) -> Arc<Self> {
         let quota = Quota::per_second(settings.send_rate).allow_burst(settings.send_burst);
-        Arc::new(Self { settings, senders: DefaultKeyedRateLimiter::keyed(quota), connections: Mutex::default() })
+        Arc::new(Self {
+            settings,
+            senders: DefaultKeyedRateLimiter::keyed(quota),
+            sends: Default::default(),
+            connections: Mutex::default(),
+        })
     }
 
-    /// One more message from `sender` (a user's `sub`, or an address without sign-in).
+    /// One more message from `sender`, a signed-in user's `sub`.
     pub fn send(&self, sender: &str) -> async_graphql::Result<()> {
-        if self.senders.len() > RETAIN_ABOVE {
+        // Forgetting full buckets scans every key under the limiter's lock: now and then, not per send.
+        if self.sends.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PRUNE_EVERY == 0
+            && self.senders.len() > RETAIN_ABOVE
+        {
             self.senders.retain_recent();
         }
         self.senders.check_key(&sender.to_owned()).map_err(|_| {

@@ -120,6 +120,16 @@ impl Auth {
         self.verifier.is_some()
     }
 
+    /// Fetches an OpenID issuer's keys once at start, saying loudly when that fails (every sign-in
+    /// would be refused until it works).
+    pub async fn prefetch(&self) {
+        if let Some(Verifier::Issuer(keys)) = &self.verifier {
+            if keys.prefetch().await {
+                tracing::info!("the issuer's signing keys are fetched: sign-in works");
+            }
+        }
+    }
+
     /// The caller behind `token` (a bearer token without its scheme), allowed to read. With auth
     /// off, anyone is, anonymously (a token is then ignored).
     pub async fn authenticate(&self, token: Option<&str>) -> Result<Option<Arc<Identity>>, AuthError> {

@@ -98,9 +98,14 @@ fn answer(response: async_graphql::BatchResponse) -> Response {
             _ => None,
         })
     };
+    // A batch whose other operations ran answers 200: its refused items say so in their errors, and a
+    // client retrying a 429 must not send again what was accepted.
     let errors: Vec<&async_graphql::ServerError> = match &response {
         async_graphql::BatchResponse::Single(r) => r.errors.iter().collect(),
-        async_graphql::BatchResponse::Batch(rs) => rs.iter().flat_map(|r| &r.errors).collect(),
+        async_graphql::BatchResponse::Batch(rs) if rs.iter().all(|r| !r.errors.is_empty()) => {
+            rs.iter().flat_map(|r| &r.errors).collect()
+        }
+        async_graphql::BatchResponse::Batch(_) => Vec::new(),
     };
     let status = errors.iter().find_map(|e| match code_of(e).as_deref() {
         Some("FORBIDDEN") => Some(StatusCode::FORBIDDEN),

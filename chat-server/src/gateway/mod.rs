@@ -114,6 +114,10 @@ pub async fn serve(
         None => Arc::new(crate::history::keys::MemoryKeys::default()),
     };
     let abuse = Limits::new(settings.limits);
+    tokio::spawn({
+        let auth = auth.clone();
+        async move { auth.prefetch().await }
+    });
     let chat = ChatContext {
         auth: auth.clone(),
         limits: abuse.clone(),

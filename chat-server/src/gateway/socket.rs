@@ -576,6 +576,10 @@ async fn sign_in(conn: &mut Connection, bytes: &[u8], sign: &SignIn) -> Result<b
         ))
     })?;
     let identity = conn.state.auth.authenticate(token.as_deref()).await.map_err(refuse)?;
+    // A token inside the clock-skew allowance verifies, but a socket lives by its expiry.
+    if identity.as_deref().is_some_and(|i| until_expiry(i).is_zero()) {
+        return Err(refuse(AuthError::Unauthenticated("the token has expired".into())));
+    }
     let plain_sign_in = conn.wire == Wire::Plain
         && serde_json::from_slice::<serde_json::Value>(bytes).is_ok_and(|v| token_of_payload(&v).is_some());
     conn.signed_in(sign.ip, identity);
@@ -617,6 +621,14 @@ async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets, sign: SignIn) 
             Poll::Pending
         })
         .await;
+        // A busy connection wakes for frames before its deadlines are polled: they are checked here too.
+        let wake = match wake {
+            Wake::Work { .. } if tokio::time::Instant::now() >= expiry.deadline() => Wake::Expired,
+            Wake::Work { .. } if awaits_init && tokio::time::Instant::now() >= init_deadline.deadline() => {
+                Wake::InitTimeout
+            }
+            wake => wake,
+        };
         let (write, read) = match wake {
             Wake::Shutdown => break Some((GOING_AWAY, "server shutting down".to_owned())),
             Wake::InitTimeout if wire == Wire::Plain => {

@@ -194,9 +194,17 @@ async fn forged_and_unfit_tokens_are_refused_over_http_and_every_socket_protocol
     let not_yet_valid = oidc.signed(with(json!({"nbf": now() + 3600}))).await;
     let wrong_issuer = oidc.signed(with(json!({"iss": "https://issuer.example"}))).await;
     let wrong_audience = oidc.token_for("alice", Some("wrong-audience")).await;
+    let without = |claim: &str| {
+        let mut claims = oidc.claims("mallory");
+        claims.as_object_mut().unwrap().remove(claim);
+        claims
+    };
+    // A token that names no audience (or issuer) is no token for this gateway either.
+    let no_audience = oidc.signed(without("aud")).await;
+    let no_issuer = oidc.signed(without("iss")).await;
     let no_groups = oidc.token("nogroups").await;
 
-    let cases: [(&str, &str, u16, u16); 9] = [
+    let cases: [(&str, &str, u16, u16); 11] = [
         ("wrong signature", &wrong_signature, 401, 4401),
         ("alg none", &unsigned, 401, 4401),
         ("HS256 signed with the RSA public key", &hs256_with_public_key, 401, 4401),
@@ -204,6 +212,8 @@ async fn forged_and_unfit_tokens_are_refused_over_http_and_every_socket_protocol
         ("not yet valid", &not_yet_valid, 401, 4401),
         ("wrong issuer", &wrong_issuer, 401, 4401),
         ("wrong audience", &wrong_audience, 401, 4401),
+        ("no audience", &no_audience, 401, 4401),
+        ("no issuer", &no_issuer, 401, 4401),
         ("no groups", &no_groups, 403, 4403),
         ("garbage", "not.a.token", 401, 4401),
     ];

@@ -54,7 +54,7 @@ pub enum SpecError {
     InvalidOtlpEndpoint(String),
     #[error("auth.mode oidc needs auth.issuer, the OpenID Connect issuer's URL")]
     OidcWithoutIssuer,
-    #[error("auth.issuer {0:?} is not an http(s) URL, which auth.mode oidc needs")]
+    #[error("auth.issuer {0:?} must be an https URL (plain http only to the issuer's in-cluster Service name)")]
     InvalidIssuer(String),
     #[error("auth.mode oidc needs auth.audience, the audience (aud) its tokens must name")]
     OidcWithoutAudience,
@@ -68,6 +68,11 @@ pub enum SpecError {
     NegativeClockSkew(i64),
     #[error("auth.rateLimits.{field} is {value}; it must be at least {min}")]
     InvalidRateLimit { field: &'static str, value: i32, min: i32 },
+    #[error(
+        "languages[{0}].autoscaling.mode keda cannot be used with broker.tls: KEDA's RabbitMQ scaler would not trust \
+         the private CA; use mode builtin"
+    )]
+    KedaWithBrokerCa(String),
 }
 
 /// The bounds of one language, resolved from its spec.
@@ -222,7 +227,9 @@ fn auth_plan(spec: Option<&AuthSpec>, errors: &mut Vec<SpecError>) -> AuthPlan {
         AuthMode::Oidc => {
             match &issuer {
                 None => errors.push(SpecError::OidcWithoutIssuer),
-                Some(url) if !http_url(url) => errors.push(SpecError::InvalidIssuer(url.clone())),
+                Some(url) if parley_contract::config::untrusted_issuer(url).is_some() => {
+                    errors.push(SpecError::InvalidIssuer(url.clone()))
+                }
                 Some(_) => {}
             }
             if audience.is_none() {
@@ -376,6 +383,11 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     if network_policy {
         check_name(names.translators(), &mut errors);
     }
+    if spec.broker.tls.is_some() {
+        for language in languages.iter().filter(|l| matches!(l.scaling, Scaling::Keda(_))) {
+            errors.push(SpecError::KedaWithBrokerCa(language.code.clone()));
+        }
+    }
     let topology = Topology::for_chat_deployment(&namespace, &name);
     if let Err(err) = &topology {
         errors.push(SpecError::Topology(err.to_string()));
@@ -417,6 +429,19 @@ mod tests {
 
     fn errors(chat: &ChatDeployment) -> Vec<SpecError> {
         validate(chat, "parley/chat-server:test").unwrap_err()
+    }
+
+    #[test]
+    fn keda_autoscaling_is_refused_with_a_private_broker_ca() {
+        let mut spec = chat(&[("de", None)]);
+        spec.spec.languages[0].autoscaling = Some(autoscaling(AutoscalingMode::Keda, 0, 3));
+        assert!(validate(&spec, "img").is_ok(), "keda alone is fine");
+        spec.spec.broker.tls = Some(crate::crd::BrokerTlsSpec {
+            ca_secret_ref: crate::crd::SecretKeyRef { name: "broker-ca".into(), key: "ca.pem".into() },
+        });
+        assert_eq!(errors(&spec), vec![SpecError::KedaWithBrokerCa("de".into())]);
+        spec.spec.languages[0].autoscaling = Some(autoscaling(AutoscalingMode::Builtin, 0, 3));
+        assert!(validate(&spec, "img").is_ok(), "builtin autoscaling reads the backlog with the CA");
     }
 
     #[test]
@@ -574,8 +599,13 @@ mod tests {
             errors(&with_auth(oidc(Some("keycloak.example.com"), Some("parley")))),
             vec![SpecError::InvalidIssuer("keycloak.example.com".into())]
         );
-        let valid = validate(&with_auth(oidc(Some("http://dex.auth:5556/dex"), Some("parley"))), "img").unwrap();
-        assert_eq!(valid.auth.issuer.as_deref(), Some("http://dex.auth:5556/dex"), "http is accepted");
+        assert_eq!(
+            errors(&with_auth(oidc(Some("http://keycloak.example.com/realms/e"), Some("parley")))),
+            vec![SpecError::InvalidIssuer("http://keycloak.example.com/realms/e".into())],
+            "keys over plain http from outside the cluster"
+        );
+        let valid = validate(&with_auth(oidc(Some("http://dex.auth.svc:5556/dex"), Some("parley"))), "img").unwrap();
+        assert_eq!(valid.auth.issuer.as_deref(), Some("http://dex.auth.svc:5556/dex"), "http to a Service is accepted");
         assert_eq!(valid.auth.jwt_secret, None);
     }
 

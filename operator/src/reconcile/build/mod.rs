@@ -485,7 +485,7 @@ mod tests {
     fn each_role_may_reach_only_what_it_talks_to() {
         let d = desired();
         assert_eq!(d.network_policies.len(), 3);
-        let (dns, broker) = (vec![53], vec![5671, 5672]);
+        let (dns, broker) = (vec![53, 5353], vec![5671, 5672]);
         assert_eq!(egress(&d, "town-hall-gateway"), [dns.clone(), broker.clone()]);
         assert_eq!(egress(&d, "town-hall-fanout"), [dns.clone(), broker.clone()]);
         assert_eq!(

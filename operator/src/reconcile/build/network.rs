@@ -60,8 +60,12 @@ fn network_policy(chat: &ValidatedChat, inputs: &Inputs, role: Component) -> Net
         _ => names.translators(),
     };
     let mut egress = vec![
-        // DNS, over UDP and TCP (answers too large for UDP).
-        NetworkPolicyEgressRule { ports: Some(vec![port("UDP", 53), port("TCP", 53)]), to: None },
+        // DNS, over UDP and TCP (answers too large for UDP). Policies match the pod's port after the
+        // Service's translation: OpenShift's DNS pods listen on 5353 behind port 53.
+        NetworkPolicyEgressRule {
+            ports: Some(vec![port("UDP", 53), port("TCP", 53), port("UDP", 5353), port("TCP", 5353)]),
+            to: None,
+        },
         // The broker, on the port its URI names too when that is another.
         tcp_out(BROKER_PORTS.into_iter().chain(inputs.broker_port)),
     ];
