@@ -174,3 +174,16 @@ ensure_tls_tools() {
   command -v socat >/dev/null || missing+=(socat)
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 }
+
+# Headless Chromium (Debian's chromium and chromium-driver) and puppeteer-core (tests/browser), for the
+# chat page's browser test.
+ensure_browser() {
+  command -v chromium >/dev/null || apt_install chromium chromium-driver
+  command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+  local dir
+  dir="$(dirname "${BASH_SOURCE[0]}")/../tests/browser"
+  if [ ! -e "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    log "installing the browser test's driver (npm ci in tests/browser)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  fi
+}

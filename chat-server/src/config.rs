@@ -92,6 +92,8 @@ pub struct AuthSettings {
     pub jwt_secret: Option<String>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// The chat page's public OAuth client, for `oidc`.
+    pub client_id: Option<String>,
     pub clock_skew: Duration,
     pub policy: crate::auth::Policy,
 }
@@ -103,6 +105,7 @@ impl std::fmt::Debug for AuthSettings {
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<redacted>"))
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
+            .field("client_id", &self.client_id)
             .field("clock_skew", &self.clock_skew)
             .field("policy", &self.policy)
             .finish()
@@ -151,6 +154,7 @@ impl AuthSettings {
             jwt_secret,
             issuer,
             audience,
+            client_id: o.oidc_client_id.take().filter(|c| !c.is_empty()),
             clock_skew: Duration::from_secs(o.auth_clock_skew_secs.unwrap_or(30)),
             policy: crate::auth::Policy {
                 groups_claim: claim(o.groups_claim.take(), "groups"),

@@ -160,6 +160,11 @@ pub struct ChatServerConfig {
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_AUTH_AUDIENCE", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_audience: Option<String>,
+    /// The public OAuth client the chat page signs participants in with (authorization code with
+    /// PKCE, `--auth oidc`); without it the page asks for a token instead.
+    #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_OIDC_CLIENT_ID", global = true))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc_client_id: Option<String>,
     /// Seconds of clock skew allowed on `exp` and `nbf`. [default: 30]
     #[cfg_attr(feature = "cli", arg(long, env = "PARLEY_AUTH_CLOCK_SKEW_SECS", global = true))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -275,6 +280,7 @@ impl ChatServerConfig {
             jwt_secret,
             auth_issuer,
             auth_audience,
+            oidc_client_id,
             auth_clock_skew_secs,
             groups_claim,
             name_claim,

@@ -127,6 +127,10 @@ pub struct AuthSpec {
     /// The audience (`aud`) a token must name. Required with oidc; checked with jwt when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audience: Option<String>,
+    /// With oidc: the public OAuth client (authorization code with PKCE) the chat page signs
+    /// participants in with; its redirect URI is the page's URL. Without it the page asks for a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
     /// Seconds of clock skew allowed on a token's `exp` and `nbf`; 30 when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]

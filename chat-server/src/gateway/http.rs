@@ -1,7 +1,8 @@
 //! The gateway's HTTP surface: axum routes around the schema, apart from its meaning.
 //!
 //! `/graphql` serves queries and mutations over `POST` and `GET`, and upgrades to WebSocket for
-//! subscriptions (see [`socket`](super::socket)); `/` serves GraphiQL; `/healthz` and `/readyz` the
+//! subscriptions (see [`socket`](super::socket)); `/` serves the chat page (see [`page`](super::page))
+//! and `/graphiql` GraphiQL; `/healthz` and `/readyz` the
 //! health of the process.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -34,6 +35,7 @@ pub struct AppState {
     pub schema: ChatSchema,
     pub bus: Arc<dyn Bus>,
     pub auth: Arc<Auth>,
+    pub page: super::page::PageConfig,
     pub sockets: Sockets,
     /// How long the bus may have work and make no progress before `/healthz` fails.
     pub stall_timeout: std::time::Duration,
@@ -42,7 +44,8 @@ pub struct AppState {
 /// The gateway's routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/", get(graphiql))
+        .merge(super::page::routes(state.page.clone()))
+        .route("/graphiql", get(graphiql))
         .route("/graphql", get(graphql_get).post(graphql_post))
         .merge(crate::health::routes(
             {
@@ -59,7 +62,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn graphiql() -> Html<String> {
-    Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql").finish())
+    // Relative, so that GraphiQL works behind a path prefix too.
+    Html(GraphiQLSource::build().endpoint("graphql").subscription_endpoint("graphql").finish())
 }
 
 /// A GraphQL error response for a request that never reached the schema.

@@ -2,7 +2,8 @@
 //!
 //! - [`schema`]: the GraphQL types and resolvers, apart from any transport; [`nesting`]: the depth
 //!   limit, applied before the parser;
-//! - [`http`]: the axum routes; [`socket`]: the WebSocket connection loop and its limits;
+//! - [`http`]: the axum routes; [`page`]: the participants' chat page; [`socket`]: the WebSocket
+//!   connection loop and its limits;
 //! - [`framing`]: how each wire protocol frames a result; [`outbox`]: what wakes a connection, and
 //!   the frames that are its own;
 //! - [`groups`]: identical subscriptions executed once, their results written once to a [`ring`] that
@@ -14,6 +15,7 @@ pub mod http;
 pub mod hub;
 pub mod nesting;
 pub mod outbox;
+pub mod page;
 pub mod ring;
 pub mod schema;
 pub mod socket;
@@ -109,6 +111,7 @@ pub async fn serve(
             serving.cancel();
         }
     });
+    let has_history = history.is_some();
     let keys = match &history {
         Some(history) => history.clone().keys(),
         None => Arc::new(crate::history::keys::MemoryKeys::default()),
@@ -152,7 +155,19 @@ pub async fn serve(
     };
     sockets.watch_shutdown();
     let open_sockets = sockets.tracker.clone();
-    let state = AppState { schema, bus: bus.clone(), auth, sockets, stall_timeout: settings.stall_timeout };
+    let page = page::PageConfig {
+        auth: match settings.auth.mode {
+            Some(crate::config::AuthMode::Jwt) if auth.enabled() => "jwt",
+            Some(crate::config::AuthMode::Oidc) if auth.enabled() => "oidc",
+            _ => "none",
+        },
+        issuer: settings.auth.issuer.clone().filter(|_| auth.enabled()),
+        client_id: settings.auth.client_id.clone().filter(|_| auth.enabled()),
+        source_language: settings.source_language.clone(),
+        languages: settings.languages.clone(),
+        history: has_history,
+    };
+    let state = AppState { schema, bus: bus.clone(), auth, page, sockets, stall_timeout: settings.stall_timeout };
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("failed to listen on {}", settings.listen))?;

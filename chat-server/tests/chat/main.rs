@@ -3,6 +3,7 @@
 
 mod auth;
 mod broker;
+mod browser;
 mod chaos;
 mod configuration;
 mod disruptive;

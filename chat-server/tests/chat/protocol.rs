@@ -109,11 +109,18 @@ async fn mutations_and_queries_work_over_post_and_get(bus: Bus) {
 
 on_both_buses! {
 #[tokio::test]
-async fn graphiql_health_and_readiness_are_served(bus: Bus) {
+async fn the_chat_page_graphiql_health_and_readiness_are_served(bus: Bus) {
     let server = bus.server(&[]).await;
     let base = format!("http://127.0.0.1:{}", server.port);
     let page = reqwest::get(format!("{base}/")).await.unwrap().text().await.unwrap();
-    assert!(page.contains("graphiql"), "GraphiQL at /");
+    assert!(page.contains("app.js") && page.contains("graphiql"), "the chat page at /, with a link to GraphiQL");
+    let graphiql = reqwest::get(format!("{base}/graphiql")).await.unwrap().text().await.unwrap();
+    assert!(graphiql.contains("graphiql"), "GraphiQL at /graphiql");
+    let config: serde_json::Value = reqwest::get(format!("{base}/chat-config.json")).await.unwrap().json().await.unwrap();
+    assert_eq!((config["auth"].as_str(), config["sourceLanguage"].as_str()), (Some("none"), Some("en")), "{config}");
+    for asset in ["app.js", "style.css"] {
+        assert_eq!(reqwest::get(format!("{base}/{asset}")).await.unwrap().status(), 200, "{asset}");
+    }
     assert_eq!(reqwest::get(format!("{base}/healthz")).await.unwrap().status(), 200);
     assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
 }

@@ -43,6 +43,7 @@ pub fn gateway_config_file(chat: &ValidatedChat) -> ChatServerConfig {
         }),
         auth_issuer: auth.issuer.clone(),
         auth_audience: auth.audience.clone(),
+        oidc_client_id: auth.client_id.clone(),
         auth_clock_skew_secs: auth.clock_skew_seconds,
         groups_claim: auth.groups_claim.clone(),
         name_claim: auth.name_claim.clone(),

@@ -357,6 +357,7 @@ mod tests {
             mode: crate::crd::AuthMode::Oidc,
             issuer: Some("https://keycloak.example.com/realms/events".into()),
             audience: Some("parley".into()),
+            client_id: None,
             clock_skew_seconds: Some(10),
             groups_claim: Some("realm_access.roles".into()),
             name_claim: Some("preferred_username".into()),
@@ -391,9 +392,10 @@ mod tests {
     #[test]
     fn gateway_config_with_oidc_snapshot() {
         let mut c = chat(&[("de", Some(1))]);
-        c.spec.auth = Some(oidc());
+        c.spec.auth = Some(crate::crd::AuthSpec { client_id: Some("parley-page".into()), ..oidc() });
         let d = build(&validate(&c, "img").unwrap(), &inputs());
         let gateway = ChatServerConfig::from_toml(file(&d, GATEWAY_CONFIG_FILE)).unwrap();
+        assert_eq!(gateway.oidc_client_id.as_deref(), Some("parley-page"), "the chat page's OAuth client");
         assert_eq!(gateway.auth, Some(parley_contract::config::AuthMode::Oidc));
         assert_eq!(gateway.auth_issuer.as_deref(), Some("https://keycloak.example.com/realms/events"));
         assert_eq!(gateway.read_groups.as_deref(), Some("attendees,speakers"), "comma-joined");
