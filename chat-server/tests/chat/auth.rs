@@ -33,17 +33,37 @@ impl Oidc {
             dir.join("node_modules/oidc-provider").exists(),
             "the test OpenID provider is not installed: run (cd tests/oidc && npm ci), as scripts/test does"
         );
-        let mut child = Command::new("node")
-            .arg(dir.join("provider.mjs"))
-            .env("PORT", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("node runs the test OpenID provider");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let started: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("provider said {line:?}: {e}"));
-        Self { child, issuer: started["issuer"].as_str().unwrap().to_owned() }
+        // Under a loaded machine a node process has once hung before listening (CI saw it): each
+        // start gets 20 s to say where it listens, and a stuck one is killed and started again.
+        for attempt in 1..=3 {
+            let mut child = Command::new("node")
+                .arg(dir.join("provider.mjs"))
+                .env("PORT", "0")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("node runs the test OpenID provider");
+            let stdout = child.stdout.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(stdout).read_line(&mut line);
+                let _ = tx.send(line);
+            });
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) if !line.is_empty() => {
+                    let started: Value =
+                        serde_json::from_str(&line).unwrap_or_else(|e| panic!("provider said {line:?}: {e}"));
+                    return Self { child, issuer: started["issuer"].as_str().unwrap().to_owned() };
+                }
+                _ => {
+                    eprintln!("the test OpenID provider did not start (attempt {attempt}); starting it again");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        panic!("the test OpenID provider (node tests/oidc/provider.mjs) did not start in three attempts");
     }
 
     /// An access token for `client` from the token endpoint (client credentials), for `audience`
@@ -57,7 +77,7 @@ impl Oidc {
         if let Some(audience) = audience {
             form.push(("resource", format!("urn:{audience}")));
         }
-        let response: Value = reqwest::Client::new()
+        let response: Value = provider_client()
             .post(format!("{}/token", self.issuer))
             .form(&form)
             .send()
@@ -75,7 +95,7 @@ impl Oidc {
 
     /// A token the provider's current key signs, with exactly `claims`.
     async fn signed(&self, claims: Value) -> String {
-        let response: Value = reqwest::Client::new()
+        let response: Value = provider_client()
             .post(format!("{}/test/sign", self.issuer))
             .json(&claims)
             .send()
@@ -90,12 +110,19 @@ impl Oidc {
     /// Makes a new key the signing key; with `drop_old`, the old one leaves the JWKS.
     async fn rotate(&self, drop_old: bool) {
         let url = format!("{}/test/rotate{}", self.issuer, if drop_old { "?drop_old=1" } else { "" });
-        let response = reqwest::Client::new().post(url).send().await.unwrap();
+        let response = provider_client().post(url).send().await.unwrap();
         assert!(response.status().is_success());
     }
 
     async fn public_key_pem(&self) -> String {
-        reqwest::get(format!("{}/test/public-key-pem", self.issuer)).await.unwrap().text().await.unwrap()
+        provider_client()
+            .get(format!("{}/test/public-key-pem", self.issuer))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Claims that pass every check, for `sub`, to change one at a time.
@@ -104,6 +131,12 @@ impl Oidc {
         json!({"iss": self.issuer, "aud": "parley", "sub": sub, "iat": now, "exp": now + 600,
                "groups": ["chat-users", "chat-senders"], "name": sub})
     }
+}
+
+/// A client for the provider's routes, bounded: a provider that stops answering fails the test
+/// instead of holding it up.
+fn provider_client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap()
 }
 
 fn now() -> u64 {
