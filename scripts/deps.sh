@@ -157,11 +157,17 @@ stop_packaged_prometheus() {
 # The OpenID Connect provider the sign-in tests get tokens from (tests/oidc: the npm package
 # oidc-provider on Node.js), installed from its lock file.
 ensure_oidc_provider() {
+  npm_ci_when_stale tests/oidc "the test OpenID provider"
+}
+
+# Node.js, and `npm ci` in the repository's directory $1 (what $2 names) when its node_modules is
+# missing or older than its lock file.
+npm_ci_when_stale() {
   command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
   local dir
-  dir="$(dirname "${BASH_SOURCE[0]}")/../tests/oidc"
+  dir="$(dirname "${BASH_SOURCE[0]}")/../$1"
   if [ ! -e "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
-    log "installing the test OpenID provider (npm ci in tests/oidc)"
+    log "installing $2 (npm ci in $1)"
     (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
   fi
 }
@@ -179,11 +185,5 @@ ensure_tls_tools() {
 # chat page's browser test.
 ensure_browser() {
   command -v chromium >/dev/null || apt_install chromium chromium-driver
-  command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
-  local dir
-  dir="$(dirname "${BASH_SOURCE[0]}")/../tests/browser"
-  if [ ! -e "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
-    log "installing the browser test's driver (npm ci in tests/browser)"
-    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
-  fi
+  npm_ci_when_stale tests/browser "the browser test's driver"
 }

@@ -593,6 +593,8 @@ async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets, sign: SignIn) 
     let mut init_deadline = pin!(tokio::time::sleep(state.limits.connection_init_timeout));
     // Far off until the connection signs in with a token that expires.
     let mut expiry = pin!(tokio::time::sleep(Duration::from_secs(365 * 24 * 3600)));
+    // Whether `expiry` is a token's: only then does a busy connection read the clock on each wake-up.
+    let mut expires = false;
     let mut conn = Connection::new(wire, state);
     if !conn.state.auth.enabled() {
         conn.signed_in(sign.ip, None);
@@ -623,7 +625,7 @@ async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets, sign: SignIn) 
         .await;
         // A busy connection wakes for frames before its deadlines are polled: they are checked here too.
         let wake = match wake {
-            Wake::Work { .. } if tokio::time::Instant::now() >= expiry.deadline() => Wake::Expired,
+            Wake::Work { .. } if expires && tokio::time::Instant::now() >= expiry.deadline() => Wake::Expired,
             Wake::Work { .. } if awaits_init && tokio::time::Instant::now() >= init_deadline.deadline() => {
                 Wake::InitTimeout
             }
@@ -650,6 +652,7 @@ async fn serve(mut socket: WebSocket, wire: Wire, state: Sockets, sign: SignIn) 
                     Ok(handle) => {
                         if let Some(identity) = conn.caller.as_ref().and_then(|c| c.identity.as_deref()) {
                             expiry.as_mut().reset(tokio::time::Instant::now() + until_expiry(identity));
+                            expires = true;
                         }
                         handle.then_some(bytes)
                     }
