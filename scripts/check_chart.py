@@ -125,8 +125,15 @@ def in_sync(rendered):
     rules = yaml.safe_load(rules_file)
     for name, docs in rendered:
         roles = [d for d in docs if d["kind"] in ("ClusterRole", "Role") and not d["metadata"]["name"].endswith("leader-election")]
-        check(roles and all(r["rules"] == rules["controller"] for r in roles),
-              f"RBAC ({name} values): every controller (Cluster)Role grants exactly the operator's rules")
+        watching = name == "full"
+        expected = rules["controller"] + (rules["secretWatch"] if watching else [])
+        check(roles and all(r["rules"] == expected for r in roles),
+              f"RBAC ({name} values): every controller (Cluster)Role grants exactly the operator's rules"
+              + (" and the Secret watch" if watching else ""))
+        env = {e["name"]: e.get("value") for d in docs if d["kind"] == "Deployment"
+               for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+        check(env.get("PARLEY_WATCH_SECRETS") == ("true" if watching else "false"),
+              f"RBAC ({name} values): the operator watches Secrets exactly when its role allows it")
         lease = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("leader-election")]
         check(len(lease) == 1 and lease[0]["rules"] == rules["leaderElection"], f"RBAC ({name} values): the Lease Role")
         wildcard = [d["metadata"]["name"] for d in docs if d["kind"] in ("ClusterRole", "Role")
@@ -134,6 +141,9 @@ def in_sync(rendered):
         check(not wildcard, f"RBAC ({name} values): no wildcards")
         secrets = [r for d in roles for r in d["rules"] if "secrets" in r["resources"]]
         check(all(set(r["verbs"]) <= {"get", "list", "watch"} for r in secrets), f"RBAC ({name} values): Secrets read-only")
+        if not watching:
+            check(secrets and all(r["verbs"] == ["get"] for r in secrets),
+                  f"RBAC ({name} values): without secretWatch, Secrets are only read by name (no list, no watch)")
         # In its own namespace the operator creates one Secret (the checksum key) and reads only that one.
         own = [r for d in lease for r in d["rules"] if "secrets" in r["resources"]]
         check(all(r["verbs"] == ["create"] or (set(r["verbs"]) <= {"get"} and r.get("resourceNames") == ["parley-operator-checksum-key"])

@@ -43,6 +43,10 @@ enum Command {
         /// Seconds between backlog polls of languages with builtin autoscaling.
         #[arg(long, env = "PARLEY_AUTOSCALE_INTERVAL_SECS", default_value_t = 10)]
         autoscale_interval_secs: u64,
+        /// Watch Secrets (by metadata) so that a changed credential rolls its pods at once; this needs
+        /// list and watch on Secrets. Without it a change is seen at the next resync (60 s, give or take a tenth).
+        #[arg(long, env = "PARLEY_WATCH_SECRETS", default_value_t = false, action = clap::ArgAction::Set)]
+        watch_secrets: bool,
         /// Log as JSON lines.
         #[arg(long, env = "PARLEY_LOG_JSON", default_value_t = true, action = clap::ArgAction::Set)]
         json_logs: bool,
@@ -70,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
             lease_namespace,
             lease_name,
             identity,
+            watch_secrets,
             json_logs,
         } => {
             let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
@@ -99,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
                 listen,
                 settings: Settings {
                     autoscale_interval: std::time::Duration::from_secs(autoscale_interval_secs.max(1)),
+                    watch_secrets,
                     ..Settings::new(chat_server_image)
                 },
                 lease_namespace,

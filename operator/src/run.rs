@@ -139,18 +139,22 @@ async fn control(
             predicates::generation.combine(predicates::annotations).combine(predicates::finalizers),
             Default::default(),
         );
-    // Secrets by metadata only: the reconcile reads the one it needs.
-    let secrets = watcher(scoped::<PartialObjectMeta<Secret>>(&client, scope.as_ref()), watcher::Config::default())
-        .default_backoff()
-        .touched_objects();
-    let store = reader.clone();
-    Controller::for_stream(chats, reader)
+    let mut controller = Controller::for_stream(chats, reader.clone())
         .owns(scoped::<Deployment>(&client, scope.as_ref()), owned_only.clone())
         .owns(scoped::<Service>(&client, scope.as_ref()), owned_only.clone())
-        .owns(scoped::<ConfigMap>(&client, scope.as_ref()), owned_only)
-        .watches_stream(secrets, move |secret| {
+        .owns(scoped::<ConfigMap>(&client, scope.as_ref()), owned_only);
+    if ctx.settings.watch_secrets {
+        // Secrets by metadata only: the reconcile reads the one it needs.
+        let secrets =
+            watcher(scoped::<PartialObjectMeta<Secret>>(&client, scope.as_ref()), watcher::Config::default())
+                .default_backoff()
+                .touched_objects();
+        let store = reader;
+        controller = controller.watches_stream(secrets, move |secret| {
             referencing_secret(&store.state(), secret.metadata.namespace.as_deref(), &secret.name_any())
-        })
+        });
+    }
+    controller
         .graceful_shutdown_on(stop.cancelled_owned())
         // A bounded number at once: a thousand chats requeued together must not open a thousand
         // broker steps at the same moment.

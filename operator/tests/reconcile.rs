@@ -489,20 +489,30 @@ async fn a_language_added_to_a_running_chat_gets_its_queue_and_translator() {
 
 /// Runs the process's controllers (`run::control_namespaces`) for `watched` (every namespace when
 /// empty) over an API holding the chat `town-hall` in each of `namespaces`, until those in
-/// `wait_for` are reconciled. Returns every request they made and, per namespace, whether its chat
-/// was reconciled.
-async fn run_controllers(namespaces: &[&str], watched: &[&str], wait_for: &[&str]) -> (Vec<String>, Vec<bool>) {
+/// `wait_for` are reconciled, watching Secrets when `watch_secrets`. Returns every request they made
+/// and, per namespace, whether its chat was reconciled.
+async fn run_controllers(
+    namespaces: &[&str],
+    watched: &[&str],
+    wait_for: &[&str],
+    watch_secrets: bool,
+) -> (Vec<String>, Vec<bool>) {
     let mut builder = kube_fake_client::ClientBuilder::new()
         .with_resource::<ChatDeployment>()
         .with_status_subresource::<ChatDeployment>()
         .with_status_subresource::<Deployment>();
     for namespace in namespaces {
-        builder = builder.with_object(secret(namespace, &amqp_url())).with_object(chat(namespace, &[("de", 1)]));
+        // With the finalizer in place, so that the first pass runs every step (this in-memory API's
+        // watch does not bring the finalizer's own patch back).
+        let mut chat = chat(namespace, &[("de", 1)]);
+        chat.metadata.finalizers = Some(vec![FINALIZER.to_owned()]);
+        builder = builder.with_object(secret(namespace, &amqp_url())).with_object(chat);
     }
     let client = builder.build().await.unwrap();
     let recorder = recorder::Recorder::default();
     let reporter = Reporter { controller: "parley-operator".into(), instance: Some("test".into()) };
-    let ctx = Context::new(recorder.wrap(client.clone()), reporter, Arc::new(Metrics::default()), Settings::new("img"));
+    let settings = Settings { watch_secrets, ..Settings::new("img") };
+    let ctx = Context::new(recorder.wrap(client.clone()), reporter, Arc::new(Metrics::default()), settings);
     let stop = tokio_util::sync::CancellationToken::new();
     let watched: Vec<String> = watched.iter().map(|n| n.to_string()).collect();
     let (operator, token) = (recorder.wrap(client.clone()), stop.clone());
@@ -511,7 +521,8 @@ async fn run_controllers(namespaces: &[&str], watched: &[&str], wait_for: &[&str
     });
     let reconciled = |namespace: String| {
         let api: Api<ChatDeployment> = Api::namespaced(client.clone(), &namespace);
-        async move { ours(&api.get(NAME).await.unwrap()) }
+        // A status: a whole pass, Secrets read.
+        async move { api.get(NAME).await.unwrap().status.is_some() }
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for namespace in wait_for {
@@ -533,7 +544,7 @@ async fn run_controllers(namespaces: &[&str], watched: &[&str], wait_for: &[&str
 #[tokio::test]
 async fn with_namespaces_given_the_controllers_watch_and_touch_only_those() {
     let (events, elsewhere) = (unique_namespace(), unique_namespace());
-    let (requests, reconciled) = run_controllers(&[&events, &elsewhere], &[&events], &[&events]).await;
+    let (requests, reconciled) = run_controllers(&[&events, &elsewhere], &[&events], &[&events], true).await;
 
     assert_eq!(reconciled, [true, false], "a chat outside --namespaces is left alone");
     for kind in ["chatdeployments", "deployments", "services", "configmaps", "secrets"] {
@@ -548,11 +559,38 @@ async fn with_namespaces_given_the_controllers_watch_and_touch_only_those() {
 #[tokio::test]
 async fn without_namespaces_the_controllers_watch_the_whole_cluster() {
     let (one, two) = (unique_namespace(), unique_namespace());
-    let (requests, reconciled) = run_controllers(&[&one, &two], &[], &[&one, &two]).await;
+    let (requests, reconciled) = run_controllers(&[&one, &two], &[], &[&one, &two], false).await;
 
     assert_eq!(reconciled, [true, true]);
     let watch = "/apis/chat.parley.dev/v1alpha1/chatdeployments?";
     assert!(requests.iter().any(|r| r.starts_with("GET") && r.contains(watch)), "one cluster-wide watch: {requests:?}");
+}
+
+#[tokio::test]
+async fn by_default_the_controllers_read_secrets_by_name_and_never_list_or_watch_them() {
+    let namespace = unique_namespace();
+    let (requests, reconciled) = run_controllers(&[&namespace], &[], &[&namespace], false).await;
+
+    assert_eq!(reconciled, [true]);
+    let secrets: Vec<&String> = requests.iter().filter(|r| r.contains("/secrets")).collect();
+    assert!(
+        secrets.iter().any(|r| r.contains(&format!("/namespaces/{namespace}/secrets/rabbitmq"))),
+        "the broker Secret is read by name: {secrets:?}"
+    );
+    for request in &secrets {
+        assert!(!request.contains("/secrets?"), "a Secret list or watch without --watch-secrets: {request}");
+    }
+}
+
+#[tokio::test]
+async fn with_the_secret_watch_on_the_controllers_watch_secrets_by_metadata() {
+    let namespace = unique_namespace();
+    let (requests, _) = run_controllers(&[&namespace], &[], &[&namespace], true).await;
+
+    assert!(
+        requests.iter().any(|r| r.starts_with("GET") && r.contains("/api/v1/secrets?")),
+        "a cluster-wide Secret watch: {requests:?}"
+    );
 }
 
 /// Removes the topologies of the chat `town-hall` in `namespaces`, which a test's controllers declared.

@@ -94,6 +94,9 @@ pub struct Settings {
     pub autoscale_interval: Duration,
     /// The key of the checksum of referenced Secrets on pod templates (see [`run::checksum_key`](crate::run::checksum_key)).
     pub checksum_key: Vec<u8>,
+    /// Whether the controllers watch Secrets (by metadata), so that a changed credential rolls its
+    /// pods at once; without the watch (and the RBAC it needs), at the next resync.
+    pub watch_secrets: bool,
 }
 
 impl Settings {
@@ -102,6 +105,7 @@ impl Settings {
             default_image: default_image.into(),
             autoscale_interval: Duration::from_secs(10),
             checksum_key: Vec::new(),
+            watch_secrets: false,
         }
     }
 }
