@@ -71,7 +71,22 @@ warn_low_file_limit() {
   fi
 }
 
+# RabbitMQ's management API on 15672: the operator's scale-to-zero asks it for the messages
+# translators hold unacknowledged (broker.managementUrl).
+ensure_rabbitmq_management() {
+  port_open 15672 && return 0
+  log "enabling RabbitMQ's management plugin"
+  as_root rabbitmq-plugins enable rabbitmq_management >/dev/null
+  for _ in $(seq 1 100); do port_open 15672 && return 0; sleep 0.3; done
+  log "RabbitMQ's management API did not come up on 127.0.0.1:15672"
+  return 1
+}
+
 ensure_rabbitmq() {
+  ensure_rabbitmq_broker && ensure_rabbitmq_management
+}
+
+ensure_rabbitmq_broker() {
   if port_open 5672 && command -v rabbitmqctl >/dev/null; then warn_low_file_limit; return 0; fi
   command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server || {
     log "RabbitMQ is needed: install rabbitmq-server and start it on 127.0.0.1:5672"

@@ -289,6 +289,13 @@ pub struct BrokerSpec {
     /// How an amqps:// broker's certificate is checked; against the system's roots when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<BrokerTlsSpec>,
+    /// RabbitMQ's management API (its management plugin), e.g. http://rabbitmq.broker:15672, asked
+    /// with the broker URI's user. Builtin autoscaling then counts the messages translators hold
+    /// unacknowledged and whether any are being published, and can scale a language to zero once
+    /// it is idle; without it a language with translators connected is never scaled to zero, since
+    /// the AMQP protocol shows only ready messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management_url: Option<String>,
 }
 
 /// TLS to the broker; an amqps:// URI is what turns it on.

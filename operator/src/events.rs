@@ -30,6 +30,8 @@ pub enum Reason {
     BrokerCaSecretKeyMissing,
     /// The broker refused to declare the topology (Warning).
     TopologyFailed,
+    /// The broker's management API (`broker.managementUrl`) did not answer as asked (Warning).
+    ManagementApiFailed,
     /// The Secret of the gateway's JWT secret does not exist (Warning).
     JwtSecretNotFound,
     /// The Secret of the gateway's JWT secret lacks the referenced key (Warning).
@@ -58,6 +60,7 @@ impl Reason {
             Self::TopologyRemoved => "TopologyRemoved",
             Self::TopologyLeftBehind => "TopologyLeftBehind",
             Self::BrokerUnreachable => "BrokerUnreachable",
+            Self::ManagementApiFailed => "ManagementApiFailed",
             Self::BrokerSecretNotFound => "BrokerSecretNotFound",
             Self::BrokerSecretKeyMissing => "BrokerSecretKeyMissing",
             Self::BrokerCaSecretNotFound => "BrokerCaSecretNotFound",

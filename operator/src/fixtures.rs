@@ -15,7 +15,11 @@ pub fn chat(languages: &[(&str, Option<i32>)]) -> ChatDeployment {
     let mut chat = ChatDeployment::new(
         NAME,
         ChatDeploymentSpec {
-            broker: BrokerSpec { secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "uri".into() }, tls: None },
+            broker: BrokerSpec {
+                secret_ref: SecretKeyRef { name: "rabbitmq".into(), key: "uri".into() },
+                tls: None,
+                management_url: None,
+            },
             source_language: "en".into(),
             translation: TranslationSpec {
                 provider: Provider::Apertium,

@@ -145,16 +145,19 @@ async fn control(
         .owns(scoped::<ConfigMap>(&client, scope.as_ref()), owned_only);
     if ctx.settings.watch_secrets {
         // Secrets by metadata only: the reconcile reads the one it needs.
-        let secrets =
-            watcher(scoped::<PartialObjectMeta<Secret>>(&client, scope.as_ref()), watcher::Config::default())
-                .default_backoff()
-                .touched_objects();
+        let secrets = watcher(scoped::<PartialObjectMeta<Secret>>(&client, scope.as_ref()), watcher::Config::default())
+            .default_backoff()
+            .touched_objects();
         let store = reader;
         controller = controller.watches_stream(secrets, move |secret| {
             referencing_secret(&store.state(), secret.metadata.namespace.as_deref(), &secret.name_any())
         });
     }
+    // Backlogs are polled apart from reconciles; a chat whose replicas should change is reconciled.
+    let (due, polled) = tokio::sync::mpsc::channel(1024);
+    let poller = tokio::spawn(crate::reconcile::poll::run(ctx.clone(), scope.clone(), due, stop.clone()));
     controller
+        .reconcile_on(tokio_stream::wrappers::ReceiverStream::new(polled))
         .graceful_shutdown_on(stop.cancelled_owned())
         // A bounded number at once: a thousand chats requeued together must not open a thousand
         // broker steps at the same moment.
@@ -167,6 +170,7 @@ async fn control(
             }
         })
         .await;
+    poller.abort();
 }
 
 /// The controllers for `namespaces` (`--namespaces`; every namespace when empty), until `stop`: with

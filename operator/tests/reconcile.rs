@@ -1170,9 +1170,10 @@ async fn builtin_autoscaling_follows_the_backlog_and_returns_to_the_minimum_afte
     let action = h.reconcile().await.unwrap();
 
     assert_eq!(translator_replicas(&h).await, Some(5), "ceil(23 / 5), at once");
-    // The autoscale interval, give or take a tenth, so that chats do not poll the broker in lockstep.
+    // Still converging (no pod is ready here), so back within about 10 s; its backlog is polled apart.
     let within = (9_000..=11_000).any(|ms| action == Action::requeue(std::time::Duration::from_millis(ms)));
-    assert!(within, "polled on the autoscale interval: {action:?}");
+    assert!(within, "converging: {action:?}");
+    assert_eq!(h.ctx.polling.len(), 1, "its backlog is polled apart from reconciles");
     let status = h.chat().await.status.unwrap();
     assert_eq!(status.translators[0].desired_replicas, Some(5));
     assert_eq!(status.translators[0].backlog, Some(23));
@@ -1199,6 +1200,182 @@ async fn builtin_autoscaling_follows_the_backlog_and_returns_to_the_minimum_afte
     h.clock.advance(std::time::Duration::from_secs(4));
     h.reconcile().await.unwrap();
     assert_eq!(translator_replicas(&h).await, Some(1), "back to the minimum after the window");
+}
+
+/// The chats one poll finds due, as `namespace/name`.
+async fn due(h: &Harness) -> Vec<String> {
+    let due = parley_operator::reconcile::poll::poll(&h.ctx, Some(&h.namespace)).await;
+    due.iter().map(|chat| format!("{}/{}", chat.namespace.clone().unwrap_or_default(), chat.name)).collect()
+}
+
+#[tokio::test]
+async fn backlogs_are_polled_apart_from_reconciles_and_only_a_chat_whose_replicas_should_change_is_due() {
+    let h = Harness::new(autoscaled(&unique_namespace(), AutoscalingMode::Builtin, 3), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    let me = vec![format!("{}/{NAME}", h.namespace)];
+    let before = h.recorder.requests().len();
+
+    assert_eq!(due(&h).await, Vec::<String>::new(), "an empty queue at the minimum: nothing to do");
+    publish_posted(&h.topology(), 23).await;
+    assert_eq!(due(&h).await, me, "23 messages want 5 translators");
+    assert_eq!(h.recorder.requests().len(), before, "a poll asks the broker only, never the API server");
+
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(5));
+    assert_eq!(due(&h).await, Vec::<String>::new(), "at the replicas the backlog asks for");
+
+    // Scale-down waits for the stabilization window, which the polls' readings fill.
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_purge(h.topology().translate_queue("fr").as_str().into(), Default::default()).await.unwrap();
+    assert_eq!(due(&h).await, Vec::<String>::new(), "inside the window");
+    h.clock.advance(Duration::from_secs(4));
+    assert_eq!(due(&h).await, me, "after the window");
+
+    // A chat with no language in builtin autoscaling is no longer polled.
+    h.edit(|c| c.spec.languages = vec![LanguageSpec { code: "fr".into(), replicas: Some(2), autoscaling: None }]).await;
+    h.reconcile().await.unwrap();
+    assert!(h.ctx.polling.is_empty());
+}
+
+fn management_url() -> String {
+    std::env::var("PARLEY_TEST_MANAGEMENT_URL").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
+}
+
+/// `queue` as the management API shows it: (ready, unacknowledged, publish rate).
+async fn management_counts(queue: &str) -> (i64, i64, f64) {
+    let uri: lapin::uri::AMQPUri = amqp_url().parse().unwrap();
+    let mut url = url::Url::parse(&management_url()).unwrap();
+    url.path_segments_mut().unwrap().pop_if_empty().extend(["api", "queues", uri.vhost.as_str(), queue]);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let body = reqwest::Client::new()
+        .get(url)
+        .basic_auth(&uri.authority.userinfo.username, Some(&uri.authority.userinfo.password))
+        .send()
+        .await
+        .expect("the RabbitMQ management API answers (rabbitmq-plugins enable rabbitmq_management)")
+        .error_for_status()
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let count = |field: &str| info[field].as_i64().unwrap_or_default();
+    let rate = info["message_stats"]["publish_details"]["rate"].as_f64().unwrap_or_default();
+    (count("messages_ready"), count("messages_unacknowledged"), rate)
+}
+
+/// Waits until the management API (whose figures lag by its 5-s collection interval) shows `queue`
+/// as `wanted` says.
+async fn until_management_shows(queue: &str, what: &str, wanted: impl Fn((i64, i64, f64)) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts = management_counts(queue).await;
+        if wanted(counts) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the management API never showed {what}: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A translator stand-in on `queue`: takes up to 10 messages and holds them unacknowledged.
+async fn holding_consumer(queue: &str) -> (Connection, lapin::Consumer) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.basic_qos(10, Default::default()).await.unwrap();
+    let consumer =
+        channel.basic_consume(queue.into(), "stand-in".into(), Default::default(), Default::default()).await.unwrap();
+    (connection, consumer)
+}
+
+/// `autoscaled` with a minimum of zero and, when given, the broker's management API.
+fn to_zero(namespace: &str, management: Option<String>) -> ChatDeployment {
+    let mut chat = autoscaled(namespace, AutoscalingMode::Builtin, 3);
+    chat.spec.languages[0].autoscaling.as_mut().unwrap().min_replicas = 0;
+    chat.spec.broker.management_url = management;
+    chat
+}
+
+#[tokio::test]
+async fn with_the_management_api_a_translator_holding_messages_is_not_scaled_to_zero_and_an_idle_one_is() {
+    use futures_util::StreamExt;
+    let h = Harness::new(to_zero(&unique_namespace(), Some(management_url())), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(0), "nothing to translate");
+    let queue = h.topology().translate_queue("fr");
+
+    publish_posted(&h.topology(), 3).await;
+    until_management_shows(&queue, "3 ready", |(ready, _, _)| ready == 3).await;
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(1), "woken by what waits");
+
+    // The translator takes all three and is still working on them: none is ready.
+    let (_connection, mut consumer) = holding_consumer(&queue).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(consumer.next().await.unwrap().unwrap());
+    }
+    until_management_shows(&queue, "3 unacknowledged", |(ready, unacked, _)| ready == 0 && unacked == 3).await;
+    h.clock.advance(Duration::from_secs(10));
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(1), "stopping it would hand back what it holds");
+    assert_eq!(due(&h).await, Vec::<String>::new(), "and the poller agrees");
+
+    // Done with them, and nothing published since: idle, though it is still connected.
+    for delivery in held {
+        delivery.ack(Default::default()).await.unwrap();
+    }
+    until_management_shows(&queue, "an idle queue", |(ready, unacked, rate)| ready == 0 && unacked == 0 && rate == 0.0)
+        .await;
+    h.clock.advance(Duration::from_secs(10));
+    assert_eq!(due(&h).await, vec![format!("{}/{NAME}", h.namespace)], "the poller sees it idle");
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(0), "idle after the window: zero");
+    let (_, reason) = condition(&h.chat().await, "AutoscalingReady");
+    assert_eq!(reason, "Scaling");
+}
+
+#[tokio::test]
+async fn without_the_management_api_a_language_with_translators_connected_is_never_scaled_to_zero() {
+    use futures_util::StreamExt;
+    let h = Harness::new(to_zero(&unique_namespace(), None), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    let queue = h.topology().translate_queue("fr");
+    publish_posted(&h.topology(), 3).await;
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(1));
+
+    // The translator keeps up: nothing ready, which is all AMQP shows.
+    let (connection, mut consumer) = holding_consumer(&queue).await;
+    for _ in 0..3 {
+        consumer.next().await.unwrap().unwrap().ack(Default::default()).await.unwrap();
+    }
+    h.clock.advance(Duration::from_secs(10));
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(1), "a busy translator and an idle one look alike");
+    let status = h.chat().await.status.unwrap();
+    let scaling = status.conditions.iter().find(|c| c.type_ == "AutoscalingReady").unwrap();
+    assert!(scaling.message.contains("broker.managementUrl"), "says what would let it reach zero: {}", scaling.message);
+
+    // With no translator connected and nothing waiting, zero.
+    connection.close(200, "done".into()).await.unwrap();
+    h.clock.advance(Duration::from_secs(10));
+    h.reconcile().await.unwrap();
+    assert_eq!(translator_replicas(&h).await, Some(0));
+}
+
+#[tokio::test]
+async fn a_management_api_that_does_not_answer_is_an_event_and_scaling_goes_on_by_amqp() {
+    let h = Harness::new(to_zero(&unique_namespace(), Some("http://127.0.0.1:1".into())), &amqp_url()).await;
+    h.reconcile().await.unwrap();
+    publish_posted(&h.topology(), 3).await;
+    h.reconcile().await.unwrap();
+
+    assert_eq!(translator_replicas(&h).await, Some(1), "scaled on the ready messages AMQP shows");
+    let events = h.events().await;
+    let warning = events.iter().find(|(_, reason, _)| reason == "ManagementApiFailed");
+    assert!(warning.is_some_and(|(kind, _, _)| kind == "Warning"), "{events:?}");
 }
 
 #[tokio::test]

@@ -1,9 +1,11 @@
 //! Autoscale (pure): each builtin-autoscaled language's queue backlog and recent recommendations →
 //! its translator replicas, and what changed.
 //!
-//! `recommend = clamp(ceil(backlog / targetBacklog), min, max)`. Scaling up happens at once; scaling
-//! down goes only as low as the highest recommendation within the stabilization window, so a
-//! backlog that dips and returns does not make replicas flap (the HPA's rule).
+//! `recommend = clamp(ceil(backlog / targetBacklog), min, max)`, the backlog being the ready messages
+//! and, when the broker's management API tells, those translators hold unacknowledged. Scaling up
+//! happens at once; scaling down goes only as low as the highest recommendation within the
+//! stabilization window, so a backlog that dips and returns does not make replicas flap (the HPA's
+//! rule). A language goes to zero only when it is idle (see [`Load::idle`]).
 
 use std::collections::BTreeMap;
 
@@ -17,6 +19,40 @@ use crate::{
     crd::ChatDeploymentStatus,
     events::{Note, Reason},
 };
+
+/// What the broker says of one language queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Messages ready for a translator.
+    pub ready: i64,
+    /// Translators connected to the queue.
+    pub consumers: i64,
+    /// Messages delivered to translators and not yet acknowledged: known only from the management
+    /// API (AMQP shows ready messages only).
+    pub unacknowledged: Option<i64>,
+    /// Whether messages were published to the queue lately (management API).
+    pub publishing: bool,
+}
+
+impl Load {
+    /// A queue known only by what AMQP's passive declare shows.
+    pub fn ready(ready: i64, consumers: i64) -> Self {
+        Self { ready, consumers, unacknowledged: None, publishing: false }
+    }
+
+    /// The messages the translators have to get through: ready, and held unacknowledged when known.
+    pub fn backlog(&self) -> i64 {
+        self.ready + self.unacknowledged.unwrap_or(0)
+    }
+
+    /// Whether the language may go to zero translators: nothing ready, none being published, and
+    /// none held unacknowledged. With that count unknown, only when no translator is connected: a
+    /// translator keeping up shows no ready message, and stopping it would only hand back what it
+    /// holds and leave the next messages waiting for a pod to start.
+    pub fn idle(&self) -> bool {
+        self.ready == 0 && !self.publishing && self.unacknowledged.map_or(self.consumers == 0, |n| n == 0)
+    }
+}
 
 /// Replicas wanted for `backlog` ready messages, within the bounds.
 pub fn recommend(backlog: i64, bounds: &Bounds) -> i32 {
@@ -37,9 +73,12 @@ impl History {
     }
 }
 
-/// The replicas to run now, given the current replicas, the backlog, and the window's history.
-pub fn decide(current: i32, backlog: i64, bounds: &Bounds, history: &mut History, now: Timestamp) -> i32 {
-    let recommended = recommend(backlog, bounds);
+/// The replicas to run now, given the current replicas, the queue's load, and the window's history.
+pub fn decide(current: i32, load: &Load, bounds: &Bounds, history: &mut History, now: Timestamp) -> i32 {
+    let mut recommended = recommend(load.backlog(), bounds);
+    if !load.idle() {
+        recommended = recommended.max(1).min(bounds.max.max(1));
+    }
     history.0.push((now, recommended));
     let window = bounds.scale_down_window;
     history.0.retain(|(at, _)| now.duration_since(*at).unsigned_abs() <= window);
@@ -83,13 +122,13 @@ pub struct Plan {
 }
 
 /// Decides the replicas of every language in builtin mode. `current` holds the replicas the
-/// Deployments have now, `backlogs` the queue depths (`None` when the broker could not be asked:
+/// Deployments have now, `loads` what the broker says of each queue (`None` when it could not be asked:
 /// then nothing changes), and `histories` each language's recommendations, kept between reconciles.
 /// Languages in KEDA mode are listed with `keda_installed`, for the status.
 pub fn plan(
     languages: &[Language],
     current: &BTreeMap<String, i32>,
-    backlogs: Option<&BTreeMap<String, i64>>,
+    loads: Option<&BTreeMap<String, Load>>,
     histories: &mut BTreeMap<String, History>,
     previous: Option<&ChatDeploymentStatus>,
     keda_installed: bool,
@@ -113,13 +152,13 @@ pub fn plan(
         let code = &language.code;
         let existing = current.get(code).copied();
         let now_replicas = existing.unwrap_or(bounds.min);
-        let backlog = backlogs.and_then(|b| b.get(code)).copied();
-        let desired = match backlog {
+        let load = loads.and_then(|l| l.get(code)).copied();
+        let desired = match &load {
             None => now_replicas.clamp(bounds.min, bounds.max),
-            Some(backlog) => {
-                plan.backlogs.insert(code.clone(), backlog);
+            Some(load) => {
+                plan.backlogs.insert(code.clone(), load.backlog());
                 let history = histories.entry(code.clone()).or_insert_with(|| History::starting_at(now, now_replicas));
-                decide(now_replicas, backlog, &bounds, history, now)
+                decide(now_replicas, load, &bounds, history, now)
             }
         };
         plan.report.desired.insert(code.clone(), desired);
@@ -130,7 +169,7 @@ pub fn plan(
                     language: code.clone(),
                     from,
                     to: desired,
-                    backlog: backlog.unwrap_or_default(),
+                    backlog: load.map(|l| l.backlog()).unwrap_or_default(),
                     target_backlog: bounds.target_backlog,
                 });
             }
@@ -158,17 +197,43 @@ mod tests {
         Timestamp::from_second(1_800_000_000 + seconds).unwrap()
     }
 
-    /// Runs a scripted sequence of (second, backlog) through `decide`, returning the replicas after each.
-    fn run(start: i32, bounds: Bounds, script: &[(i64, i64)]) -> Vec<i32> {
+    /// Runs a scripted sequence of (second, load) through `decide`, returning the replicas after each.
+    fn run_loads(start: i32, bounds: Bounds, script: &[(i64, Load)]) -> Vec<i32> {
         let mut history = History::starting_at(at(0), start);
         let mut current = start;
         script
             .iter()
-            .map(|(second, backlog)| {
-                current = decide(current, *backlog, &bounds, &mut history, at(*second));
+            .map(|(second, load)| {
+                current = decide(current, load, &bounds, &mut history, at(*second));
                 current
             })
             .collect()
+    }
+
+    /// [`run_loads`] for queues with `backlog` ready messages, nothing held and no translator connected.
+    fn run(start: i32, bounds: Bounds, script: &[(i64, i64)]) -> Vec<i32> {
+        let loads: Vec<(i64, Load)> = script.iter().map(|(at, backlog)| (*at, Load::ready(*backlog, 0))).collect();
+        run_loads(start, bounds, &loads)
+    }
+
+    #[test]
+    fn a_language_keeping_up_is_not_scaled_to_zero_whatever_its_ready_count() {
+        // Translators connected and nothing ready: AMQP alone cannot tell a busy queue from an idle one.
+        let connected = Load::ready(0, 2);
+        assert_eq!(run_loads(1, bounds(0, 10), &[(10, connected), (200, connected), (400, connected)]), [1, 1, 1]);
+        // The management API tells: messages in flight, or being published, keep one translator.
+        let in_flight = Load { unacknowledged: Some(3), ..connected };
+        let publishing = Load { unacknowledged: Some(0), publishing: true, ..connected };
+        assert_eq!(run_loads(1, bounds(0, 10), &[(10, in_flight), (200, publishing), (400, publishing)]), [1, 1, 1]);
+        // Idle by its count: after the window, zero.
+        let idle = Load { unacknowledged: Some(0), ..connected };
+        assert_eq!(run_loads(1, bounds(0, 10), &[(10, idle), (200, idle)]), [1, 0]);
+    }
+
+    #[test]
+    fn unacknowledged_messages_count_in_the_backlog() {
+        let held = Load { ready: 50, consumers: 1, unacknowledged: Some(250), publishing: true };
+        assert_eq!(run_loads(1, bounds(0, 10), &[(10, held)]), [3]);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use lapin::{Connection, ConnectionProperties};
 use parley_contract::topology::Topology;
 
 use super::{
+    autoscale::Load,
     observe::{Observed, SecretError},
     status::{BrokerReport, Draining},
     validate::ValidatedChat,
@@ -23,6 +24,9 @@ pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one whole broker step (declare, look at every queue, drain) may take: a broker that
 /// accepted the connection and then went quiet must not hold a reconcile up.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one question to the broker's management API may take.
+pub const MANAGEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the broker step failed; [`BrokerError::reason`] is the BrokerReady condition reason.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -91,6 +95,8 @@ async fn connect(address: &BrokerAddress) -> Result<Connection, BrokerError> {
 #[derive(Default)]
 pub struct Brokers {
     connections: tokio::sync::Mutex<HashMap<BrokerAddress, Arc<Connection>>>,
+    /// HTTP clients for management APIs, by the CA bundle they trust besides the system's roots.
+    http: std::sync::Mutex<HashMap<Option<String>, reqwest::Client>>,
 }
 
 impl Brokers {
@@ -140,9 +146,135 @@ impl Brokers {
         let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "failed".into())).await;
     }
 
+    /// The HTTP client for a management API, trusting `ca` (the broker's CA bundle) besides the
+    /// system's roots.
+    fn http(&self, ca: Option<&String>) -> Result<reqwest::Client, String> {
+        let mut clients = self.http.lock().expect("http clients lock");
+        if let Some(client) = clients.get(&ca.cloned()) {
+            return Ok(client.clone());
+        }
+        // reqwest takes the process's rustls provider; the binary installs ring at start, and this
+        // does the same for a library user (a test) that did not.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder().timeout(MANAGEMENT_TIMEOUT).connect_timeout(BROKER_TIMEOUT);
+        if let Some(pem) = ca {
+            let certificates = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                .map_err(|err| format!("the broker CA bundle is no PEM: {err}"))?;
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let client = builder.build().map_err(|err| format!("no HTTP client for the management API: {err}"))?;
+        clients.insert(ca.cloned(), client.clone());
+        Ok(client)
+    }
+
+    /// The load of each of `queues` (language → queue name) from the management API at
+    /// `management`, asked as the user of the broker URI, in its vhost. A language whose queue does
+    /// not exist is left out.
+    pub async fn management_loads(
+        &self,
+        address: &BrokerAddress,
+        management: &str,
+        queues: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, Load>, String> {
+        let url = address.url.as_str();
+        let uri: lapin::uri::AMQPUri =
+            url.parse().map_err(|err: String| format!("the broker URI: {}", super::observe::scrub(&err, url)))?;
+        let user = &uri.authority.userinfo;
+        let http = self.http(address.ca.as_ref())?;
+        let mut loads = BTreeMap::new();
+        for (language, queue) in queues {
+            let mut at = url::Url::parse(management).map_err(|err| format!("{management}: {err}"))?;
+            at.path_segments_mut().map_err(|()| format!("{management} cannot have a path"))?.pop_if_empty().extend([
+                "api",
+                "queues",
+                uri.vhost.as_str(),
+                queue.as_str(),
+            ]);
+            let answer = http
+                .get(at.clone())
+                .basic_auth(&user.username, Some(&user.password))
+                .send()
+                .await
+                .map_err(|err| format!("{management}: {}", super::observe::scrub(&err.to_string(), url)))?;
+            match answer.status() {
+                reqwest::StatusCode::NOT_FOUND => continue,
+                status if !status.is_success() => {
+                    return Err(format!("{management} answered {status} for queue {queue}"));
+                }
+                _ => {}
+            }
+            let body = answer.bytes().await.map_err(|err| format!("{management}: {err}"))?;
+            let info: QueueInfo = serde_json::from_slice(&body)
+                .map_err(|err| format!("{management} sent no queue for {queue}: {err}"))?;
+            loads.insert(language.clone(), info.load());
+        }
+        Ok(loads)
+    }
+
+    /// The load of each of `queues` (language → queue name) as AMQP's passive declare shows it, over
+    /// the shared connection; a language whose queue does not exist is left out.
+    pub async fn amqp_loads(
+        &self,
+        address: &BrokerAddress,
+        queues: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, Load>, BrokerError> {
+        self.with(address, |connection| async move {
+            let mut loads = BTreeMap::new();
+            for (language, queue) in queues {
+                // A missing queue closes the channel, so each look gets its own.
+                let look = connection.create_channel().await.map_err(BrokerError::Channel)?;
+                if let Some(depth) = parley_contract::topology::queue_depth(&look, queue).await? {
+                    loads.insert(language.clone(), Load::ready(depth.messages.into(), depth.consumers.into()));
+                }
+            }
+            Ok(loads)
+        })
+        .await
+    }
+
     /// How many broker connections are open.
     pub async fn open(&self) -> usize {
         self.connections.lock().await.values().filter(|c| c.status().connected()).count()
+    }
+}
+
+/// A queue as RabbitMQ's management API shows it (`GET /api/queues/VHOST/NAME`).
+#[derive(Debug, serde::Deserialize)]
+struct QueueInfo {
+    #[serde(default)]
+    messages_ready: i64,
+    #[serde(default)]
+    messages_unacknowledged: i64,
+    #[serde(default)]
+    consumers: i64,
+    #[serde(default)]
+    message_stats: Option<MessageStats>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct MessageStats {
+    #[serde(default)]
+    publish_details: Option<Rate>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Rate {
+    #[serde(default)]
+    rate: f64,
+}
+
+impl QueueInfo {
+    fn load(&self) -> Load {
+        let publishing =
+            self.message_stats.as_ref().and_then(|s| s.publish_details.as_ref()).is_some_and(|d| d.rate > 0.0);
+        Load {
+            ready: self.messages_ready,
+            consumers: self.consumers,
+            unacknowledged: Some(self.messages_unacknowledged),
+            publishing,
+        }
     }
 }
 
@@ -150,6 +282,8 @@ impl Brokers {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct SyncOutcome {
     pub backlogs: BTreeMap<String, i64>,
+    /// Each listed language queue's load, as AMQP shows it (ready messages and consumers).
+    pub loads: BTreeMap<String, Load>,
     /// Removed languages whose queue was deleted this time, with the messages it still held (lost after a timeout).
     pub deleted: Vec<(String, i64)>,
     /// Removed languages still draining.
@@ -182,6 +316,8 @@ pub async fn sync(
             let look = connection.create_channel().await.map_err(BrokerError::Channel)?;
             let depth = parley_contract::topology::queue_depth(&look, &topology.translate_queue(language)).await?;
             outcome.backlogs.insert(language.clone(), depth.map_or(0, |d| i64::from(d.messages)));
+            let load = depth.map_or_else(Load::default, |d| Load::ready(d.messages.into(), d.consumers.into()));
+            outcome.loads.insert(language.clone(), load);
         }
         for removed in draining {
             // Stop the removed language's queue from taking new messages, so it can drain.
@@ -228,17 +364,14 @@ pub struct BrokerStep {
     pub idle: BTreeSet<String>,
     /// Why the step failed; the reconcile is retried with backoff once everything else is applied.
     pub failure: Option<BrokerError>,
+    /// The load of every listed language's queue, when the broker could be asked: from the management
+    /// API for builtin-autoscaled languages when `broker.managementUrl` is set and answered.
+    pub loads: Option<BTreeMap<String, Load>>,
+    /// Why the management API could not be asked (the loads are then AMQP's).
+    pub management_failure: Option<String>,
 }
 
 impl BrokerStep {
-    /// Ready messages per language queue, when the broker could be asked.
-    pub fn backlogs(&self) -> Option<&BTreeMap<String, i64>> {
-        match &self.report {
-            BrokerReport::Ready { backlogs } => Some(backlogs),
-            BrokerReport::Failed { .. } => None,
-        }
-    }
-
     /// The Events this step has to say: queues deleted, and the failure.
     pub fn notes(&self) -> Vec<Note> {
         let mut notes: Vec<Note> = self
@@ -258,6 +391,12 @@ impl BrokerStep {
             })
             .collect();
         notes.extend(self.failure.iter().map(|err| Note::warning(err.reason(), err.to_string())));
+        notes.extend(self.management_failure.iter().map(|err| {
+            Note::warning(
+                Reason::ManagementApiFailed,
+                format!("{err}; until it answers, no language with translators connected is scaled to zero"),
+            )
+        }));
         notes
     }
 }
@@ -276,40 +415,67 @@ pub async fn step(
         Some(Ok(ca)) => Ok(BrokerAddress::new(url, Some(ca))),
         Some(Err(err)) => Err(BrokerError::Ca(err)),
     });
-    let synced = match address {
-        Ok(address) => {
-            let drain_timeout = Duration::from_secs(chat.drain_timeout_seconds.max(0) as u64);
-            // Removed languages whose translators are scaled to zero (or gone).
-            let stopped: BTreeSet<String> = draining
-                .iter()
-                .filter(|d| observed.translator_replicas.get(&d.language).is_none_or(|r| *r == 0))
-                .map(|d| d.language.clone())
-                .collect();
-            let removed = (draining.clone(), &stopped);
-            let languages = chat.language_codes();
-            brokers
-                .with(&address, |connection| async move {
-                    sync(&connection, &chat.topology, &languages, removed, drain_timeout, elapsed).await
-                })
-                .await
-        }
-        Err(err) => Err(err),
+    let address = match address {
+        Ok(address) => address,
+        Err(err) => return BrokerStep::failed(err, draining),
     };
-    match synced {
-        Ok(outcome) => BrokerStep {
-            report: BrokerReport::Ready { backlogs: outcome.backlogs },
-            draining: outcome.draining,
-            deleted: outcome.deleted,
-            idle: outcome.idle,
-            failure: None,
-        },
-        Err(err) => BrokerStep {
+    let drain_timeout = Duration::from_secs(chat.drain_timeout_seconds.max(0) as u64);
+    // Removed languages whose translators are scaled to zero (or gone).
+    let stopped: BTreeSet<String> = draining
+        .iter()
+        .filter(|d| observed.translator_replicas.get(&d.language).is_none_or(|r| *r == 0))
+        .map(|d| d.language.clone())
+        .collect();
+    let removed = (draining.clone(), &stopped);
+    let languages = chat.language_codes();
+    let synced = brokers
+        .with(&address, |connection| async move {
+            sync(&connection, &chat.topology, &languages, removed, drain_timeout, elapsed).await
+        })
+        .await;
+    let mut outcome = match synced {
+        Ok(outcome) => outcome,
+        Err(err) => return BrokerStep::failed(err, draining),
+    };
+    let mut management_failure = None;
+    if let Some(management) = &chat.management_url {
+        let queues = autoscaled_queues(chat);
+        match brokers.management_loads(&address, management, &queues).await {
+            Ok(loads) => outcome.loads.extend(loads),
+            Err(err) => management_failure = Some(err),
+        }
+    }
+    BrokerStep {
+        report: BrokerReport::Ready { backlogs: outcome.backlogs },
+        draining: outcome.draining,
+        deleted: outcome.deleted,
+        idle: outcome.idle,
+        failure: None,
+        loads: Some(outcome.loads),
+        management_failure,
+    }
+}
+
+/// The queue of every language in builtin autoscaling, by language.
+pub fn autoscaled_queues(chat: &ValidatedChat) -> BTreeMap<String, String> {
+    chat.languages
+        .iter()
+        .filter(|l| matches!(l.scaling, super::validate::Scaling::Builtin(_)))
+        .map(|l| (l.code.clone(), chat.topology.translate_queue(&l.code)))
+        .collect()
+}
+
+impl BrokerStep {
+    fn failed(err: BrokerError, draining: Vec<Draining>) -> Self {
+        Self {
             report: err.report(),
             draining,
             deleted: Vec::new(),
             idle: BTreeSet::new(),
             failure: Some(err),
-        },
+            loads: None,
+            management_failure: None,
+        }
     }
 }
 

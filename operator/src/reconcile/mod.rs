@@ -18,6 +18,7 @@ pub mod broker;
 pub mod build;
 pub mod database;
 pub mod observe;
+pub mod poll;
 pub mod status;
 pub mod validate;
 
@@ -37,6 +38,7 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Event, Recorder, Reporter},
+        reflector::ObjectRef,
     },
     Api, Client, Resource, ResourceExt,
 };
@@ -52,7 +54,7 @@ use autoscale::History;
 use broker::BrokerError;
 use build::{build, Inputs};
 use status::Findings;
-use validate::{validate, Scaling, SpecError};
+use validate::{validate, SpecError};
 
 /// Requeue interval of a healthy ChatDeployment, to refresh backlogs.
 const RESYNC: Duration = Duration::from_secs(60);
@@ -147,6 +149,8 @@ pub struct Context {
     /// namespace deletes the broker Secret too, often before the finalizer runs, and the topology must
     /// still go.
     broker_addresses: Mutex<HashMap<String, broker::BrokerAddress>>,
+    /// The chats whose backlogs are polled apart from reconciles (builtin autoscaling).
+    pub polling: poll::Polling,
 }
 
 impl Context {
@@ -164,6 +168,7 @@ impl Context {
             brokers: broker::Brokers::default(),
             applied: apply::Applied::default(),
             broker_addresses: Mutex::default(),
+            polling: poll::Polling::default(),
         }
     }
 
@@ -183,6 +188,7 @@ impl Context {
         self.metrics.forget(&chat.namespace().unwrap_or_default(), &chat.name_any(), &languages);
         self.applied.forget(&chat.namespace().unwrap_or_default(), &chat.name_any());
         self.broker_addresses.lock().expect("broker addresses lock").remove(&key);
+        self.polling.set(key, None);
     }
 
     async fn publish(&self, chat: &ChatDeployment, note: Note) {
@@ -269,7 +275,7 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         autoscale::plan(
             &valid.languages,
             current,
-            broker.backlogs(),
+            broker.loads.as_ref(),
             histories,
             chat.status.as_ref(),
             observed.keda_installed,
@@ -342,14 +348,15 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         return Err(err.into());
     }
     ctx.failures.lock().expect("failures lock").remove(&key(chat));
-    let autoscaling = valid.languages.iter().any(|l| matches!(l.scaling, Scaling::Builtin(_)));
-    let next = if autoscaling {
-        ctx.settings.autoscale_interval
-    } else if ready && broker.draining.is_empty() {
-        RESYNC
-    } else {
-        CONVERGING
-    };
+    // Backlogs are polled apart from reconciles (`poll`), which bring a chat back when its replicas
+    // should change.
+    let address = observed
+        .broker_url()
+        .ok()
+        .map(|url| broker::BrokerAddress::new(url, observed.broker_ca().and_then(Result::ok)));
+    let polled = address.and_then(|a| poll::Polled::new(ObjectRef::from_obj(chat), &valid, a, &plan.report.desired));
+    ctx.polling.set(key(chat), polled);
+    let next = if ready && broker.draining.is_empty() { RESYNC } else { CONVERGING };
     Ok(Action::requeue(jittered(next)))
 }
 

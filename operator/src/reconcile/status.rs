@@ -219,6 +219,26 @@ pub struct Findings<'a> {
     pub pod_monitors: &'a Served,
 }
 
+/// What AutoscalingReady says while translators scale: that a language meant to reach zero will not
+/// while its translators are connected, when there is no management API to tell it is idle.
+fn scaling_message(chat: &ValidatedChat) -> String {
+    let to_zero: Vec<&str> = chat
+        .languages
+        .iter()
+        .filter(|l| matches!(l.scaling, Scaling::Builtin(b) if b.min == 0))
+        .map(|l| l.code.as_str())
+        .collect();
+    if chat.management_url.is_some() || to_zero.is_empty() {
+        return "translators scale on their backlog".into();
+    }
+    format!(
+        "translators scale on their backlog; languages [{}] have minReplicas 0 but are not scaled to zero while \
+         translators are connected: AMQP shows no unacknowledged messages, so set broker.managementUrl (RabbitMQ's \
+         management API) to let them go to zero when idle",
+        to_zero.join(", ")
+    )
+}
+
 /// The status of a valid ChatDeployment of `generation`, keeping the transition times of `previous`.
 pub fn compute(
     chat: &ValidatedChat,
@@ -353,7 +373,7 @@ pub fn compute(
                 generation,
                 now,
             ),
-            _ => condition(AUTOSCALING_READY, true, "Scaling", "translators scale on their backlog".into(), generation, now),
+            _ => condition(AUTOSCALING_READY, true, "Scaling", scaling_message(chat), generation, now),
         });
     }
     if chat.monitoring.pod_monitor {

@@ -50,6 +50,8 @@ pub enum SpecError {
     InvalidAutoscaling { code: String, reason: String },
     #[error("history.retention {0:?} is not a duration like 30d, 12h, 90m or 3600s")]
     InvalidRetention(String),
+    #[error("broker.managementUrl {0:?} is not an http(s) URL without credentials (they come from the broker URI)")]
+    InvalidManagementUrl(String),
     #[error("monitoring.otlpEndpoint {0:?} is not an http(s) URL")]
     InvalidOtlpEndpoint(String),
     #[error("auth.mode oidc needs auth.issuer, the OpenID Connect issuer's URL")]
@@ -166,6 +168,8 @@ pub struct ValidatedChat {
     pub auth: AuthPlan,
     /// The Secret key of the broker's CA bundle (`spec.broker.tls.caSecretRef`).
     pub broker_ca: Option<SecretKeyRef>,
+    /// The broker's management API (`spec.broker.managementUrl`), without a trailing slash.
+    pub management_url: Option<String>,
     /// Whether each role gets a NetworkPolicy.
     pub network_policy: bool,
 }
@@ -210,6 +214,17 @@ fn valid_retention(text: &str) -> bool {
 }
 
 /// An http(s) URL with something after the scheme.
+/// `url` with any password in it masked, for an error that is shown in status and Events.
+fn without_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 fn http_url(url: &str) -> bool {
     (url.starts_with("http://") || url.starts_with("https://")) && url.len() > "https://".len()
 }
@@ -359,6 +374,13 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     if !http_url(url) {
         errors.push(SpecError::InvalidProviderUrl(url.to_owned()));
     }
+    let management_url = spec.broker.management_url.as_deref().map(|u| u.trim().trim_end_matches('/').to_owned());
+    if let Some(management) = &management_url {
+        let credentials = url::Url::parse(management).is_ok_and(|u| !u.username().is_empty() || u.password().is_some());
+        if !http_url(management) || credentials {
+            errors.push(SpecError::InvalidManagementUrl(without_password(management)));
+        }
+    }
     if let Some(endpoint) = &spec.monitoring.otlp_endpoint {
         if !http_url(endpoint.trim()) {
             errors.push(SpecError::InvalidOtlpEndpoint(endpoint.clone()));
@@ -414,6 +436,7 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
             monitoring: spec.monitoring.clone(),
             auth,
             broker_ca: spec.broker.tls.as_ref().map(|tls| tls.ca_secret_ref.clone()),
+            management_url,
             network_policy,
         }),
         (gateway, fanout, _) => {
@@ -506,6 +529,19 @@ mod tests {
         let mut c = chat(&[]);
         c.spec.monitoring.otlp_endpoint = Some("otel-collector:4317".into());
         assert_eq!(errors(&c), vec![SpecError::InvalidOtlpEndpoint("otel-collector:4317".into())]);
+    }
+
+    #[test]
+    fn a_management_url_must_be_http_and_carry_no_credentials_which_are_never_echoed() {
+        let mut c = chat(&[]);
+        c.spec.broker.management_url = Some("rabbitmq:15672".into());
+        assert_eq!(errors(&c), vec![SpecError::InvalidManagementUrl("rabbitmq:15672".into())]);
+        c.spec.broker.management_url = Some("http://admin:s3cret@rabbitmq:15672".into());
+        let found = errors(&c);
+        assert!(matches!(&found[..], [SpecError::InvalidManagementUrl(_)]), "{found:?}");
+        assert!(!found[0].to_string().contains("s3cret"), "{}", found[0]);
+        c.spec.broker.management_url = Some("http://rabbitmq.broker:15672/".into());
+        assert_eq!(validate(&c, "img").unwrap().management_url.as_deref(), Some("http://rabbitmq.broker:15672"));
     }
 
     #[test]
