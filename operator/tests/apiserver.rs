@@ -20,8 +20,11 @@ use parley_operator::{
     controller::reconcile,
     crd::ChatDeployment,
     metrics::Metrics,
-    names::FINALIZER,
-    reconcile::{Context, Settings},
+    names::{FIELD_MANAGER, FINALIZER},
+    reconcile::{
+        apply::{applies_replicas_of, hand_over_replicas},
+        Context, Settings,
+    },
 };
 use serde_json::{json, Value};
 
@@ -321,4 +324,82 @@ async fn a_read_that_fails_is_written_to_status_naming_the_read() {
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "ReadFailed"));
     assert!(ready.message.contains(&format!("listing the Deployments of {ns}/town-hall")), "{}", ready.message);
+}
+
+/// A stand-in kind with a defaulted `spec.replicas`, as a Deployment's: this server serves no `apps`.
+async fn install_scalable(client: &Client) -> ApiResource {
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "scalables.test.parley.dev"},
+        "spec": {
+            "group": "test.parley.dev",
+            "names": {"kind": "Scalable", "plural": "scalables", "singular": "scalable"},
+            "scope": "Namespaced",
+            "versions": [{
+                "name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {"spec": {
+                    "type": "object",
+                    "properties": {"replicas": {"type": "integer", "default": 1}, "image": {"type": "string"}}
+                }}}}
+            }]
+        }
+    }))
+    .unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(&crd.name_any(), &PatchParams::apply("parley-tests").force(), &Patch::Apply(&crd)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !crds
+        .get(&crd.name_any())
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Established" && c.status == "True")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the stand-in CRD never became Established");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ApiResource {
+        group: "test.parley.dev".into(),
+        version: "v1".into(),
+        api_version: "test.parley.dev/v1".into(),
+        kind: "Scalable".into(),
+        plural: "scalables".into(),
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a real API server: scripts/test starts one (PARLEY_APISERVER_KUBECONFIG)"]
+async fn replicas_handed_over_before_an_apply_omits_them_keep_their_value_where_the_api_server_would_reset_them() {
+    let client = client().await;
+    let resource = install_scalable(&client).await;
+    let api: Api<DynamicObject> = Api::namespaced_with(client, &namespace("handover"), &resource);
+    let object = |name: &str, replicas: Option<i32>| {
+        let mut spec = json!({"image": "chat-server"});
+        if let Some(replicas) = replicas {
+            spec["replicas"] = json!(replicas);
+        }
+        json!({"apiVersion": "test.parley.dev/v1", "kind": "Scalable", "metadata": {"name": name}, "spec": spec})
+    };
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let mut kept = Vec::new();
+    for (name, hand_over) in [("reset", false), ("handed-over", true)] {
+        api.patch(name, &apply, &Patch::Apply(object(name, Some(3)))).await.unwrap();
+        let live = api.get(name).await.unwrap();
+        assert!(applies_replicas_of(&live.metadata), "the operator's apply owns replicas: {:?}", live.metadata);
+        if hand_over {
+            hand_over_replicas(&api, &resource, &live.metadata, Some(3)).await.unwrap();
+        }
+        // The next apply no longer sets replicas (a language switched to KEDA or to kubectl scale).
+        api.patch(name, &apply, &Patch::Apply(object(name, None))).await.unwrap();
+        let live = api.get(name).await.unwrap();
+        kept.push(live.data["spec"]["replicas"].as_i64());
+        if hand_over {
+            assert!(!applies_replicas_of(&live.metadata), "no longer the operator's: {:?}", live.metadata);
+        }
+    }
+    assert_eq!(kept, [Some(1), Some(3)], "omitted, the field goes and its default applies; handed over, it stays");
 }

@@ -1139,7 +1139,8 @@ async fn a_language_switched_to_kubectl_scale_has_its_replicas_handed_over_not_r
 
     // On a real API server, an apply that omits a field only its manager owned removes it (and the
     // default of 1 applies): another manager takes it over first, at its value. (This in-memory API
-    // never removes an omitted field, so the handover request itself is what is checked here.)
+    // never removes an omitted field, so the handover request itself is what is checked here; the
+    // real-API-server tier, `apiserver.rs`, shows the field kept.)
     let handover = h.recorder.requests().into_iter().find(|r| {
         r.starts_with("PATCH")
             && r.contains("/deployments/town-hall-translator-fr")

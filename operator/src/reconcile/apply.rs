@@ -60,7 +60,12 @@ pub const REPLICAS_HANDOFF_MANAGER: &str = "parley-operator-handoff";
 /// Whether the operator's own apply is what owns `spec.replicas` of `live`: omitting the field from
 /// the next apply would then make the API server remove it, and the default of 1 would apply.
 pub fn applies_replicas(live: &Deployment) -> bool {
-    live.metadata.managed_fields.iter().flatten().any(|entry| {
+    applies_replicas_of(live.meta())
+}
+
+/// [`applies_replicas`] for any object with a `spec.replicas`, from its managed fields.
+pub fn applies_replicas_of(meta: &kube::api::ObjectMeta) -> bool {
+    meta.managed_fields.iter().flatten().any(|entry| {
         entry.manager.as_deref() == Some(FIELD_MANAGER)
             && entry.operation.as_deref() == Some("Apply")
             && entry.subresource.as_deref().unwrap_or_default().is_empty()
@@ -71,15 +76,34 @@ pub fn applies_replicas(live: &Deployment) -> bool {
 /// Before the operator stops setting a Deployment's replicas (a language switched to KEDA or left
 /// to `kubectl scale`), another manager takes the field over at its current value, so that the apply
 /// that omits it leaves it as it is: the documented way to hand a field over under server-side apply.
-async fn hand_over_replicas(api: &Api<Deployment>, live: &Deployment) -> Result<(), kube::Error> {
-    let Some(replicas) = live.spec.as_ref().and_then(|s| s.replicas) else { return Ok(()) };
-    if !applies_replicas(live) {
+/// It must be an apply: an update that writes the value the field already has changes nothing, and
+/// so takes no ownership (a real API server then removes the field all the same). Generic over the
+/// kind so that a real API server, which here serves custom resources only, can check it on a
+/// stand-in with a defaulted `spec.replicas`.
+pub async fn hand_over_replicas<K>(
+    api: &Api<K>,
+    kind: &K::DynamicType,
+    meta: &kube::api::ObjectMeta,
+    replicas: Option<i32>,
+) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let Some(replicas) = replicas else { return Ok(()) };
+    if !applies_replicas_of(meta) {
         return Ok(());
     }
-    tracing::info!(deployment = live.name_any(), replicas, "handing replicas over before no longer setting them");
-    let patch = serde_json::json!({"spec": {"replicas": replicas}});
-    let params = PatchParams { field_manager: Some(REPLICAS_HANDOFF_MANAGER.into()), ..Default::default() };
-    api.patch(&live.name_any(), &params, &Patch::Merge(&patch)).await?;
+    let name = meta.name.clone().unwrap_or_default();
+    tracing::info!(object = %name, replicas, "handing replicas over before no longer setting them");
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(kind),
+        "kind": K::kind(kind),
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas},
+    });
+    // Forced: the value is the one the operator set, so on a real API server the two managers simply
+    // share the field; an API that calls even an equal value a conflict gets it taken over.
+    api.patch(&name, &PatchParams::apply(REPLICAS_HANDOFF_MANAGER).force(), &Patch::Apply(&patch)).await?;
     Ok(())
 }
 
@@ -203,7 +227,7 @@ impl BeforeApply<Deployment> for Deployments {
     ) -> Result<Option<Deployment>, kube::Error> {
         let Some(live) = live else { return Ok(None) };
         if desired.spec.as_ref().is_some_and(|s| s.replicas.is_none()) {
-            hand_over_replicas(api, live).await?;
+            hand_over_replicas(api, &(), live.meta(), live.spec.as_ref().and_then(|s| s.replicas)).await?;
         }
         let live_selector = live.spec.as_ref().map(|s| &s.selector);
         if live_selector.is_some_and(|l| Some(l) != desired.spec.as_ref().map(|s| &s.selector)) {
