@@ -7,7 +7,8 @@
 //!   connection, so no consumer is left behind on it.
 //! - The gateway keeps its connection through lapin's automatic recovery, which replays its
 //!   exclusive queue, the chats' bindings and the consumer; a recovery that fails ends the delivery
-//!   feed, and the gateway exits non-zero.
+//!   feed, and the gateway exits non-zero, as it does when one has not reconnected within 6 stall
+//!   timeouts (`gateway::watch_recovery`: lapin's recovery can hang for good).
 //!
 //! Either way [`Progress`] records what the broker finished, so that a connection stuck without
 //! failing (a socket gone quiet, a recovery that never ends) fails `/healthz` after the stall timeout.

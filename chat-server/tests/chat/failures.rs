@@ -204,3 +204,25 @@ async fn a_fanout_whose_store_fails_delivers_nothing_unstored_and_catches_up_onc
         .unwrap();
     assert_eq!(stored, 1);
 }
+
+/// lapin's automatic recovery can go on for good without reconnecting (amqp-rs/lapin#450): a gateway
+/// whose broker connection stays down gives up and exits non-zero, for its pod to restart, instead of
+/// staying up unready. Here the broker goes silent behind a proxy: a heartbeat notices, and lapin's
+/// recovery then waits forever on a broker that accepts connections and says nothing.
+#[tokio::test]
+async fn a_gateway_whose_broker_connection_never_comes_back_exits_non_zero_to_be_restarted() {
+    let prefix = unique_prefix("unrecovered");
+    let _cleanup = TopologyCleanup::new(&prefix, &[]);
+    let (proxy, proxied) = crate::proxy::Proxy::in_front_of(&amqp_url()).await;
+    let url = format!("{proxied}{}heartbeat=2", if proxied.contains('?') { "&" } else { "?" });
+    let args = [&["gateway"], broker_args(&prefix, &url, "").as_slice(), &["--stall-timeout-secs", "1"]].concat();
+    let mut gateway = Server::start(&args).await;
+
+    proxy.set(crate::proxy::Mode::Quiet);
+
+    let status = gateway.exited_within(Duration::from_secs(90)).await;
+    let log = gateway.log_text();
+    let status = status.unwrap_or_else(|| panic!("still up, unready, with no broker: {log}"));
+    assert!(!status.success(), "{status}");
+    assert!(log.contains("has not recovered"), "says why: {log}");
+}
