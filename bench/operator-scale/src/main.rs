@@ -9,8 +9,10 @@
 //! broker Secret names a port nothing listens on, so the broker step fails at once (its cost is not
 //! the operator's, and a real broker could not hold the queues of a thousand chats on this machine):
 //! each reconcile of a later pass then writes exactly one thing, the Event series of the broker
-//! failure. "operator" columns leave out the time spent waiting for the in-memory API (whose lists
-//! scan every object it holds, so they grow with the number of chats, as a real API server's do not).
+//! failure. "operator" columns leave out the time spent waiting for the in-memory API. Each chat has
+//! a namespace of its own by default: the in-memory API copies every object of a namespace on each
+//! list, so with `--one-namespace` its lists grow with the number of chats (a real API server reads
+//! a namespace's objects under their own key prefix).
 //! Memory is the process's resident set after the last pass: the operator and the in-memory API
 //! with every object.
 
@@ -41,6 +43,11 @@ struct Args {
     languages: usize,
     #[arg(long, default_value_t = 4)]
     passes: usize,
+    /// Put every chat in one namespace (`events`) instead of one namespace per chat. The in-memory
+    /// API keeps objects by namespace and copies every object of a namespace on each list, so one
+    /// crowded namespace makes its lists grow with the number of chats.
+    #[arg(long)]
+    one_namespace: bool,
 }
 
 const LANGUAGES: [&str; 8] = ["de", "fr", "it", "es", "ca", "pt", "nl", "pl"];
@@ -95,20 +102,34 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let languages: Vec<(&str, Option<i32>)> =
         LANGUAGES.iter().take(args.languages).map(|code| (*code, Some(1))).collect();
-    let secret = Secret {
-        metadata: ObjectMeta { name: Some("rabbitmq".into()), namespace: Some(NAMESPACE.into()), ..Default::default() },
-        data: Some([("uri".to_owned(), ByteString(b"amqp://guest:guest@127.0.0.1:1/%2f".to_vec()))].into()),
-        ..Default::default()
-    };
+    let names: Vec<(String, String)> = (0..args.chats)
+        .map(|i| {
+            let namespace = if args.one_namespace { NAMESPACE.to_owned() } else { format!("events-{i:04}") };
+            (namespace, format!("chat-{i:04}"))
+        })
+        .collect();
     let mut builder = kube_fake_client::ClientBuilder::new()
         .with_resource::<ChatDeployment>()
         .with_status_subresource::<ChatDeployment>()
-        .with_status_subresource::<Deployment>()
-        .with_object(secret);
-    let names: Vec<String> = (0..args.chats).map(|i| format!("chat-{i:04}")).collect();
-    for name in &names {
+        .with_status_subresource::<Deployment>();
+    let mut namespaces: Vec<&String> = names.iter().map(|(ns, _)| ns).collect();
+    namespaces.dedup();
+    for namespace in namespaces {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some("rabbitmq".into()),
+                namespace: Some(namespace.clone()),
+                ..Default::default()
+            },
+            data: Some([("uri".to_owned(), ByteString(b"amqp://guest:guest@127.0.0.1:1/%2f".to_vec()))].into()),
+            ..Default::default()
+        };
+        builder = builder.with_object(secret);
+    }
+    for (namespace, name) in &names {
         let mut chat = fixtures::chat(&languages);
         chat.metadata.name = Some(name.clone());
+        chat.metadata.namespace = Some(namespace.clone());
         // kube-fake-client 0.3 refuses a JSON-patch `test` of absent finalizers, as the tests note.
         chat.metadata.finalizers = Some(vec!["bench.parley.dev/hold".into()]);
         builder = builder.with_object(chat);
@@ -122,15 +143,18 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(Metrics::default()),
         Settings::new("ghcr.io/parley/chat-server:bench"),
     ));
-    let chats: Api<ChatDeployment> = Api::namespaced(client, NAMESPACE);
-    println!("{} ChatDeployments x {} languages, in-memory API, reconciled one at a time", args.chats, args.languages);
+    let spread = if args.one_namespace { "in one namespace" } else { "one namespace each" };
+    println!(
+        "{} ChatDeployments x {} languages, {spread}, in-memory API, reconciled one at a time",
+        args.chats, args.languages
+    );
     println!("pass  p50 ms  p99 ms  max ms  operator p50 ms  operator p99 ms  requests/reconcile  writes/reconcile");
     for pass in 1..=args.passes {
         let mut took = Vec::with_capacity(names.len());
         let mut own = Vec::with_capacity(names.len());
         let (requests, writes) = (counts.requests.load(Ordering::Relaxed), counts.writes.load(Ordering::Relaxed));
-        for name in &names {
-            let chat = chats.get(name).await?;
+        for (namespace, name) in &names {
+            let chat = Api::<ChatDeployment>::namespaced(client.clone(), namespace).get(name).await?;
             let (start, waited) = (Instant::now(), counts.api_nanos.load(Ordering::Relaxed));
             // The broker step fails by design (see the module doc); everything else is the operator's.
             let _ = reconcile(Arc::new(chat), ctx.clone()).await;
