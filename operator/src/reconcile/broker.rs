@@ -183,9 +183,10 @@ impl Brokers {
             url.parse().map_err(|err: String| format!("the broker URI: {}", super::observe::scrub(&err, url)))?;
         let user = &uri.authority.userinfo;
         let http = self.http(address.ca.as_ref())?;
+        let base = url::Url::parse(management).map_err(|err| format!("{management}: {err}"))?;
         let mut loads = BTreeMap::new();
         for (language, queue) in queues {
-            let mut at = url::Url::parse(management).map_err(|err| format!("{management}: {err}"))?;
+            let mut at = base.clone();
             at.path_segments_mut().map_err(|()| format!("{management} cannot have a path"))?.pop_if_empty().extend([
                 "api",
                 "queues",

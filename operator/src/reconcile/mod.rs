@@ -237,12 +237,12 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
         Ok(observed) => observed,
         Err(err) => return Err(read_failed(chat, ctx, err, &now).await),
     };
-    if let Ok(url) = observed.broker_url() {
-        let ca = observed.broker_ca().and_then(Result::ok);
-        ctx.broker_addresses
-            .lock()
-            .expect("broker addresses lock")
-            .insert(key(chat), broker::BrokerAddress::new(url, ca));
+    let address = observed
+        .broker_url()
+        .ok()
+        .map(|url| broker::BrokerAddress::new(url, observed.broker_ca().and_then(Result::ok)));
+    if let Some(address) = &address {
+        ctx.broker_addresses.lock().expect("broker addresses lock").insert(key(chat), address.clone());
     }
     // What may be on the broker is recorded before anything more is declared.
     let recorded = declared(chat);
@@ -350,10 +350,6 @@ pub async fn run(chat: &ChatDeployment, ctx: &Context) -> Result<Action, Error> 
     ctx.failures.lock().expect("failures lock").remove(&key(chat));
     // Backlogs are polled apart from reconciles (`poll`), which bring a chat back when its replicas
     // should change.
-    let address = observed
-        .broker_url()
-        .ok()
-        .map(|url| broker::BrokerAddress::new(url, observed.broker_ca().and_then(Result::ok)));
     let polled = address.and_then(|a| poll::Polled::new(ObjectRef::from_obj(chat), &valid, a, &plan.report.desired));
     ctx.polling.set(key(chat), polled);
     let next = if ready && broker.draining.is_empty() { RESYNC } else { CONVERGING };

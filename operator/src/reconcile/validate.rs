@@ -214,17 +214,6 @@ fn valid_retention(text: &str) -> bool {
 }
 
 /// An http(s) URL with something after the scheme.
-/// `url` with any password in it masked, for an error that is shown in status and Events.
-fn without_password(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
-    }
-}
-
 fn http_url(url: &str) -> bool {
     (url.starts_with("http://") || url.starts_with("https://")) && url.len() > "https://".len()
 }
@@ -378,7 +367,7 @@ pub fn validate(chat: &ChatDeployment, default_image: &str) -> Result<ValidatedC
     if let Some(management) = &management_url {
         let credentials = url::Url::parse(management).is_ok_and(|u| !u.username().is_empty() || u.password().is_some());
         if !http_url(management) || credentials {
-            errors.push(SpecError::InvalidManagementUrl(without_password(management)));
+            errors.push(SpecError::InvalidManagementUrl(super::observe::scrub(management, management)));
         }
     }
     if let Some(endpoint) = &spec.monitoring.otlp_endpoint {
