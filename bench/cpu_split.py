@@ -47,15 +47,19 @@ def main():
         sys.exit(__doc__)
     kind, chats, rates = sys.argv[1], int(sys.argv[2]), [float(r) for r in sys.argv[3].split(",")]
     subscribers = int(sys.argv[4]) if len(sys.argv) > 4 else 10000
-    bench.rabbitmqctl("add_vhost", bench.VHOST)
-    bench.rabbitmqctl("set_permissions", "-p", bench.VHOST, "guest", ".*", ".*", ".*")
+    with bench.bench_vhost():
+        measure(kind, chats, rates, subscribers)
+
+
+def measure(kind, chats, rates, subscribers):
     procs, urls, pids = bench.start(kind)
     # start() puts the fanout first for parley-rabbitmq; the server's own pids are the ones it counts.
     named = {"server": pids[0]}
     if kind == "parley-rabbitmq":
         named["fanout"] = procs[0].pid
-    if broker_pid():
-        named["broker"] = broker_pid()
+    broker = broker_pid()
+    if broker:
+        named["broker"] = broker
     try:
         for rate in rates:
             before = {name: cpu_seconds(pid) for name, pid in named.items()}

@@ -10,6 +10,7 @@ Then bench/report.py bench/results/<date>.json prints the tables and draws the l
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -34,6 +35,22 @@ PROBE = 20
 
 def rabbitmqctl(*args):
     subprocess.run(["rabbitmqctl", "-q", *args], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def bench_vhost():
+    """A fresh throwaway VHOST for what runs inside, deleted after (unless PARLEY_BENCH_AMQP_URL names a
+    broker of its own)."""
+    own = "PARLEY_BENCH_AMQP_URL" not in os.environ
+    if own:
+        rabbitmqctl("delete_vhost", VHOST)
+        rabbitmqctl("add_vhost", VHOST)
+        rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
+    try:
+        yield
+    finally:
+        if own:
+            rabbitmqctl("delete_vhost", VHOST)
 
 
 def free_port():
@@ -196,15 +213,8 @@ def main():
                         help="which parts to run, comma-separated: main, apollo, big, idle, translate")
     parser.add_argument("--merge", help="a results file to add these sections to (a run that stopped part way)")
     args = parser.parse_args()
-    if "PARLEY_BENCH_AMQP_URL" not in os.environ:
-        rabbitmqctl("delete_vhost", VHOST)
-        rabbitmqctl("add_vhost", VHOST)
-        rabbitmqctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
-    try:
+    with bench_vhost():
         run(args)
-    finally:
-        if "PARLEY_BENCH_AMQP_URL" not in os.environ:
-            rabbitmqctl("delete_vhost", VHOST)
 
 
 def say(text):
