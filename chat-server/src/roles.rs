@@ -13,6 +13,7 @@ use crate::{
     bus::{
         amqp::{AmqpBus, Recovery},
         memory::MemoryBus,
+        reconnecting::{Connect, ReconnectingBus},
         Bus,
     },
     config::{Role, Settings},
@@ -45,12 +46,23 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
             let auth = Arc::new(settings.auth.build(None)?);
             let history = gateway_history(&settings).await?;
             let dispatcher = gateway::Dispatcher::start().context("failed to start the dispatch thread")?;
-            let bus = dispatcher
-                .run({
-                    let (settings, cancel) = (settings.clone(), cancel.clone());
-                    async move { connect(&settings, &settings.languages, "gateway", Recovery::Automatic, &cancel).await }
+            // Each connection on the dispatch thread: lapin spawns a connection's tasks on the runtime it
+            // was connected from, and the delivery path runs there.
+            let connect_one: Connect = {
+                let (settings, cancel, handle) = (settings.clone(), cancel.clone(), dispatcher.handle().clone());
+                Arc::new(move || {
+                    let (settings, cancel, handle) = (settings.clone(), cancel.clone(), handle.clone());
+                    Box::pin(async move {
+                        let languages = settings.languages.clone();
+                        handle
+                            .spawn(async move {
+                                connect(&settings, &languages, "gateway", Recovery::StartOver, &cancel).await
+                            })
+                            .await?
+                    })
                 })
-                .await?;
+            };
+            let bus: Arc<dyn Bus> = Arc::new(ReconnectingBus::connect(connect_one, cancel.clone()).await?);
             let served = gateway::serve(bus.clone(), history, auth, &settings, &dispatcher, cancel).await;
             bus.close().await;
             drop(dispatcher);
@@ -241,6 +253,40 @@ where
     result
 }
 
+/// How many stall timeouts a standalone process's broker connection may stay down before it gives
+/// up on its recovery (see [`watch_recovery`]).
+const RECOVERY_STALLS: u32 = 6;
+
+/// Gives up on a standalone process's broker connection once it has been down for `limit`: lapin's
+/// automatic recovery can go on for good without reconnecting after a broker restart (its io loop
+/// busy, the connection never back; amqp-rs/lapin#450). `failed` then stops the process, which exits
+/// non-zero rather than stay up unready. Long enough for a broker restart, which lapin does recover
+/// from.
+fn watch_recovery(bus: Arc<dyn Bus>, limit: Duration, failed: CancellationToken) {
+    tokio::spawn(async move {
+        let mut down_since: Option<std::time::Instant> = None;
+        loop {
+            tokio::select! {
+                () = failed.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if bus.is_ready() {
+                down_since = None;
+                continue;
+            }
+            let since = *down_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= limit {
+                tracing::error!(
+                    down_for = ?since.elapsed(),
+                    "the broker connection has not recovered; giving up on it so that the process restarts"
+                );
+                failed.cancel();
+                return;
+            }
+        }
+    });
+}
+
 async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     let auth = Arc::new(settings.auth.build(Some(crate::config::AuthMode::None))?);
     if !settings.languages.is_empty() {
@@ -304,6 +350,9 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
             })
         })?
     };
+    if settings.amqp_url.is_some() {
+        watch_recovery(bus.clone(), settings.stall_timeout * RECOVERY_STALLS, failed.clone());
+    }
     let gateway_cancel = cancel.child_token();
     let stop_gateway = gateway_cancel.clone();
     let failed_watch = failed.clone();

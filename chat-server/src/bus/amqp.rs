@@ -5,10 +5,11 @@
 //!   consumer's stream with an error, the role stops, closes that connection (bounded) and connects
 //!   afresh; the broker hands the unacknowledged messages out again. Nothing else reconnects that
 //!   connection, so no consumer is left behind on it.
-//! - The gateway keeps its connection through lapin's automatic recovery, which replays its
-//!   exclusive queue, the chats' bindings and the consumer; a recovery that fails ends the delivery
-//!   feed, and the gateway exits non-zero, as it does when one has not reconnected within 6 stall
-//!   timeouts (`gateway::watch_recovery`: lapin's recovery can hang for good).
+//! - The gateway starts over too, under the same delivery feed ([`super::reconnecting`]): its
+//!   sockets stay open while a new connection replaces the failed one.
+//! - A standalone process, whose one connection carries every role, keeps it through lapin's
+//!   automatic recovery, which replays its exclusive queue, the chats' bindings and the consumers; a
+//!   recovery that fails ends the delivery feed, and the process exits non-zero.
 //!
 //! Either way [`Progress`] records what the broker finished, so that a connection stuck without
 //! failing (a socket gone quiet, a recovery that never ends) fails `/healthz` after the stall timeout.
@@ -41,9 +42,9 @@ fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BusError {
 /// How a connection comes back after the broker or the network failed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recovery {
-    /// lapin reconnects and replays the topology, bindings and consumers (the gateway).
+    /// lapin reconnects and replays the topology, bindings and consumers (a standalone process).
     Automatic,
-    /// The connection stays failed: the role starts over on a new one (translators, fanout).
+    /// The connection stays failed: the role starts over on a new one (translators, fanout, gateway).
     StartOver,
 }
 
@@ -423,7 +424,7 @@ impl Bus for AmqpBus {
         let stream = recovering(channel.clone(), consumer)
             .take_while(|delivery| {
                 if let Err(err) = delivery {
-                    tracing::error!(error = %err, "delivery feed lost and not recoverable");
+                    tracing::warn!(error = %err, "delivery feed lost with its broker connection");
                 }
                 futures_util::future::ready(delivery.is_ok())
             })

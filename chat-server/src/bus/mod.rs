@@ -7,6 +7,7 @@
 pub mod amqp;
 pub mod memory;
 pub mod progress;
+pub mod reconnecting;
 
 use std::sync::Arc;
 

@@ -88,41 +88,6 @@ impl Drop for Dispatcher {
     }
 }
 
-/// How many stall timeouts a broker connection may stay down before the gateway gives up on its
-/// recovery (see [`watch_recovery`]).
-const RECOVERY_STALLS: u32 = 6;
-
-/// Gives up on the broker connection once it has been down for `limit`: lapin's automatic recovery
-/// can go on for good without reconnecting after a broker restart (its io loop busy, the connection
-/// never back; amqp-rs/lapin#450, and seen here under the chaos suite). The feed is then lost, so
-/// [`serve`] ends with an error and the process exits non-zero, for its pod to restart, rather than
-/// stay up unready. Long enough for a broker restart, which lapin does recover from.
-fn watch_recovery(bus: Arc<dyn Bus>, limit: std::time::Duration, serving: CancellationToken, lost: CancellationToken) {
-    tokio::spawn(async move {
-        let mut down_since: Option<std::time::Instant> = None;
-        loop {
-            tokio::select! {
-                () = serving.cancelled() => return,
-                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-            }
-            if bus.is_ready() {
-                down_since = None;
-                continue;
-            }
-            let since = *down_since.get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() >= limit {
-                tracing::error!(
-                    down_for = ?since.elapsed(),
-                    "the broker connection has not recovered; giving up on it so that the process restarts"
-                );
-                lost.cancel();
-                serving.cancel();
-                return;
-            }
-        }
-    });
-}
-
 /// Serves until `cancel` fires or the delivery feed is lost for good (then it fails, so the pod restarts).
 /// The delivery path runs on `dispatcher`, where the bus should be connected. The caller closes the
 /// bus, after whatever else still uses it has stopped, and only then drops the dispatcher.
@@ -146,7 +111,6 @@ pub async fn serve(
             serving.cancel();
         }
     });
-    watch_recovery(bus.clone(), settings.stall_timeout * RECOVERY_STALLS, serving.clone(), feed_lost.clone());
     let has_history = history.is_some();
     let keys = match &history {
         Some(history) => history.clone().keys(),

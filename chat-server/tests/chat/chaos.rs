@@ -208,8 +208,13 @@ impl Cluster {
                 all_ready &= ready(worker.server.port).await;
             }
             let mut restarted = false;
-            for (gateway, args) in self.gateways.iter_mut().zip(&self.gateway_args) {
-                if gateway.exited_within(Duration::ZERO).await.is_some() {
+            for (n, (gateway, args)) in self.gateways.iter_mut().zip(&self.gateway_args).enumerate() {
+                if let Some(status) = gateway.exited_within(Duration::ZERO).await {
+                    eprintln!("chaos: gateway {n} exited ({status}); starting it again");
+                    // Not one the test killed itself: why it went is in its log.
+                    if std::os::unix::process::ExitStatusExt::signal(&status) != Some(9) {
+                        print_tail(&format!("gateway {n}"), &gateway.log_text());
+                    }
                     tally.restarts_after_exit += 1;
                     *gateway = Role::spawn(args);
                     restarted = true;
@@ -230,6 +235,15 @@ impl Cluster {
             }
             sleep(Duration::from_millis(500)).await;
         }
+    }
+}
+
+/// The last lines of a process's log, on stderr.
+fn print_tail(name: &str, log: &str) {
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    eprintln!("chaos: {name}'s log ends with:");
+    for line in tail.iter().rev() {
+        eprintln!("  {line}");
     }
 }
 
@@ -596,6 +610,10 @@ async fn run(rounds: usize, broker_faults: bool) {
         tally.restarts_for_liveness,
         tally.violations.len(),
     );
+    if !tally.violations.is_empty() {
+        // What the subscribers' gateway said last, for whoever reads a failed run.
+        print_tail("the subscribers' gateway", &cluster.gateways[0].log_text());
+    }
     assert!(tally.violations.is_empty(), "violations: {:#?}", tally.violations);
 }
 

@@ -101,7 +101,8 @@ async fn readiness(server: &Server) -> u16 {
     }
 }
 
-async fn until_ready_is(servers: &[&Server], status: u16, within: Duration) {
+/// Waits until `/readyz` of each of `servers` answers `status`, failing the test after `within`.
+pub async fn until_ready_is(servers: &[&Server], status: u16, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     for server in servers {
         loop {

@@ -205,23 +205,77 @@ async fn a_fanout_whose_store_fails_delivers_nothing_unstored_and_catches_up_onc
     assert_eq!(stored, 1);
 }
 
-/// lapin's automatic recovery can go on for good without reconnecting (amqp-rs/lapin#450): a gateway
-/// whose broker connection stays down gives up and exits non-zero, for its pod to restart, instead of
-/// staying up unready. Here the broker goes silent behind a proxy: a heartbeat notices, and lapin's
-/// recovery then waits forever on a broker that accepts connections and says nothing.
+/// A gateway whose broker goes silent (lapin's own recovery would wait forever on it,
+/// amqp-rs/lapin#450) keeps its sockets: it goes unready, not unhealthy, and once the broker answers
+/// again it carries on over a new connection, its subscriber getting first what was sent meanwhile
+/// (from the history), then what follows, in `seq` order, on the same socket.
 #[tokio::test]
-async fn a_gateway_whose_broker_connection_never_comes_back_exits_non_zero_to_be_restarted() {
+async fn a_gateway_whose_broker_goes_silent_keeps_its_sockets_and_resumes_on_a_new_connection() {
+    let prefix = unique_prefix("silent-broker");
+    let _cleanup = TopologyCleanup::new(&prefix, &[]);
+    let history = TestDatabase::create().await;
+    let url = amqp_url();
+    let (proxy, proxied) = crate::proxy::Proxy::in_front_of(&url).await;
+    let proxied = format!("{proxied}{}heartbeat=2", if proxied.contains('?') { "&" } else { "?" });
+    let stored = ["--history-url", history.url.as_str(), "--stall-timeout-secs", "2"];
+    let direct = [broker_args(&prefix, &url, "").as_slice(), &stored].concat();
+    let _fanout = Server::start(&[&["fanout"], direct.as_slice()].concat()).await;
+    let other = Server::start(&[&["gateway"], direct.as_slice()].concat()).await;
+    let args = [&["gateway"], broker_args(&prefix, &proxied, "").as_slice(), &stored].concat();
+    let gateway = Server::start(&args).await;
+    let chat = unique_chat();
+    let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
+    subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
+    let before = send(&gateway.http(), &chat, "before the silence").await;
+    let before = subscriber.collect_message(&before, 1, DELIVERY).await;
+    assert_eq!(before.len(), 1);
+
+    proxy.set(crate::proxy::Mode::Quiet);
+    // Heartbeats notice (2 s each); the bound is the behaviour's, not a timing goal.
+    crate::disruptive::until_ready_is(&[&gateway], 503, Duration::from_secs(60)).await;
+    let during = send(&other.http(), &chat, "sent while the broker is silent to the first gateway").await;
+    // Still alive, well past the stall timeout: restarting it would not bring the broker back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(gateway.health().await, 200, "{}", gateway.log_text());
+    proxy.set(crate::proxy::Mode::Forward);
+    crate::disruptive::until_ready_is(&[&gateway], 200, Duration::from_secs(60)).await;
+
+    let missed = subscriber.collect_message(&during, 1, DELIVERY).await;
+    assert_eq!(missed.len(), 1, "what was sent meanwhile arrives once: {}", gateway.log_text());
+    let after = send(&gateway.http(), &chat, "after the silence").await;
+    let after = subscriber.collect_message(&after, 1, DELIVERY).await;
+    assert_eq!(after.len(), 1, "the same socket carries on");
+    let seqs: Vec<i64> = [&before[0], &missed[0], &after[0]].iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in seq order: {seqs:?}");
+    let log = gateway.log_text();
+    assert!(log.contains("delivery feed resumed on a new broker connection"), "says so: {log}");
+    // The failed connection is let go: one connection through the proxy (a closed one may take a
+    // moment to go from it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while proxy.open() != 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(proxy.open(), 1, "one broker connection");
+}
+
+/// A standalone process's one connection carries every role through lapin's automatic recovery,
+/// which can go on for good without reconnecting (amqp-rs/lapin#450): when it stays down, the process
+/// gives up and exits non-zero, for its pod to restart, instead of staying up unready. Here the
+/// broker goes silent behind a proxy: a heartbeat notices, and lapin's recovery then waits forever on
+/// a broker that accepts connections and says nothing.
+#[tokio::test]
+async fn a_standalone_process_whose_broker_connection_never_comes_back_exits_non_zero_to_be_restarted() {
     let prefix = unique_prefix("unrecovered");
     let _cleanup = TopologyCleanup::new(&prefix, &[]);
     let (proxy, proxied) = crate::proxy::Proxy::in_front_of(&amqp_url()).await;
     let url = format!("{proxied}{}heartbeat=2", if proxied.contains('?') { "&" } else { "?" });
-    let args = [&["gateway"], broker_args(&prefix, &url, "").as_slice(), &["--stall-timeout-secs", "1"]].concat();
-    let mut gateway = Server::start(&args).await;
+    let args = [&["standalone"], broker_args(&prefix, &url, "").as_slice(), &["--stall-timeout-secs", "1"]].concat();
+    let mut standalone = Server::start(&args).await;
 
     proxy.set(crate::proxy::Mode::Quiet);
 
-    let status = gateway.exited_within(Duration::from_secs(90)).await;
-    let log = gateway.log_text();
+    let status = standalone.exited_within(Duration::from_secs(90)).await;
+    let log = standalone.log_text();
     let status = status.unwrap_or_else(|| panic!("still up, unready, with no broker: {log}"));
     assert!(!status.success(), "{status}");
     assert!(log.contains("has not recovered"), "says why: {log}");

@@ -1,0 +1,213 @@
+//! The gateway's bus: one broker connection at a time, replaced by a fresh one whenever it fails,
+//! under the same delivery feed and binder, so that the gateway's sockets outlive a broker restart, a
+//! network cut or a broker gone silent.
+//!
+//! lapin's automatic recovery can go on for good without reconnecting (amqp-rs/lapin#450, seen here
+//! under the chaos suite); a gateway that then exits, for its pod to restart, drops every socket it
+//! holds. Instead the connection underneath starts over, as the workers' do (no lapin recovery on it):
+//! when the feed's connection fails, a new one is opened with backoff (each attempt bounded), the
+//! delivery queue declared again, every chat the hub watches bound again, and only then does the feed
+//! say [`FeedEvent::Resumed`], so that the hub reads what it missed from the history. Publishes
+//! meanwhile fail with the old connection's error (a GraphQL error; clients retry with their
+//! idempotency key), and `/readyz` says 503.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use futures_util::{future::BoxFuture, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use super::{Bus, BusError, ChatBinder, DeliveryStream, FeedEvent, IncomingStream, Outgoing, Source};
+
+/// Opens one fresh connection (retrying its own connect until it gives up or the role stops).
+pub type Connect = Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<Arc<dyn Bus>>> + Send + Sync>;
+
+/// The first wait after a failed reconnect; it doubles up to [`MAX_DELAY`].
+const FIRST_DELAY: Duration = Duration::from_millis(500);
+const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// A bus that reconnects underneath its one delivery feed.
+pub struct ReconnectingBus {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    connect: Connect,
+    cancel: CancellationToken,
+    /// The connection in use now (a failed one until its replacement is up).
+    current: RwLock<Arc<dyn Bus>>,
+    /// The binder of the feed's connection now.
+    binder: RwLock<Option<Arc<dyn ChatBinder>>>,
+    /// The chats bound, to bind again on each new connection.
+    bound: Mutex<HashSet<String>>,
+    /// Whether the feed's connection failed and no new one carries it yet.
+    reconnecting: AtomicBool,
+}
+
+impl ReconnectingBus {
+    /// Opens the first connection; `connect` opens each one after it. Reconnecting stops with `cancel`.
+    pub async fn connect(connect: Connect, cancel: CancellationToken) -> anyhow::Result<Self> {
+        let first = connect().await?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                connect,
+                cancel,
+                current: RwLock::new(first),
+                binder: RwLock::default(),
+                bound: Mutex::default(),
+                reconnecting: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+impl Shared {
+    fn current(&self) -> Arc<dyn Bus> {
+        self.current.read().expect("bus lock").clone()
+    }
+
+    /// Replaces the failed connection until a new one carries the feed again; `None` once the role stops.
+    async fn reconnect(&self) -> Option<DeliveryStream> {
+        self.reconnecting.store(true, Ordering::Release);
+        let mut delay = FIRST_DELAY;
+        loop {
+            let attempt = tokio::select! {
+                () = self.cancel.cancelled() => return None,
+                attempt = self.open() => attempt,
+            };
+            match attempt {
+                Ok(feed) => {
+                    self.reconnecting.store(false, Ordering::Release);
+                    tracing::info!("delivery feed resumed on a new broker connection");
+                    return Some(feed);
+                }
+                Err(err) => {
+                    tracing::warn!(error = format!("{err:#}"), retry_in = ?delay, "cannot reconnect the delivery feed")
+                }
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => return None,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(MAX_DELAY);
+        }
+    }
+
+    /// One attempt: a connection, its delivery feed, and every watched chat bound on it.
+    async fn open(&self) -> anyhow::Result<DeliveryStream> {
+        let bus = (self.connect)().await?;
+        let (binder, feed) = match bus.delivery_feed().await {
+            Ok(opened) => opened,
+            Err(err) => {
+                bus.close().await;
+                return Err(err.into());
+            }
+        };
+        // The binder first, then the chats to bind: a chat bound meanwhile is bound on the new binder,
+        // or was recorded before this read and is bound here.
+        *self.binder.write().expect("binder lock") = Some(binder.clone());
+        let chats: Vec<String> = self.bound.lock().expect("bound lock").iter().cloned().collect();
+        for chat in &chats {
+            if let Err(err) = binder.bind(chat).await {
+                bus.close().await;
+                return Err(err.into());
+            }
+        }
+        let old = std::mem::replace(&mut *self.current.write().expect("bus lock"), bus);
+        // Failed already: closing it only lets go of what is left of it.
+        tokio::spawn(async move { old.close().await });
+        Ok(feed)
+    }
+}
+
+/// Binds through whichever connection carries the feed now, and remembers what it bound.
+struct ReconnectingBinder(Arc<Shared>);
+
+impl ReconnectingBinder {
+    fn binder(&self) -> Result<Arc<dyn ChatBinder>, BusError> {
+        self.0.binder.read().expect("binder lock").clone().ok_or_else(|| BusError::Timeout("no delivery feed".into()))
+    }
+}
+
+#[async_trait]
+impl ChatBinder for ReconnectingBinder {
+    async fn bind(&self, chat_id: &str) -> Result<(), BusError> {
+        self.0.bound.lock().expect("bound lock").insert(chat_id.to_owned());
+        let result = match self.binder() {
+            Ok(binder) => binder.bind(chat_id).await,
+            Err(err) => Err(err),
+        };
+        if result.is_err() {
+            // The hub does not watch the chat: a binding a reconnect made meanwhile only routes
+            // deliveries that nobody here takes.
+            self.0.bound.lock().expect("bound lock").remove(chat_id);
+        }
+        result
+    }
+
+    async fn unbind(&self, chat_id: &str) -> Result<(), BusError> {
+        self.0.bound.lock().expect("bound lock").remove(chat_id);
+        self.binder()?.unbind(chat_id).await
+    }
+}
+
+#[async_trait]
+impl Bus for ReconnectingBus {
+    async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError> {
+        self.shared.current().publish(message).await
+    }
+
+    async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), BusError> {
+        self.shared.current().publish_all(messages).await
+    }
+
+    /// Consumes on the connection of the moment; such a stream ends with it (only the delivery feed
+    /// reconnects).
+    async fn consume(&self, source: Source<'_>) -> Result<IncomingStream, BusError> {
+        self.shared.current().consume(source).await
+    }
+
+    /// The one delivery feed of this bus: it ends only when reconnecting stops (the role stopping).
+    async fn delivery_feed(&self) -> Result<(Arc<dyn ChatBinder>, DeliveryStream), BusError> {
+        let (binder, feed) = self.shared.current().delivery_feed().await?;
+        *self.shared.binder.write().expect("binder lock") = Some(binder);
+        let shared = self.shared.clone();
+        let stream = futures_util::stream::unfold((shared, feed), |(shared, mut feed)| async move {
+            if let Some(event) = feed.next().await {
+                return Some((event, (shared, feed)));
+            }
+            if shared.cancel.is_cancelled() {
+                return None;
+            }
+            tracing::warn!("the delivery feed's broker connection failed; reconnecting on a new one");
+            let feed = shared.reconnect().await?;
+            Some((FeedEvent::Resumed, (shared, feed)))
+        });
+        Ok((Arc::new(ReconnectingBinder(self.shared.clone())), stream.boxed()))
+    }
+
+    fn is_ready(&self) -> bool {
+        !self.shared.reconnecting.load(Ordering::Acquire) && self.shared.current().is_ready()
+    }
+
+    /// Not while it reconnects (each connect, declare and bind is bounded by the connect timeout or
+    /// the heartbeats, and retried): a broker that stays away makes the gateway unready, not
+    /// unhealthy, since restarting it would not bring the broker back and would drop its sockets.
+    fn stalled(&self, timeout: Duration) -> Option<String> {
+        if self.shared.reconnecting.load(Ordering::Acquire) {
+            return None;
+        }
+        self.shared.current().stalled(timeout)
+    }
+
+    async fn close(&self) {
+        self.shared.current().close().await;
+    }
+}
