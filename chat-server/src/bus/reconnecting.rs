@@ -9,7 +9,8 @@
 //! delivery queue declared again, every chat the hub watches bound again, and only then does the feed
 //! say [`FeedEvent::Resumed`], so that the hub reads what it missed from the history. Publishes
 //! meanwhile fail with the old connection's error (a GraphQL error; clients retry with their
-//! idempotency key), and `/readyz` says 503.
+//! idempotency key), and `/readyz` says 503. A publish that fails on a connection still up (its
+//! channel closed by the broker) starts the same over.
 
 use std::{
     collections::HashSet,
@@ -132,7 +133,12 @@ struct ReconnectingBinder(Arc<Shared>);
 
 impl ReconnectingBinder {
     fn binder(&self) -> Result<Arc<dyn ChatBinder>, BusError> {
-        self.0.binder.read().expect("binder lock").clone().ok_or_else(|| BusError::Timeout("no delivery feed".into()))
+        self.0
+            .binder
+            .read()
+            .expect("binder lock")
+            .clone()
+            .ok_or_else(|| BusError::Timeout("waiting for the delivery feed to open".into()))
     }
 }
 
@@ -161,11 +167,22 @@ impl ChatBinder for ReconnectingBinder {
 #[async_trait]
 impl Bus for ReconnectingBus {
     async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError> {
-        self.shared.current().publish(message).await
+        self.publish_all(&[message]).await
     }
 
+    /// A publish that fails on a connection still up failed its channel (an exchange deleted under
+    /// it, say), which nothing reopens: the connection is closed, so that the feed starts over on a
+    /// new one, declaring the topology again.
     async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), BusError> {
-        self.shared.current().publish_all(messages).await
+        let bus = self.shared.current();
+        let result = bus.publish_all(messages).await;
+        if let Err(err @ BusError::Amqp { .. }) = &result {
+            if bus.is_ready() && !self.shared.reconnecting.load(Ordering::Acquire) {
+                tracing::warn!(error = %err, "a publish failed on a connection that is up; starting over on a new one");
+                tokio::spawn(async move { bus.close().await });
+            }
+        }
+        result
     }
 
     /// Consumes on the connection of the moment; such a stream ends with it (only the delivery feed

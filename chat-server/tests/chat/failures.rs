@@ -258,6 +258,44 @@ async fn a_gateway_whose_broker_goes_silent_keeps_its_sockets_and_resumes_on_a_n
     assert_eq!(proxy.open(), 1, "one broker connection");
 }
 
+/// A publish channel the broker closes under a connection that stays up (here: the exchange messages
+/// are posted to is deleted, and the publish gets 404) is not left broken: the gateway answers that
+/// send with a GraphQL error, starts over on a new connection, which declares the topology again, and
+/// the next send is delivered to the subscriber on the same socket.
+#[tokio::test]
+async fn a_gateway_whose_publish_channel_the_broker_closes_starts_over_on_a_new_connection() {
+    let prefix = unique_prefix("closed-channel");
+    let _cleanup = TopologyCleanup::new(&prefix, &[]);
+    let url = amqp_url();
+    let broker = broker_args(&prefix, &url, "");
+    let _fanout = Server::start(&[&["fanout"], broker.as_slice()].concat()).await;
+    let gateway = Server::start(&[&["gateway"], broker.as_slice()].concat()).await;
+    let chat = unique_chat();
+    let mut subscriber = WsClient::connect(&gateway.ws(), Wire::TransportWs).await;
+    subscriber.subscribe_messages("1", &gateway.http(), &chat, None).await;
+
+    let connection = Connection::connect(&url, ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let posted = parley_contract::topology::Topology::new(prefix.as_str()).unwrap().posted_exchange();
+    channel.exchange_delete(posted.as_str().into(), lapin::options::ExchangeDeleteOptions::default()).await.unwrap();
+    let refused = graphql(&gateway.http(), SEND, serde_json::json!({"chatId": chat, "text": "into the void"})).await;
+    assert!(refused["errors"].is_array(), "a GraphQL error: {refused}");
+
+    // The bound is the behaviour's, not a timing goal.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let response = graphql(&gateway.http(), SEND, serde_json::json!({"chatId": chat, "text": "once again"})).await;
+        if let Some(id) = response["data"]["sendMessage"]["id"].as_str() {
+            break id.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "never accepted again: {}", gateway.log_text());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(subscriber.collect_message(&id, 1, DELIVERY).await.len(), 1, "{}", gateway.log_text());
+    assert!(gateway.log_text().contains("starting over on a new one"), "says so");
+    let _ = connection.close(200, "done".into()).await;
+}
+
 /// A standalone process's one connection carries every role through lapin's automatic recovery,
 /// which can go on for good without reconnecting (amqp-rs/lapin#450): when it stays down, the process
 /// gives up and exits non-zero, for its pod to restart, instead of staying up unready. Here the
