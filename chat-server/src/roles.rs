@@ -7,7 +7,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::CancellationToken,
+    task::{AbortOnDropHandle, TaskTracker},
+};
 
 use crate::{
     bus::{
@@ -54,11 +57,11 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
                     let (settings, cancel, handle) = (settings.clone(), cancel.clone(), handle.clone());
                     Box::pin(async move {
                         let languages = settings.languages.clone();
-                        handle
-                            .spawn(async move {
-                                connect(&settings, &languages, "gateway", Recovery::StartOver, &cancel).await
-                            })
-                            .await?
+                        // An attempt given up on (timed out) ends its task, and the connection it holds.
+                        AbortOnDropHandle::new(handle.spawn(async move {
+                            connect(&settings, &languages, "gateway", Recovery::StartOver, &cancel).await
+                        }))
+                        .await?
                     })
                 })
             };
@@ -262,12 +265,14 @@ const RECOVERY_STALLS: u32 = 6;
 /// busy, the connection never back; amqp-rs/lapin#450). `failed` then stops the process, which exits
 /// non-zero rather than stay up unready. Long enough for a broker restart, which lapin does recover
 /// from.
-fn watch_recovery(bus: Arc<dyn Bus>, limit: Duration, failed: CancellationToken) {
+fn watch_recovery(bus: Arc<dyn Bus>, limit: Duration, failed: CancellationToken, cancel: CancellationToken) {
     tokio::spawn(async move {
         let mut down_since: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 () = failed.cancelled() => return,
+                // Stopping: a shutdown during an outage is not a failed recovery.
+                () = cancel.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             if bus.is_ready() {
@@ -351,7 +356,7 @@ async fn standalone(settings: Settings, cancel: CancellationToken) -> anyhow::Re
         })?
     };
     if settings.amqp_url.is_some() {
-        watch_recovery(bus.clone(), settings.stall_timeout * RECOVERY_STALLS, failed.clone());
+        watch_recovery(bus.clone(), settings.stall_timeout * RECOVERY_STALLS, failed.clone(), cancel.clone());
     }
     let gateway_cancel = cancel.child_token();
     let stop_gateway = gateway_cancel.clone();

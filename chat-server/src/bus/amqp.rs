@@ -12,7 +12,8 @@
 //!   recovery that fails ends the delivery feed, and the process exits non-zero.
 //!
 //! Either way [`Progress`] records what the broker finished, so that a connection stuck without
-//! failing (a socket gone quiet, a recovery that never ends) fails `/healthz` after the stall timeout.
+//! failing (a socket gone quiet, a recovery that never ends) fails `/healthz` after the stall timeout
+//! (a gateway's only while it is not reconnecting, which is bounded apart).
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -443,8 +444,9 @@ impl Bus for AmqpBus {
         Ok((Arc::new(binder), stream.boxed()))
     }
 
+    /// The connection, and the channel publishes go through (which the broker may close alone).
     fn is_ready(&self) -> bool {
-        self.connection.status().connected()
+        self.connection.status().connected() && self.publisher.status().connected()
     }
 
     fn stalled(&self, timeout: Duration) -> Option<String> {

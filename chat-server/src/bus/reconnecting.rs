@@ -34,6 +34,11 @@ pub type Connect = Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<Arc<dyn Bus
 const FIRST_DELAY: Duration = Duration::from_millis(500);
 const MAX_DELAY: Duration = Duration::from_secs(10);
 
+/// Most one attempt may take, from the first connect to the last chat bound: past the connection's
+/// handshake nothing else bounds a declare or a bind on a broker that keeps the connection alive and
+/// answers nothing more. An attempt still connecting to a broker that is down starts over.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A bus that reconnects underneath its one delivery feed.
 pub struct ReconnectingBus {
     shared: Arc<Shared>,
@@ -81,7 +86,8 @@ impl Shared {
         loop {
             let attempt = tokio::select! {
                 () = self.cancel.cancelled() => return None,
-                attempt = self.open() => attempt,
+                attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, self.open()) => attempt
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the attempt took longer than {ATTEMPT_TIMEOUT:?}"))),
             };
             match attempt {
                 Ok(feed) => {
@@ -121,6 +127,16 @@ impl Shared {
                 return Err(err.into());
             }
         }
+        // A chat left meanwhile, after the copy above, would stay bound here for good.
+        let left: Vec<&String> = {
+            let bound = self.bound.lock().expect("bound lock");
+            chats.iter().filter(|chat| !bound.contains(*chat)).collect()
+        };
+        for chat in left {
+            if let Err(err) = binder.unbind(chat).await {
+                tracing::warn!(chat_id = %chat, error = %err, "failed to unbind a chat nobody here watches any more");
+            }
+        }
         let old = std::mem::replace(&mut *self.current.write().expect("bus lock"), bus);
         // Failed already: closing it only lets go of what is left of it.
         tokio::spawn(async move { old.close().await });
@@ -130,6 +146,20 @@ impl Shared {
 
 /// Binds through whichever connection carries the feed now, and remembers what it bound.
 struct ReconnectingBinder(Arc<Shared>);
+
+/// Removes a chat from the bound ones when dropped, unless its bind went through.
+struct Forget<'a> {
+    shared: &'a Shared,
+    chat_id: Option<&'a str>,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Some(chat_id) = self.chat_id {
+            self.shared.bound.lock().expect("bound lock").remove(chat_id);
+        }
+    }
+}
 
 impl ReconnectingBinder {
     fn binder(&self) -> Result<Arc<dyn ChatBinder>, BusError> {
@@ -146,16 +176,14 @@ impl ReconnectingBinder {
 impl ChatBinder for ReconnectingBinder {
     async fn bind(&self, chat_id: &str) -> Result<(), BusError> {
         self.0.bound.lock().expect("bound lock").insert(chat_id.to_owned());
-        let result = match self.binder() {
-            Ok(binder) => binder.bind(chat_id).await,
-            Err(err) => Err(err),
-        };
-        if result.is_err() {
-            // The hub does not watch the chat: a binding a reconnect made meanwhile only routes
-            // deliveries that nobody here takes.
-            self.0.bound.lock().expect("bound lock").remove(chat_id);
-        }
-        result
+        // Until the bind succeeds, the chat is forgotten again when this ends: by an error, or by the
+        // hub's timeout dropping this future. (A binding a reconnect made meanwhile only routes
+        // deliveries that nobody here takes.)
+        let mut pending = Forget { shared: &self.0, chat_id: Some(chat_id) };
+        let binder = self.binder()?;
+        binder.bind(chat_id).await?;
+        pending.chat_id = None;
+        Ok(())
     }
 
     async fn unbind(&self, chat_id: &str) -> Result<(), BusError> {
@@ -170,15 +198,16 @@ impl Bus for ReconnectingBus {
         self.publish_all(&[message]).await
     }
 
-    /// A publish that fails on a connection still up failed its channel (an exchange deleted under
-    /// it, say), which nothing reopens: the connection is closed, so that the feed starts over on a
-    /// new one, declaring the topology again.
+    /// A publish that fails and leaves the bus unable to publish may have failed its channel alone
+    /// (an exchange deleted under it, say), which nothing reopens: the connection is closed, so that
+    /// the feed starts over on a new one, declaring the topology again. (Closing a connection that
+    /// failed already changes nothing.)
     async fn publish_all(&self, messages: &[Outgoing<'_>]) -> Result<(), BusError> {
         let bus = self.shared.current();
         let result = bus.publish_all(messages).await;
-        if let Err(err @ BusError::Amqp { .. }) = &result {
-            if bus.is_ready() && !self.shared.reconnecting.load(Ordering::Acquire) {
-                tracing::warn!(error = %err, "a publish failed on a connection that is up; starting over on a new one");
+        if let Err(err) = &result {
+            if !bus.is_ready() && !self.shared.reconnecting.load(Ordering::Acquire) {
+                tracing::warn!(error = %err, "a publish failed and the bus cannot publish; starting over on a new connection");
                 tokio::spawn(async move { bus.close().await });
             }
         }
@@ -214,8 +243,7 @@ impl Bus for ReconnectingBus {
         !self.shared.reconnecting.load(Ordering::Acquire) && self.shared.current().is_ready()
     }
 
-    /// Not while it reconnects (each connect, declare and bind is bounded by the connect timeout or
-    /// the heartbeats, and retried): a broker that stays away makes the gateway unready, not
+    /// Not while it reconnects (each attempt is bounded by [`ATTEMPT_TIMEOUT`], and retried): a broker that stays away makes the gateway unready, not
     /// unhealthy, since restarting it would not bring the broker back and would drop its sockets.
     fn stalled(&self, timeout: Duration) -> Option<String> {
         if self.shared.reconnecting.load(Ordering::Acquire) {
@@ -226,5 +254,118 @@ impl Bus for ReconnectingBus {
 
     async fn close(&self) {
         self.shared.current().close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// Records its binds; fails those of chats named "fails", and never finishes those of "hangs".
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl ChatBinder for Recording {
+        async fn bind(&self, chat_id: &str) -> Result<(), BusError> {
+            match chat_id {
+                "fails" => return Err(BusError::InProcess("refused the bind".into())),
+                "hangs" => std::future::pending::<()>().await,
+                _ => {}
+            }
+            self.0.lock().unwrap().push(format!("bind {chat_id}"));
+            Ok(())
+        }
+
+        async fn unbind(&self, chat_id: &str) -> Result<(), BusError> {
+            self.0.lock().unwrap().push(format!("unbind {chat_id}"));
+            Ok(())
+        }
+    }
+
+    /// One connection: its binder, and a feed that ends (the connection failing) when its sender is dropped.
+    struct Connection {
+        binder: Arc<Recording>,
+        feed: Mutex<Option<mpsc::Receiver<FeedEvent>>>,
+    }
+
+    #[async_trait]
+    impl Bus for Connection {
+        async fn publish(&self, _: Outgoing<'_>) -> Result<(), BusError> {
+            Ok(())
+        }
+
+        async fn consume(&self, _: Source<'_>) -> Result<IncomingStream, BusError> {
+            Err(BusError::InProcess("consumes nothing".into()))
+        }
+
+        async fn delivery_feed(&self) -> Result<(Arc<dyn ChatBinder>, DeliveryStream), BusError> {
+            let feed = self.feed.lock().unwrap().take().expect("one feed per connection");
+            Ok((self.binder.clone(), tokio_stream::wrappers::ReceiverStream::new(feed).boxed()))
+        }
+
+        fn is_ready(&self) -> bool {
+            true
+        }
+
+        async fn close(&self) {}
+    }
+
+    /// A bus over `count` connections opened in turn; their binders, and the senders whose drop fails
+    /// each connection's feed.
+    async fn bus_over(count: usize) -> (ReconnectingBus, Vec<Arc<Recording>>, Vec<mpsc::Sender<FeedEvent>>) {
+        let (mut connections, mut binders, mut fails) = (VecDeque::new(), Vec::new(), Vec::new());
+        for _ in 0..count {
+            let (fail, feed) = mpsc::channel(1);
+            let binder = Arc::new(Recording::default());
+            binders.push(binder.clone());
+            fails.push(fail);
+            connections.push_back(Arc::new(Connection { binder, feed: Mutex::new(Some(feed)) }) as Arc<dyn Bus>);
+        }
+        let connections = Arc::new(Mutex::new(connections));
+        let connect: Connect = Arc::new(move || {
+            let next = connections.lock().unwrap().pop_front();
+            Box::pin(async move { next.ok_or_else(|| anyhow::anyhow!("no more connections")) })
+        });
+        (ReconnectingBus::connect(connect, CancellationToken::new()).await.unwrap(), binders, fails)
+    }
+
+    #[tokio::test]
+    async fn the_chats_watched_are_bound_again_on_the_new_connection_before_the_feed_says_it_resumed() {
+        let (bus, binders, mut fails) = bus_over(2).await;
+        let (binder, mut feed) = bus.delivery_feed().await.unwrap();
+        for chat in ["a", "b", "c"] {
+            binder.bind(chat).await.unwrap();
+        }
+        binder.unbind("b").await.unwrap();
+        assert!(bus.is_ready());
+
+        drop(fails.remove(0));
+        assert!(matches!(feed.next().await, Some(FeedEvent::Resumed)));
+        let mut rebound = binders[1].0.lock().unwrap().clone();
+        rebound.sort();
+        assert_eq!(rebound, ["bind a", "bind c"]);
+        assert!(bus.is_ready());
+        // Binds go to the new connection from now on.
+        binder.bind("d").await.unwrap();
+        assert_eq!(binders[1].0.lock().unwrap().last().unwrap(), "bind d");
+    }
+
+    #[tokio::test]
+    async fn a_bind_that_failed_or_was_given_up_on_is_not_bound_again() {
+        let (bus, binders, mut fails) = bus_over(2).await;
+        let (binder, mut feed) = bus.delivery_feed().await.unwrap();
+        binder.bind("kept").await.unwrap();
+        assert!(binder.bind("fails").await.is_err());
+        // As the hub gives up on a bind that takes too long: the future is dropped.
+        assert!(tokio::time::timeout(Duration::from_millis(50), binder.bind("hangs")).await.is_err());
+
+        drop(fails.remove(0));
+        assert!(matches!(feed.next().await, Some(FeedEvent::Resumed)));
+        assert_eq!(*binders[1].0.lock().unwrap(), ["bind kept"]);
     }
 }
