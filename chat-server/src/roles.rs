@@ -55,11 +55,10 @@ pub async fn run(role: Role, settings: Settings, cancel: CancellationToken) -> a
                 let (settings, cancel, handle) = (settings.clone(), cancel.clone(), dispatcher.handle().clone());
                 Arc::new(move || {
                     let (settings, cancel, handle) = (settings.clone(), cancel.clone(), handle.clone());
+                    // An attempt given up on (timed out) ends its task, and the connection it holds.
                     Box::pin(async move {
-                        let languages = settings.languages.clone();
-                        // An attempt given up on (timed out) ends its task, and the connection it holds.
                         AbortOnDropHandle::new(handle.spawn(async move {
-                            connect(&settings, &languages, "gateway", Recovery::StartOver, &cancel).await
+                            connect(&settings, &settings.languages, "gateway", Recovery::StartOver, &cancel).await
                         }))
                         .await?
                     })

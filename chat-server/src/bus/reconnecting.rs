@@ -243,8 +243,9 @@ impl Bus for ReconnectingBus {
         !self.shared.reconnecting.load(Ordering::Acquire) && self.shared.current().is_ready()
     }
 
-    /// Not while it reconnects (each attempt is bounded by [`ATTEMPT_TIMEOUT`], and retried): a broker that stays away makes the gateway unready, not
-    /// unhealthy, since restarting it would not bring the broker back and would drop its sockets.
+    /// Not while it reconnects (each attempt is bounded by [`ATTEMPT_TIMEOUT`], and retried): a broker
+    /// that stays away makes the gateway unready, not unhealthy, since restarting it would not bring
+    /// the broker back and would drop its sockets.
     fn stalled(&self, timeout: Duration) -> Option<String> {
         if self.shared.reconnecting.load(Ordering::Acquire) {
             return None;
