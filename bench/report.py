@@ -72,6 +72,13 @@ def main():
     for rate, m in results.get("apollo", {}).items():
         print(fixed_row(f"apollo 10000x{rate} 1 chat", m))
     print()
+    sends = [(name, m["send_ms"]) for name, m in f.items() if m.get("send_ms")]
+    if sends:
+        print("| server · scenario | sendMessage round trip p50 ms | p99 ms |")
+        print("|---|---|---|")
+        for name, send in sends:
+            print(f"| {name} | {send['p50']:.1f} | {send['p99']:.1f} |")
+        print()
     if results.get("sustained"):
         print("| scenario | raw sustained (msg/s per chat) | Parley in-process | Parley on RabbitMQ | in-process ÷ raw | RabbitMQ ÷ raw "
               "| p99 in-process ÷ raw | p99 RabbitMQ ÷ raw |")

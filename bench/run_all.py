@@ -172,6 +172,8 @@ def summary(rows):
         "server_rss_bytes": med(rows, "server_rss_bytes"),
         "all": rows,
     }
+    if all(r.get("send_ms") for r in rows):
+        m["send_ms"] = {k: med(rows, "send_ms", k) for k in ("p50", "p99")}
     if all(r.get("probe") for r in rows):
         m["probe_latency_ms"] = {k: med(rows, "probe", "latency_ms", k) for k in ("p50", "p99")}
         m["probe_reach"] = med(rows, "probe", "reach")

@@ -11,6 +11,9 @@
 //! - The subscribers live in worker processes (by default at least two) that read raw bytes and scan
 //!   for the benchmark's marks; `--probe N` adds N subscribers in a separate process, each on its own
 //!   thread with blocking reads, whose latencies show whether the workers add any of their own.
+//! - Messages go out over `--sender-connections` kept-alive connections opened before each window,
+//!   so no delivery's latency includes a handshake made for its message; each send's round trip
+//!   (request to response) is reported apart as `send_ms`.
 
 mod tally;
 mod wire;
@@ -88,6 +91,11 @@ struct Args {
     /// The p99 a sustained rate must stay under, in ms.
     #[arg(long, default_value_t = 250.0)]
     p99_limit_ms: f64,
+    /// Sending connections opened before each window and kept alive, as many users' browsers keep
+    /// theirs: a message then never waits for a connection set up for it, whose handshake would be
+    /// timed as its deliveries' latency. More are opened only while more messages are in flight.
+    #[arg(long, default_value_t = 64)]
+    sender_connections: usize,
     #[arg(long, hide = true)]
     worker: Option<String>,
     #[arg(long, hide = true)]
@@ -201,10 +209,37 @@ impl Child {
     }
 }
 
+/// The chat the sending connections are opened with: no subscriber watches it.
+const WARM_UP_CHAT: &str = "chat-bench-warm-up";
+
+/// Opens `count` sending connections at once (one message each to [`WARM_UP_CHAT`]), so they wait in
+/// `client`'s pool for the window.
+async fn open_senders(client: &reqwest::Client, url: &str, count: usize) -> usize {
+    let body = json!({"query": SEND, "variables": {"chatId": WARM_UP_CHAT, "text": "warm-up"}});
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let (client, url, body) = (client.clone(), url.to_owned(), body.clone());
+        opening.spawn(async move {
+            let response = client.post(&url).json(&body).send().await.ok()?;
+            response.json::<serde_json::Value>().await.ok()
+        });
+    }
+    opening.join_all().await.iter().filter(|answer| answer.is_some()).count()
+}
+
 /// Sends `rate` messages per second to every chat for `duration`; returns the confirmed sends per
-/// chat and the wall-clock end of the sending window (ns).
-async fn send_messages(args: &Args, phase: u32, rate: f64) -> anyhow::Result<(Vec<u64>, u64)> {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+/// chat, the wall-clock end of the sending window (ns), and how long each confirmed send took, from
+/// the request to its response (µs).
+async fn send_messages(
+    args: &Args,
+    client: &reqwest::Client,
+    phase: u32,
+    rate: f64,
+) -> anyhow::Result<(Vec<u64>, u64, Histogram<u64>)> {
+    let opened = open_senders(client, &args.url[0], args.sender_connections).await;
+    if opened < args.sender_connections {
+        eprintln!("chat-bench: only {opened} of {} sending connections answered", args.sender_connections);
+    }
     let period = Duration::from_secs_f64(1.0 / rate);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.duration);
     let mut tasks = Vec::new();
@@ -214,36 +249,46 @@ async fn send_messages(args: &Args, phase: u32, rate: f64) -> anyhow::Result<(Ve
             let mut ticks = tokio::time::interval(period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut sent = 0u64;
+            let mut took = tally::histogram();
             let mut in_flight = tokio::task::JoinSet::new();
+            let mut settle = |done: Result<Option<u64>, tokio::task::JoinError>, took: &mut Histogram<u64>| {
+                if let Ok(Some(micros)) = done {
+                    sent += 1;
+                    let _ = took.record(micros.max(1));
+                }
+            };
             while tokio::time::Instant::now() < deadline {
                 ticks.tick().await;
                 let body =
                     json!({"query": SEND, "variables": {"chatId": chat_name(chat), "text": wire::text(phase, now_nanos())}});
                 let (client, url) = (client.clone(), url.clone());
                 in_flight.spawn(async move {
+                    let started = Instant::now();
                     let response = client.post(&url).json(&body).send().await.ok()?;
                     let value: serde_json::Value = response.json().await.ok()?;
-                    value["data"]["sendMessage"]["id"].is_string().then_some(())
+                    value["data"]["sendMessage"]["id"].is_string().then(|| started.elapsed().as_micros() as u64)
                 });
                 while let Some(done) = in_flight.try_join_next() {
-                    sent += u64::from(matches!(done, Ok(Some(()))));
+                    settle(done, &mut took);
                 }
             }
             let window_end = now_nanos();
             while let Some(done) = in_flight.join_next().await {
-                sent += u64::from(matches!(done, Ok(Some(()))));
+                settle(done, &mut took);
             }
-            (sent, window_end)
+            (sent, window_end, took)
         }));
     }
     let mut sent = Vec::new();
     let mut window_end = 0;
+    let mut took = tally::histogram();
     for task in tasks {
-        let (n, end) = task.await?;
+        let (n, end, chat_took) = task.await?;
         sent.push(n);
         window_end = window_end.max(end);
+        took.add(&chat_took)?;
     }
-    Ok((sent, window_end))
+    Ok((sent, window_end, took))
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -284,6 +329,8 @@ struct Row {
     drained: u64,
     reach: f64,
     latency_ms: Percentiles,
+    /// From each `sendMessage` request to its response, for the confirmed sends.
+    send_ms: Percentiles,
     last_subscriber_ms_p99: f64,
     client_cpu_seconds: f64,
     server_cpu_seconds: f64,
@@ -329,6 +376,7 @@ fn server_cpu(pids: &[u32]) -> f64 {
 fn measure(
     args: &Args,
     runtime: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
     workers: &mut [Child],
     probe: Option<&mut Child>,
     phase: u32,
@@ -336,7 +384,7 @@ fn measure(
 ) -> anyhow::Result<Row> {
     let server_before = server_cpu(&args.server_pid);
     let started = Instant::now();
-    let (sent, window_end) = runtime.block_on(send_messages(args, phase, rate))?;
+    let (sent, window_end, took) = runtime.block_on(send_messages(args, client, phase, rate))?;
     let window = started.elapsed().min(Duration::from_secs(args.duration)).max(Duration::from_millis(1));
     std::thread::sleep(Duration::from_secs(args.drain));
     let server_cpu_seconds = server_cpu(&args.server_pid) - server_before;
@@ -379,6 +427,7 @@ fn measure(
         drained: received - in_window,
         reach: if expected_total == 0 { 0.0 } else { received as f64 / expected_total as f64 },
         latency_ms: Percentiles::of(&latencies),
+        send_ms: Percentiles::of(&took),
         last_subscriber_ms_p99: Percentiles::of(&last).p99,
         client_cpu_seconds: reports.iter().map(|r| r.cpu_seconds).sum(),
         server_cpu_seconds,
@@ -419,11 +468,13 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
     // Let the servers finish binding the chats before the clock starts.
     std::thread::sleep(Duration::from_secs(1));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    // One pool of sending connections for every step.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     let result = if args.search {
         let (mut rate, mut best, mut failed) = (args.rate, None, None);
         let mut steps = Vec::new();
         for phase in 0..args.search_steps as u32 {
-            let row = measure(args, &runtime, &mut workers, probe.as_mut(), phase, rate)?;
+            let row = measure(args, &runtime, &client, &mut workers, probe.as_mut(), phase, rate)?;
             let passed = row.passes(args);
             eprintln!(
                 "chat-bench: {rate:.1}/s per chat: reach {:.4}, p99 {:.1} ms: {}",
@@ -446,7 +497,7 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
         }
         json!({"sustained_rate": best.unwrap_or(0.0), "p99_limit_ms": args.p99_limit_ms, "steps": steps})
     } else {
-        serde_json::to_value(measure(args, &runtime, &mut workers, probe.as_mut(), 0, args.rate)?)?
+        serde_json::to_value(measure(args, &runtime, &client, &mut workers, probe.as_mut(), 0, args.rate)?)?
     };
     for worker in workers {
         worker.stop();

@@ -53,7 +53,7 @@ fn fifty_subscribers_for_two_seconds_all_receive_every_message() {
     assert_eq!(results["reach"], 1.0, "every subscriber gets every message: {results}");
     assert!(results["deliveries_per_sec"].as_f64().unwrap() > 0.0);
     assert!(results["server_rss_bytes"].as_u64().unwrap() > 0);
-    for key in ["latency_ms", "last_subscriber_ms_p99", "client_cpu_seconds"] {
+    for key in ["latency_ms", "send_ms", "last_subscriber_ms_p99", "client_cpu_seconds"] {
         assert!(results.get(key).is_some(), "missing {key}: {results}");
     }
 }
