@@ -317,7 +317,8 @@ def main_scenarios(args, results):
                     f"p99 {l['p99']:.0f} ms (probe p99 {probe['latency_ms']['p99']:.0f}) "
                     f"sustained {found['sustained_rate'] if found else '-'}/s per chat")
                 save(results | {"partial": {"fixed": fixed, "searches": searches}})
-    results["fixed"] = {k: summary(v) for k, v in fixed.items()}
+    # Beside whatever other rows an earlier run (`--merge`) measured.
+    results["fixed"] = results.get("fixed", {}) | {k: summary(v) for k, v in fixed.items()}
     results["sustained"] = {k: {"median": statistics.median(s["sustained_rate"] for s in v), "all": v}
                             for k, v in searches.items()}
     save(results)
