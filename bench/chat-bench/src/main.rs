@@ -235,10 +235,6 @@ async fn send_messages(
     phase: u32,
     rate: f64,
 ) -> anyhow::Result<(Vec<u64>, u64, Histogram<u64>)> {
-    let opened = open_senders(client, &args.url[0], args.sender_connections).await;
-    if opened < args.sender_connections {
-        eprintln!("chat-bench: only {opened} of {} sending connections answered", args.sender_connections);
-    }
     let period = Duration::from_secs_f64(1.0 / rate);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.duration);
     let mut tasks = Vec::new();
@@ -247,13 +243,12 @@ async fn send_messages(
         tasks.push(tokio::spawn(async move {
             let mut ticks = tokio::time::interval(period);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut sent = 0u64;
+            // One value per confirmed send.
             let mut took = tally::histogram();
             let mut in_flight = tokio::task::JoinSet::new();
-            let mut settle = |done: Result<Option<u64>, tokio::task::JoinError>, took: &mut Histogram<u64>| {
+            let settle = |done: Result<Option<u64>, tokio::task::JoinError>, took: &mut Histogram<u64>| {
                 if let Ok(Some(micros)) = done {
-                    sent += 1;
-                    let _ = took.record(micros.max(1));
+                    took.saturating_record(micros.max(1));
                 }
             };
             while tokio::time::Instant::now() < deadline {
@@ -275,7 +270,7 @@ async fn send_messages(
             while let Some(done) = in_flight.join_next().await {
                 settle(done, &mut took);
             }
-            (sent, window_end, took)
+            (took.len(), window_end, took)
         }));
     }
     let mut sent = Vec::new();
@@ -381,6 +376,11 @@ fn measure(
     phase: u32,
     rate: f64,
 ) -> anyhow::Result<Row> {
+    // Before the clocks start: opening the connections is neither sending nor the server's work for it.
+    let opened = runtime.block_on(open_senders(client, &args.url[0], args.sender_connections));
+    if opened < args.sender_connections {
+        eprintln!("chat-bench: only {opened} of {} sending connections answered", args.sender_connections);
+    }
     let server_before = server_cpu(&args.server_pid);
     let started = Instant::now();
     let (sent, window_end, took) = runtime.block_on(send_messages(args, client, phase, rate))?;
@@ -467,8 +467,8 @@ fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
     // Let the servers finish binding the chats before the clock starts.
     std::thread::sleep(Duration::from_secs(1));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    // One pool of sending connections for every step.
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    // One pool of sending connections for every step, keeping as many idle as are opened.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(args.sender_connections).build()?;
     let result = if args.search {
         let (mut rate, mut best, mut failed) = (args.rate, None, None);
         let mut steps = Vec::new();
